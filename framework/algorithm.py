@@ -1,0 +1,110 @@
+"""Algorithms and schedules: the two kinds of strategy.
+
+An :class:`Algorithm` (naive, tree, hierarchical) knows how to put ONE all-reduce on the wire.
+Used on its own it is blocking. A :class:`Schedule` (bucketed, async_overlap, double_buffer,
+adaptive_threshold) decides *when* and *in what grouping* tensors are reduced and hands the
+actual reductions to an inner algorithm through ``launch()``, so any schedule can be crossed
+with any algorithm in a sweep (option ``inner``).
+
+``launch()`` runs the algorithm on one progress thread per communicator. One FIFO thread keeps
+the order of collectives identical on every rank (the contract of any collective), works for
+algorithms built from blocking point-to-point calls as well as for library collectives, and
+lets each collective be timed exactly where it runs, which the adaptive strategy needs for its
+latency/bandwidth fit. Blocking library calls release the GIL, so the caller's compute runs
+while the thread waits on the wire.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from framework.communicator import Communicator, Handle
+
+
+class Algorithm(Communicator):
+    """A blocking all-reduce algorithm; subclasses implement ``reduce_``."""
+
+    def __init__(self, group=None, **common: Any) -> None:
+        super().__init__(group, **common)
+        self._progress: ThreadPoolExecutor | None = None
+        # (payload bytes, seconds) of recent collectives run through launch(): the adaptive
+        # strategy fits its latency/bandwidth model on these.
+        self.timings: deque[tuple[int, float]] = deque(maxlen=256)
+
+    @abstractmethod
+    def reduce_(self, x: Tensor) -> None:
+        """Sum ``x`` in place over ``self.group``; count the collective with ``_count``."""
+
+    def wire_bytes(self, nbytes: int) -> int:
+        """Bytes this rank sends for one all-reduce of ``nbytes`` (algorithm-specific)."""
+        return nbytes
+
+    def launch(self, x: Tensor) -> Future:
+        """Reduce ``x`` in place on the progress thread; ``future.result()`` waits for it."""
+        if self._progress is None:
+            self._progress = ThreadPoolExecutor(1, thread_name_prefix=f"commlab-{self.name}")
+        return self._progress.submit(self._timed_reduce, x)
+
+    def _timed_reduce(self, x: Tensor) -> Tensor:
+        t0 = time.perf_counter()
+        self.reduce_(x)
+        if x.is_cuda:  # the thread's host time only means "done" once the stream has drained
+            torch.cuda.current_stream(x.device).synchronize()
+        self.timings.append((x.numel() * x.element_size(), time.perf_counter() - t0))
+        return x
+
+    def _all_reduce(self, x: Tensor) -> Handle:
+        self.reduce_(x)
+        return Handle(self, None, x)
+
+    def _count(self, x: Tensor) -> None:
+        nbytes = x.numel() * x.element_size()
+        self.stats.collectives += 1
+        self.stats.wire_bytes += self.wire_bytes(nbytes)
+
+    def _release(self) -> None:
+        if self._progress is not None:
+            self._progress.shutdown(wait=True)
+            self._progress = None
+
+    def global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank)
+
+
+class Schedule(Communicator):
+    """A strategy that schedules reductions and sends them through an inner algorithm.
+
+    ``inner`` names a registered algorithm; ``inner_options`` are passed to it (for example
+    ``{"ranks_per_node": 2}`` for ``hierarchical``).
+    """
+
+    def __init__(
+        self,
+        group=None,
+        *,
+        inner: str = "naive",
+        inner_options: dict[str, Any] | None = None,
+        **common: Any,
+    ) -> None:
+        from framework.registry import get_strategy, inner_algorithms
+
+        if inner not in inner_algorithms():
+            raise ValueError(
+                f"strategy {self.name!r}: inner={inner!r} is not an algorithm; "
+                f"choose one of {inner_algorithms()}"
+            )
+        super().__init__(group, **common)
+        cls = get_strategy(inner)
+        self.inner: Algorithm = cls(group, _parent=self, **dict(inner_options or {}))
+        self.inner_name = inner
+
+    def _release(self) -> None:
+        self.inner._release()

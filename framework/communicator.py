@@ -1,0 +1,298 @@
+"""The one interface every all-reduce strategy implements.
+
+A tensor-parallel layer calls ``comm.all_reduce(partial)`` and later ``handle.wait()``; what
+happens in between (a blocking library call, fusion into a bucket, an asynchronous launch, a
+tree of point-to-point messages) is the strategy's business. The base class owns everything
+that must be identical across strategies so that measurements are comparable:
+
+* input checks (contiguity, device, dtype, use after close) raised on the calling rank with the
+  strategy's name, before anything touches the wire;
+* the counters in :class:`CommStats`, including ``wait_s``, the time the caller spent blocked
+  inside the communicator (the *exposed* communication time);
+* pending-handle tracking, so ``flush()`` can complete everything;
+* the optional ``validate`` fingerprint exchange that turns a desynchronised program into an
+  error on every rank instead of a hang;
+* a private duplicate of the process group, so a strategy's traffic (possibly issued from a
+  progress thread) never interleaves with collectives the caller runs on its own group.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from framework.groups import acquire_group, release_group
+
+# dtypes every built-in strategy can sum exactly as the library does (bool and complex are
+# refused: SUM over bool is a logical OR in some backends and complex is not in gloo).
+DEFAULT_DTYPES = frozenset(
+    {
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int8,
+        torch.uint8,
+        torch.int32,
+        torch.int64,
+    }
+)
+
+_OP_ALL_REDUCE, _OP_FLUSH, _OP_CLOSE = 1, 2, 3
+_OP_NAMES = {_OP_ALL_REDUCE: "all_reduce", _OP_FLUSH: "flush", _OP_CLOSE: "close"}
+_DTYPE_CODES = {dt: i for i, dt in enumerate(sorted(DEFAULT_DTYPES, key=str))}
+
+
+class CommError(RuntimeError):
+    """A communicator refused an input or found ranks out of step; the message names both."""
+
+
+@dataclass
+class CommStats:
+    """Counters a researcher needs to see what a strategy did. Reset with ``reset()``.
+
+    ``calls`` logical all_reduce calls; ``collectives`` operations put on the wire (fusion makes
+    it smaller than ``calls``); ``bytes`` payload bytes reduced; ``wire_bytes`` bytes this rank
+    sent according to the algorithm; ``wait_s`` seconds the caller was blocked inside
+    ``all_reduce``/``wait``/``flush`` (exposed communication); ``buffer_allocs`` and
+    ``buffer_reuses`` count communication buffers created and handed out again; ``extra`` holds
+    strategy-specific readings (the adaptive strategy's fitted alpha, beta and threshold).
+    """
+
+    calls: int = 0
+    collectives: int = 0
+    bytes: int = 0
+    wire_bytes: int = 0
+    wait_s: float = 0.0
+    buffer_allocs: int = 0
+    buffer_reuses: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        for f in fields(self):
+            if f.name != "extra":
+                setattr(self, f.name, type(getattr(self, f.name))())
+
+    def as_dict(self) -> dict[str, float]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+
+class Handle:
+    """A pending all-reduce. ``wait()`` blocks until the sum is ready and returns it.
+
+    ``finish`` is the strategy's completion step (wait for the wire, copy out of a buffer);
+    it runs at most once. A handle created ready (blocking strategies) costs nothing to wait.
+    """
+
+    __slots__ = ("_comm", "_finish", "_result")
+
+    def __init__(self, comm: Communicator, finish: Callable[[], Tensor] | None, result=None):
+        self._comm = comm
+        self._finish = finish
+        self._result = result
+        if finish is not None:
+            comm._pending[id(self)] = self
+
+    @property
+    def done(self) -> bool:
+        return self._finish is None
+
+    def wait(self) -> Tensor:
+        if self._finish is None:
+            return self._result
+        with self._comm._blocked():
+            self._complete()
+        return self._result
+
+    def _complete(self) -> None:
+        finish, self._finish = self._finish, None
+        self._comm._pending.pop(id(self), None)
+        self._result = finish()
+
+
+class Communicator(ABC):
+    """Sums tensors over a process group; subclasses decide how and when.
+
+    Options common to every strategy (keyword-only, like each strategy's own options):
+    ``validate`` exchanges a (op, sequence, dtype, shape) fingerprint before each collective
+    and raises on every rank when ranks disagree; ``timeout_s`` bounds every collective of the
+    communicator's private group so a lost peer becomes an error, not a hang.
+    """
+
+    name: ClassVar[str] = "?"
+    supported_dtypes: ClassVar[frozenset[torch.dtype]] = DEFAULT_DTYPES
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        validate: bool = False,
+        timeout_s: float = 60.0,
+        _parent: Communicator | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"strategy {self.name!r}: timeout_s must be > 0, got {timeout_s}")
+        if not dist.is_initialized():
+            raise CommError(f"strategy {self.name!r}: torch.distributed is not initialised")
+        self.validate = validate
+        self.timeout_s = timeout_s
+        self._closed = False
+        self._broken = False
+        self._seq = 0
+        self._pending: dict[int, Handle] = {}
+        self._depth = 0
+        user_group = group if group is not None else dist.group.WORLD
+        self.backend = dist.get_backend(user_group)
+        self.device = _device_for(self.backend)
+        self.ranks = dist.get_process_group_ranks(user_group)
+        if _parent is not None:
+            # An inner algorithm shares its scheduler's private group and counters, so the
+            # scheduler's stats show what went on the wire without double-counting calls.
+            self.group, self._owns_group, self.stats = _parent.group, False, _parent.stats
+        else:
+            self.group, self._owns_group = self._new_group(), True
+            self.stats = CommStats()
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self._check_group = self._new_group() if validate and _parent is None else None
+
+    # -- public API -------------------------------------------------------------------------
+    def all_reduce(self, x: Tensor) -> Handle:
+        """Start summing ``x`` over the group; the caller gives ``x`` up until ``wait()``."""
+        self._check_input(x)
+        with self._blocked():
+            if self._check_group is not None:
+                self._fingerprint(_OP_ALL_REDUCE, x)
+            self.stats.calls += 1
+            self.stats.bytes += x.numel() * x.element_size()
+            return self._all_reduce(x)
+
+    def flush(self) -> None:
+        """Complete every pending handle (in issue order)."""
+        self._check_open()
+        with self._blocked():
+            if self._check_group is not None:
+                self._fingerprint(_OP_FLUSH, None)
+            self._flush()
+            for h in list(self._pending.values()):
+                h._complete()
+
+    def close(self) -> None:
+        """Complete pending work, then release buffers, threads and groups. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if not self._broken:
+                if self._check_group is not None:
+                    self._fingerprint(_OP_CLOSE, None)
+                self._flush()
+                for h in list(self._pending.values()):
+                    h._complete()
+        finally:
+            self._closed = True
+            self._release()
+            for g in (self._check_group, self.group if self._owns_group else None):
+                if g is not None:
+                    release_group(self.ranks, self.backend, self.timeout_s, g)
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    @property
+    def pending(self) -> int:
+        """Handles issued and not yet completed (bounded in a healthy loop)."""
+        return len(self._pending)
+
+    # -- for subclasses ---------------------------------------------------------------------
+    @abstractmethod
+    def _all_reduce(self, x: Tensor) -> Handle:
+        """Return a handle whose completion leaves the sum in the returned tensor."""
+
+    def _flush(self) -> None:
+        """Put anything held back (a partly filled bucket) on the wire before handles finish."""
+
+    def _release(self) -> None:
+        """Free buffers and threads; called once by ``close()``."""
+
+    def _error(self, problem: str) -> CommError:
+        return CommError(f"strategy {self.name!r} (rank {self.rank}): {problem}")
+
+    # -- internals --------------------------------------------------------------------------
+    def _new_group(self) -> dist.ProcessGroup:
+        return acquire_group(self.ranks, self.backend, self.timeout_s)
+
+    @contextmanager
+    def _blocked(self):
+        """Add the time spent inside the outermost communicator call to ``wait_s``."""
+        self._depth += 1
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.stats.wait_s += time.perf_counter() - t0
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._error("used after close()")
+
+    def _check_input(self, x: Any) -> None:
+        self._check_open()
+        if not isinstance(x, Tensor):
+            raise self._error(f"all_reduce needs a torch.Tensor, got {type(x).__name__}")
+        if not x.is_contiguous():
+            raise self._error(
+                f"all_reduce needs a contiguous tensor (shape {tuple(x.shape)}, strides "
+                f"{x.stride()}); call .contiguous() first"
+            )
+        if x.device.type != self.device.type:
+            raise self._error(
+                f"tensor is on {x.device} but the {self.backend} group works on "
+                f"{self.device.type} tensors"
+            )
+        if x.dtype not in self.supported_dtypes:
+            ok = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.supported_dtypes))
+            raise self._error(f"dtype {x.dtype} is not supported (supported: {ok})")
+
+    def _fingerprint(self, op: int, x: Tensor | None) -> None:
+        """Gather (op, seq, dtype, numel, shape) from every rank; raise on all if they differ."""
+        self._seq += 1
+        shape = tuple(x.shape) if x is not None else ()
+        row = [op, self._seq, _DTYPE_CODES.get(x.dtype, -1) if x is not None else -1,
+               x.numel() if x is not None else 0, len(shape)] + list(shape[:4])
+        row += [-1] * (9 - len(row))
+        mine = torch.tensor(row, dtype=torch.int64, device=self.device)
+        rows = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(rows, mine, group=self._check_group)
+        rows_l = [r.tolist() for r in rows]
+        if all(r == rows_l[0] for r in rows_l):
+            return
+        self._broken = True
+        desc = "; ".join(f"rank {i}: {_describe(r)}" for i, r in enumerate(rows_l))
+        odd = [i for i, r in enumerate(rows_l) if r != rows_l[0]]
+        raise self._error(f"ranks {[0] + odd} disagree on the next collective: {desc}")
+
+
+def _describe(row: list[int]) -> str:
+    op, seq, _, numel, ndim = row[:5]
+    if op != _OP_ALL_REDUCE:
+        return f"{_OP_NAMES[op]} #{seq}"
+    dtype = {v: k for k, v in _DTYPE_CODES.items()}.get(row[2])
+    return f"all_reduce #{seq} shape {tuple(row[5:5 + min(ndim, 4)])} {dtype} numel {numel}"
+
+
+def _device_for(backend: str) -> torch.device:
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,165 @@
+"""Typed run configuration, shared by the runner and Hydra's ConfigStore (structured configs).
+
+``validate_run`` checks everything that can be checked before a rank is spawned, so a bad run
+fails in a second with one clear message instead of on every rank (or in a hang).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from framework.model import ModelConfig, get_config
+from framework.registry import available_strategies, get_strategy, strategy_options
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message lists every problem found."""
+
+
+@dataclass
+class ModelSpec:
+    preset: str = "tiny"
+    checkpoint: str | None = None  # a Hugging Face Llama directory; overrides the preset
+    num_layers: int | None = None  # keep only the first N layers (realistic shapes, less work)
+    dtype: str = "float32"
+
+
+@dataclass
+class WorkloadSpec:
+    batch_size: int = 4
+    prompt_len: int = 16
+    new_tokens: int = 16
+    micro_batches: int = 1
+    prompts: str | None = None  # JSON list of token-id lists; else drawn from the seed
+    temperature: float = 0.0
+    top_k: int = 0
+    warmup_tokens: int = 2
+
+
+@dataclass
+class ParallelSpec:
+    world_size: int = 2
+    backend: str = "auto"  # auto: nccl when CUDA devices are present, else gloo
+    timeout_s: float = 60.0  # every process group; torch's 30-minute default is never used
+    threads_per_rank: int = 1  # ranks oversubscribe small hosts; one thread each by default
+
+
+@dataclass
+class RunSpec:
+    strategy: str = "naive"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    seed: int = 0
+    out_dir: str = "."
+    profile: bool = False
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_backend(parallel: ParallelSpec) -> str:
+    if parallel.backend != "auto":
+        return parallel.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def model_config(spec: ModelSpec) -> ModelConfig:
+    if spec.checkpoint:
+        from framework.checkpoint import config_from_hf
+
+        cfg = config_from_hf(spec.checkpoint)
+        return cfg if spec.num_layers is None else get_config_like(cfg, spec.num_layers)
+    overrides = {} if spec.num_layers is None else {"num_layers": spec.num_layers}
+    return get_config(spec.preset, **overrides)
+
+
+def get_config_like(cfg: ModelConfig, num_layers: int) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, num_layers=min(num_layers, cfg.num_layers))
+
+
+def load_prompts(spec: RunSpec, vocab_size: int) -> list[list[int]]:
+    w = spec.workload
+    if w.prompts:
+        with open(w.prompts) as f:
+            prompts = json.load(f)
+        if not (isinstance(prompts, list) and prompts
+                and all(isinstance(p, list) and p for p in prompts)):
+            raise ConfigError(f"workload.prompts: {w.prompts} must hold a JSON list of "
+                              "non-empty token-id lists")
+        return prompts
+    g = torch.Generator().manual_seed(spec.seed)
+    return torch.randint(1, vocab_size, (w.batch_size, w.prompt_len), generator=g).tolist()
+
+
+def validate_run(spec: RunSpec) -> ModelConfig:
+    """Raise ConfigError listing every problem; return the model config when all is well."""
+    problems: list[str] = []
+    w, p = spec.workload, spec.parallel
+    if spec.strategy not in available_strategies():
+        problems.append(f"unknown strategy {spec.strategy!r}; available: "
+                        f"{available_strategies()}")
+    else:
+        known = strategy_options(spec.strategy)
+        unknown = sorted(set(spec.strategy_options) - set(known))
+        if unknown:
+            problems.append(f"strategy {spec.strategy!r} has no option(s) {unknown}; its "
+                            f"options are {sorted(known)}")
+        for k, v in spec.strategy_options.items():
+            d = known.get(k)
+            if isinstance(v, int | float) and not isinstance(v, bool) and isinstance(
+                    d, int | float) and not isinstance(d, bool) and d > 0 and v <= 0:
+                problems.append(f"strategy.{k} must be > 0, got {v}")
+        inner = spec.strategy_options.get("inner")
+        if inner is not None and inner not in available_strategies():
+            problems.append(f"strategy.inner: unknown strategy {inner!r}")
+        get_strategy(spec.strategy)
+    for name in ("batch_size", "prompt_len", "new_tokens", "micro_batches"):
+        if getattr(w, name) <= 0:
+            problems.append(f"workload.{name} must be > 0, got {getattr(w, name)}")
+    if w.micro_batches > w.batch_size > 0:
+        problems.append(f"workload.micro_batches={w.micro_batches} is larger than "
+                        f"workload.batch_size={w.batch_size}")
+    if w.warmup_tokens < 0 or w.temperature < 0 or w.top_k < 0:
+        problems.append("workload.warmup_tokens, temperature and top_k must be >= 0")
+    if p.world_size <= 0:
+        problems.append(f"parallel.world_size must be > 0, got {p.world_size}")
+    if p.timeout_s <= 0:
+        problems.append(f"parallel.timeout_s must be > 0, got {p.timeout_s}")
+    backend = resolve_backend(p)
+    if backend not in ("gloo", "nccl"):
+        problems.append(f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < max(p.world_size, 1):
+        problems.append(f"parallel.backend=nccl needs {p.world_size} CUDA devices, this host "
+                        f"has {torch.cuda.device_count()}")
+    if spec.model.dtype not in DTYPES:
+        problems.append(f"model.dtype must be one of {sorted(DTYPES)}, got {spec.model.dtype!r}")
+    if spec.model.num_layers is not None and spec.model.num_layers <= 0:
+        problems.append(f"model.num_layers must be > 0, got {spec.model.num_layers}")
+    if spec.model.checkpoint and not os.path.isdir(spec.model.checkpoint):
+        problems.append(f"model.checkpoint: {spec.model.checkpoint} is not a directory")
+    if problems:
+        raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(problems))
+    try:
+        cfg = model_config(spec.model)
+        if p.world_size > 0:
+            cfg.validate_tp(p.world_size)
+        prompts = load_prompts(spec, cfg.vocab_size)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise ConfigError(f"invalid run configuration: {e}") from e
+    longest = max(len(q) for q in prompts)
+    if longest + w.new_tokens > cfg.max_seq_len:
+        raise ConfigError(f"invalid run configuration: prompt length {longest} + new_tokens "
+                          f"{w.new_tokens} exceeds the model context {cfg.max_seq_len}")
+    if w.micro_batches > len(prompts):
+        raise ConfigError(f"invalid run configuration: micro_batches={w.micro_batches} is "
+                          f"larger than the {len(prompts)} prompts")
+    return cfg

@@ -1,0 +1,128 @@
+"""Batched autoregressive generation on one TPLlama rank.
+
+Every TP rank calls ``generate`` with the same arguments. Logits are replicated
+(identical all-reduce results feed a replicated norm + lm_head), and sampling uses a
+generator seeded identically on every rank, so all ranks pick the same tokens without
+any extra communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from framework.model import TPLlama
+
+
+@dataclass
+class GenerateOutput:
+    """``tokens[b]``: the ``new_tokens`` ids generated for prompt b (prompt excluded).
+    ``logits`` (only with return_logits=True): ``new_tokens`` float32 tensors of shape
+    (batch, vocab); ``logits[0]`` is the prefill's last position (it chose token 0),
+    ``logits[i]`` the decode step that chose token i."""
+
+    tokens: list[list[int]]
+    logits: list[Tensor] | None = None
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(tokens, mask), both (B, max_len) long; pads on the left so that every row's last
+    prompt token sits in the same column and decode steps stay aligned."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return tokens, mask
+
+
+def _select(logits: Tensor, temperature: float, top_k: int,
+            gen: torch.Generator | None) -> Tensor:
+    """Next token per row from float32 logits (B, V) -> (B,)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    scaled = logits / temperature  # (B, V)
+    if 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (B,)
+
+
+@torch.no_grad()  # not inference_mode: see TPLlama.forward
+def generate(
+    model: TPLlama,
+    prompts: list[list[int]],
+    new_tokens: int,
+    *,
+    micro_batches: int = 1,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    pad_id: int = 0,
+    return_logits: bool = False,
+    on_prefill_end: Callable[[], None] | None = None,
+    on_step_end: Callable[[int], None] | None = None,
+) -> GenerateOutput:
+    """Generate ``new_tokens`` tokens for each prompt (greedy when temperature == 0).
+
+    Runs one prefill forward (which yields token 0) and ``new_tokens - 1`` decode
+    forwards. ``on_prefill_end()`` fires after token 0 is chosen; ``on_step_end(i)``
+    after decode step i (1 <= i < new_tokens) chose token i. The callbacks do not
+    synchronise an accelerator: a timing callback should do so itself.
+    The model's KV cache is reset to exactly max prompt length + new_tokens positions.
+    """
+    cfg = model.cfg
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    for row, prompt in enumerate(prompts):
+        bad = [tok for tok in prompt if not 0 <= tok < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {row} has token ids outside [0, {cfg.vocab_size}): "
+                             f"{bad[:5]}")
+    if not 0 <= pad_id < cfg.vocab_size:
+        raise ValueError(f"pad_id={pad_id} outside [0, {cfg.vocab_size})")
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    if temperature < 0.0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = disabled), got {top_k}")
+    prompt_len = max(len(p) for p in prompts)
+    if prompt_len + new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt length {prompt_len} + new_tokens {new_tokens} exceeds the "
+                         f"model context max_seq_len={cfg.max_seq_len}")
+    if micro_batches > len(prompts):
+        raise ValueError(f"micro_batches={micro_batches} exceeds batch size {len(prompts)}")
+
+    tokens, mask = left_pad(prompts, pad_id)  # (B, P) each
+    tokens, mask = tokens.to(model.device), mask.to(model.device)
+    gen = None
+    if temperature > 0.0:
+        # Same seed on every rank -> same draws from identical logits -> same tokens.
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+
+    model.reset_cache(len(prompts), max_len=prompt_len + new_tokens)
+    chosen: list[Tensor] = []
+    kept: list[Tensor] = []
+    logits = model(tokens, mask, micro_batches=micro_batches, last_only=True)  # (B, 1, V)
+    for step in range(new_tokens):
+        if step > 0:
+            logits = model(chosen[-1][:, None], micro_batches=micro_batches,
+                           last_only=True)  # (B, 1, V)
+        last = logits[:, -1].float()  # (B, V)
+        chosen.append(_select(last, temperature, top_k, gen))  # (B,)
+        if return_logits:
+            kept.append(last)
+        if step == 0:
+            if on_prefill_end is not None:
+                on_prefill_end()
+        elif on_step_end is not None:
+            on_step_end(step)
+
+    out = torch.stack(chosen, dim=1).tolist()  # (B, new_tokens)
+    return GenerateOutput(tokens=out, logits=kept if return_logits else None)

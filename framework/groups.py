@@ -1,0 +1,46 @@
+"""Private process groups for communicators, cached instead of destroyed.
+
+Each communicator works on its own group so its traffic (possibly from a progress thread) never
+interleaves with the caller's collectives. Groups are created with ``new_group``'s default global
+synchronisation: every rank of the default group makes the same calls in the same order, members
+or not. (Local synchronisation names a group after the ranks AND the number of groups the
+calling process already has, so two members with different histories, say a node leader and a
+plain rank, pick different names and hang; and a destroyed group's name comes back with its
+stale rendezvous keys.) Groups are expensive to create (NCCL communicators most of all), so
+closed communicators hand them back here and the next communicator over the same ranks reuses
+one; every rank makes the same acquire/release calls, so every rank picks the same group. The
+cache is dropped when the default group changes (a new ``init_process_group``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch.distributed as dist
+
+_free: dict[tuple, list[dist.ProcessGroup]] = {}
+_world_id: list[int] = [0]
+
+
+def _key(ranks: list[int], backend: str, timeout_s: float) -> tuple:
+    world = id(dist.group.WORLD)
+    if _world_id[0] != world:
+        _free.clear()
+        _world_id[0] = world
+    return (tuple(ranks), backend, float(timeout_s))
+
+
+def acquire_group(ranks: list[int], backend: str, timeout_s: float) -> dist.ProcessGroup:
+    """A group over ``ranks`` used by nobody else; non-members get ``NON_GROUP_MEMBER``.
+
+    Collective over the default group: every rank calls it with the same ``ranks``.
+    """
+    free = _free.get(_key(ranks, backend, timeout_s))
+    if free:
+        return free.pop()
+    return dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), backend=backend)
+
+
+def release_group(ranks: list[int], backend: str, timeout_s: float,
+                  group: dist.ProcessGroup) -> None:
+    _free.setdefault(_key(ranks, backend, timeout_s), []).append(group)

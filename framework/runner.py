@@ -1,0 +1,284 @@
+"""Lightning-style runner for tensor-parallel inference with a swappable communicator.
+
+``launch(spec)`` validates the configuration, then starts ``world_size`` ranks with Lightning
+Fabric (CPU -> gloo, CUDA -> NCCL). It spawns them in-process, so a Hydra multirun job starts
+its own ranks and never re-runs the sweep; under torchrun or SLURM the launcher's processes are
+used as they are. On each rank a :class:`Runner` goes through setup (communicator, model shard),
+warm-up, timed prefill and decode, and teardown, calling the Fabric callbacks ``on_run_start``,
+``on_prefill_end``, ``on_decode_step_end`` and ``on_run_end`` and logging step metrics to the
+Fabric loggers. Times are the maximum over ranks (the slowest rank sets the pace of TP).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import asdict
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from framework.config import (
+    DTYPES,
+    RunSpec,
+    load_prompts,
+    model_config,
+    resolve_backend,
+    validate_run,
+)
+from framework.generate import generate
+from framework.registry import build_communicator
+
+
+class Callback:
+    """Base class for runner callbacks (all hooks optional; called on every rank)."""
+
+    def on_run_start(self, runner: Runner) -> None: ...
+
+    def on_prefill_end(self, runner: Runner) -> None: ...
+
+    def on_decode_step_end(self, runner: Runner, step: int) -> None: ...
+
+    def on_run_end(self, runner: Runner, results: dict[str, Any]) -> None: ...
+
+
+class ProgressBar(Callback):
+    """A tqdm bar on rank 0 while tokens are generated."""
+
+    def on_prefill_end(self, runner: Runner) -> None:
+        if runner.rank == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=runner.spec.workload.new_tokens, desc=runner.spec.strategy,
+                            unit="tok", leave=False)
+            self.bar.update(1)
+
+    def on_decode_step_end(self, runner: Runner, step: int) -> None:
+        if runner.rank == 0:
+            self.bar.update(1)
+
+    def on_run_end(self, runner: Runner, results: dict[str, Any]) -> None:
+        if runner.rank == 0 and hasattr(self, "bar"):
+            self.bar.close()
+
+
+class Runner:
+    """Drives one TP inference run on one rank, the way Lightning's loops drive training."""
+
+    def __init__(self, fabric: Any, spec: RunSpec) -> None:
+        self.fabric = fabric
+        self.spec = spec
+        self.rank = fabric.global_rank
+        self.world_size = fabric.world_size
+        self.comm = None
+        self.model = None
+
+    # -- stages ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        spec = self.spec
+        torch.set_num_threads(spec.parallel.threads_per_rank)
+        opts = dict(spec.strategy_options)
+        opts.setdefault("timeout_s", spec.parallel.timeout_s)
+        self.comm = build_communicator(spec.strategy, **opts)
+        dtype, device = DTYPES[spec.model.dtype], self.fabric.device
+        if spec.model.checkpoint:
+            from framework.checkpoint import load_hf_checkpoint
+
+            self.model = load_hf_checkpoint(spec.model.checkpoint, self.comm, self.rank,
+                                            self.world_size, dtype, device,
+                                            num_layers=spec.model.num_layers)
+        else:
+            from framework.model import TPLlama
+
+            self.model = TPLlama(model_config(spec.model), self.comm, self.rank,
+                                 self.world_size, dtype, device).init_random(spec.seed)
+        self.prompts = load_prompts(spec, self.model.cfg.vocab_size)
+
+    def _generate(self, new_tokens: int, **hooks: Any):
+        w = self.spec.workload
+        return generate(self.model, self.prompts, new_tokens, micro_batches=w.micro_batches,
+                        temperature=w.temperature, top_k=w.top_k, seed=self.spec.seed, **hooks)
+
+    def warmup(self) -> None:
+        if self.spec.workload.warmup_tokens:
+            self._generate(self.spec.workload.warmup_tokens)
+        self.comm.flush()
+
+    def measure(self) -> dict[str, Any]:
+        """Timed prefill + decode on this rank; returns this rank's raw measurements."""
+        self.comm.reset_stats()
+        stamps: list[float] = []
+        snap: dict[str, float] = {}
+
+        def prefill_end() -> None:
+            self._sync_device()
+            stamps.append(time.perf_counter())
+            snap.update(self.comm.stats.as_dict())
+            self.fabric.call("on_prefill_end", runner=self)
+
+        def step_end(step: int) -> None:
+            self._sync_device()
+            stamps.append(time.perf_counter())
+            self.fabric.log_dict({"itl_s": stamps[-1] - stamps[-2]}, step=step)
+            self.fabric.call("on_decode_step_end", runner=self, step=step)
+
+        dist.barrier()
+        t0 = time.perf_counter()
+        out = self._generate(self.spec.workload.new_tokens, on_prefill_end=prefill_end,
+                             on_step_end=step_end)
+        self.comm.flush()
+        end = self.comm.stats.as_dict()
+        decode = {k: end[k] - snap.get(k, 0) for k in ("calls", "collectives", "bytes",
+                                                         "wire_bytes", "wait_s")}
+        return {
+            "ttft_s": stamps[0] - t0,
+            "itl_s": [b - a for a, b in zip(stamps, stamps[1:])],
+            "decode_s": stamps[-1] - stamps[0],
+            "decode": decode,
+            "prefill_wait_s": snap.get("wait_s", 0.0),
+            "buffer_allocs": end["buffer_allocs"],
+            "buffer_reuses": end["buffer_reuses"],
+            "peak_mem_bytes": self._peak_memory(),
+            "extra": {k: v for k, v in end.items() if k not in decode
+                      and k not in ("buffer_allocs", "buffer_reuses")},
+            "tokens": out.tokens,
+        }
+
+    def teardown(self) -> None:
+        if self.comm is not None:
+            self.comm.close()
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        try:
+            self.fabric.call("on_run_start", runner=self)
+            self.warmup()
+            mine = self.measure()
+            per_rank: list[dict[str, Any]] = [None] * self.world_size  # type: ignore[list-item]
+            dist.all_gather_object(per_rank, mine)
+            results = summarize(self.spec, per_rank)
+            self.fabric.call("on_run_end", runner=self, results=results)
+            self.fabric.log_dict({k: v for k, v in results.items()
+                                  if isinstance(v, int | float)})
+            return results
+        finally:
+            self.teardown()
+
+    # -- helpers --------------------------------------------------------------------------
+    def _sync_device(self) -> None:
+        if self.fabric.device.type == "cuda":
+            torch.cuda.synchronize(self.fabric.device)
+
+    def _peak_memory(self) -> int:
+        if self.fabric.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.fabric.device))
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    return float(torch.tensor(xs, dtype=torch.float64).quantile(q / 100).item())
+
+
+def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine ranks' measurements: times are the max over ranks, counters rank 0's."""
+    w = spec.workload
+    r0 = per_rank[0]
+    steps = len(r0["itl_s"])
+    itl = [max(r["itl_s"][i] for r in per_rank) for i in range(steps)]
+    ttft = max(r["ttft_s"] for r in per_rank)
+    decode_s = max(r["decode_s"] for r in per_rank)
+    batch = len(r0["tokens"])
+    prompt_tokens = batch * spec.workload.prompt_len if not w.prompts else None
+    exposed = max(r["decode"]["wait_s"] for r in per_rank)
+    per_step = max(steps, 1)
+    d = r0["decode"]
+    return {
+        "status": "ok",
+        "strategy": spec.strategy,
+        "inner": spec.strategy_options.get("inner"),
+        "strategy_options": dict(spec.strategy_options),
+        "world_size": len(per_rank),
+        "backend": resolve_backend(spec.parallel),
+        "model": spec.model.checkpoint or spec.model.preset,
+        "num_layers": spec.model.num_layers,
+        "batch_size": batch,
+        "micro_batches": w.micro_batches,
+        "new_tokens": w.new_tokens,
+        "ttft_s": ttft,
+        "prefill_tokens_per_s": (prompt_tokens or 0) / ttft if ttft else float("nan"),
+        "itl_p50_s": _percentile(itl, 50),
+        "itl_p90_s": _percentile(itl, 90),
+        "itl_p99_s": _percentile(itl, 99),
+        "decode_tokens_per_s": batch * steps / decode_s if decode_s > 0 else float("nan"),
+        # per decode step (one new token for each sequence of the batch)
+        "allreduce_calls_per_token": d["calls"] / per_step,
+        "collectives_per_token": d["collectives"] / per_step,
+        "bytes_per_token": d["bytes"] / per_step,
+        "wire_bytes_per_token": d["wire_bytes"] / per_step,
+        "exposed_comm_s": exposed,
+        "exposed_comm_share": exposed / decode_s if decode_s > 0 else float("nan"),
+        "prefill_exposed_comm_s": max(r["prefill_wait_s"] for r in per_rank),
+        "buffer_allocs": r0["buffer_allocs"],
+        "buffer_reuses": r0["buffer_reuses"],
+        "peak_mem_bytes": max(r["peak_mem_bytes"] for r in per_rank),
+        "comm_extra": r0["extra"],
+        "tokens": r0["tokens"],
+        "tokens_agree_across_ranks": all(r["tokens"] == r0["tokens"] for r in per_rank),
+    }
+
+
+def _rank_main(fabric: Any, spec: RunSpec) -> dict[str, Any]:
+    return Runner(fabric, spec).run()
+
+
+def launched_externally() -> bool:
+    """True under torchrun (TorchElastic) or a multi-task SLURM step: use their processes."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+
+
+def launch(spec: RunSpec, callbacks: list[Callback] | None = None,
+           loggers: list[Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Validate ``spec`` and run it on ``spec.parallel.world_size`` ranks; rank 0's results."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    validate_run(spec)
+    backend = resolve_backend(spec.parallel)
+    external = launched_externally()
+    nodes, devices = 1, spec.parallel.world_size
+    if external:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE")
+                    or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        world = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"])
+        if world != spec.parallel.world_size:
+            from framework.config import ConfigError
+
+            raise ConfigError(f"parallel.world_size={spec.parallel.world_size} but the "
+                              f"launcher started {world} processes")
+        nodes, devices = world // local, local
+    else:
+        os.environ.pop("MASTER_PORT", None)  # a fresh free port for every in-process launch
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    strategy = DDPStrategy(
+        start_method="popen" if external else "spawn",
+        process_group_backend=backend,
+        timeout=timedelta(seconds=spec.parallel.timeout_s),
+    )
+    cbs = list(callbacks or []) + ([ProgressBar()] if progress else [])
+    fabric = Fabric(accelerator="cuda" if backend == "nccl" else "cpu", devices=devices,
+                    num_nodes=nodes, strategy=strategy, callbacks=cbs, loggers=loggers or [])
+    if external:
+        fabric.launch()
+        return _rank_main(fabric, spec)
+    return fabric.launch(_rank_main, spec)
+
+
+def spec_dict(spec: RunSpec) -> dict[str, Any]:
+    return asdict(spec)

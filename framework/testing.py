@@ -1,0 +1,308 @@
+"""The conformance kit: the definition of "correct" for every strategy, built-in or third-party.
+
+Every check runs on every rank of a real process group. Each rank rebuilds every rank's input
+from a seed and computes the expected sum itself, so correctness never depends on the strategy
+under test. Integer-valued inputs must come back exactly as the library all-reduce gives them;
+random floats (order-sensitive) must be within float rounding of a float64 reference and
+identical on every rank, since TP ranks must keep identical activations.
+
+Run it on your strategy (registered in-process or through the entry point)::
+
+    python -m framework.testing my_strategy --world-sizes 1,2,3,4 [--option key=value ...]
+
+or from pytest: ``check_strategy("my_strategy")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from framework.communicator import CommError, Communicator
+from framework.registry import build_communicator
+
+EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)
+CHECKS: dict[str, Callable[[str, dict[str, Any]], None]] = {}
+
+
+def check(fn: Callable[[str, dict[str, Any]], None]):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def rank_input(seed: int, rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Integer-valued input of ``rank``: small enough that sums over 4 ranks are exact in bf16."""
+    g = torch.Generator().manual_seed(seed * 1009 + rank)
+    return torch.randint(-8, 9, (numel,), generator=g).to(dtype)
+
+
+def expected_sum(seed: int, world: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    total = sum(rank_input(seed, r, numel, torch.float64) for r in range(world))
+    return total.to(dtype)
+
+
+def _me() -> tuple[int, int]:
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _build(name: str, options: dict[str, Any], **extra: Any) -> Communicator:
+    return build_communicator(name, **{**options, **extra})
+
+
+def _expect_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+        bad = (got.to(torch.float64) != want.to(torch.float64)).nonzero()[:5].flatten().tolist()
+        raise AssertionError(f"{what}: result differs from the exact sum (first bad index "
+                             f"{bad}, got {got.flatten()[:4].tolist()}, "
+                             f"want {want.flatten()[:4].tolist()})")
+
+
+@check
+def exact_sums(name: str, options: dict[str, Any]) -> None:
+    """Every dtype, sizes 1, odd, and several MiB: exactly the sum, as the library gives it."""
+    rank, world = _me()
+    comm = _build(name, options)
+    try:
+        for k, dtype in enumerate(EXACT_DTYPES):
+            esize = torch.empty((), dtype=dtype).element_size()
+            for numel in (1, 7, 4099, (3 << 20) // esize + 3):
+                seed = numel + 97 * k
+                x = rank_input(seed, rank, numel, dtype)
+                got = comm.all_reduce(x).wait()
+                _expect_equal(got, expected_sum(seed, world, numel, dtype),
+                              f"{dtype} numel {numel}")
+        lib = rank_input(5, rank, 1000, torch.int64)
+        dist.all_reduce(lib)
+        _expect_equal(comm.all_reduce(rank_input(5, rank, 1000, torch.int64)).wait(), lib,
+                      "against torch.distributed.all_reduce")
+    finally:
+        comm.close()
+
+
+@check
+def float_order(name: str, options: dict[str, Any]) -> None:
+    """Random floats: within rounding of a float64 sum, and bit-identical on every rank."""
+    rank, world = _me()
+    comm = _build(name, options)
+    try:
+        for numel in (5, 10_001):
+            xs = [torch.randn(numel, generator=torch.Generator().manual_seed(r))
+                  for r in range(world)]
+            got = comm.all_reduce(xs[rank].clone()).wait()
+            ref = sum(x.double() for x in xs)
+            # any summation order of p float32 terms is within (p-1)*eps*sum|x| of the exact sum
+            bound = (world - 1) * torch.finfo(torch.float32).eps * sum(x.abs() for x in xs)
+            if not bool(((got.double() - ref).abs() <= bound.double() + 1e-30).all()):
+                raise AssertionError(f"float sum of {numel} beyond rounding of float64 reference")
+            copies = [torch.empty_like(got) for _ in range(world)]
+            dist.all_gather(copies, got)
+            if not all(torch.equal(c, got) for c in copies):
+                raise AssertionError("ranks received different float results")
+    finally:
+        comm.close()
+
+
+@check
+def handles_in_flight(name: str, options: dict[str, Any]) -> None:
+    """Several handles in flight, mixed dtypes, waited out of order; writing results is safe."""
+    rank, world = _me()
+    comm = _build(name, options)
+    try:
+        specs = [(31, torch.float32), (1024, torch.int64), (3, torch.bfloat16),
+                 (5000, torch.float32), (17, torch.int32), (1, torch.float16)]
+        handles = [comm.all_reduce(rank_input(i, rank, n, dt)) for i, (n, dt) in enumerate(specs)]
+        for i in reversed(range(len(specs))):
+            n, dt = specs[i]
+            got = handles[i].wait()
+            _expect_equal(got, expected_sum(i, world, n, dt), f"handle {i} waited out of order")
+            got.fill_(99)  # the caller owns the result now; later results must not see this
+        for i in range(3):
+            a = comm.all_reduce(rank_input(40 + i, rank, 64, torch.float32))
+            b = comm.all_reduce(rank_input(50 + i, rank, 64, torch.float32))
+            ya = a.wait()
+            ya.zero_()
+            _expect_equal(b.wait(), expected_sum(50 + i, world, 64, torch.float32),
+                          "result after the caller overwrote an earlier one")
+        if comm.pending:
+            raise AssertionError(f"{comm.pending} handles still pending after every wait")
+    finally:
+        comm.close()
+
+
+@check
+def flush_semantics(name: str, options: dict[str, Any]) -> None:
+    """flush() with nothing pending is a no-op; flush() completes every pending handle."""
+    rank, world = _me()
+    comm = _build(name, options)
+    try:
+        comm.flush()
+        hs = [comm.all_reduce(rank_input(60 + i, rank, 100 * (i + 1), torch.float32))
+              for i in range(3)]
+        comm.flush()
+        if comm.pending or not all(h.done for h in hs):
+            raise AssertionError("flush() left handles pending")
+        for i, h in enumerate(hs):
+            _expect_equal(h.wait(), expected_sum(60 + i, world, 100 * (i + 1), torch.float32),
+                          "result after flush")
+        comm.flush()
+    finally:
+        comm.close()
+
+
+@check
+def bounded_loop(name: str, options: dict[str, Any]) -> None:
+    """1,000 calls: results stay right and buffers and pending handles stay bounded."""
+    rank, world = _me()
+    comm = _build(name, options)
+    try:
+        x = rank_input(7, rank, 256, torch.float32)
+        want = expected_sum(7, world, 256, torch.float32)
+        allocs_after_warmup = None
+        for step in range(250):
+            hs = [comm.all_reduce(x.clone()) for _ in range(4)]
+            for h in hs:
+                got = h.wait()
+            if step == 10:
+                allocs_after_warmup = comm.stats.buffer_allocs
+            if comm.pending > 8:
+                raise AssertionError(f"{comm.pending} handles pending in a wait-all loop")
+        _expect_equal(got, want, "last result of the loop")
+        if comm.stats.calls != 1000:
+            raise AssertionError(f"stats.calls is {comm.stats.calls}, expected 1000")
+        if comm.stats.buffer_allocs != allocs_after_warmup:
+            raise AssertionError(f"buffers keep being allocated: {allocs_after_warmup} after "
+                                 f"warm-up, {comm.stats.buffer_allocs} at the end")
+    finally:
+        comm.close()
+
+
+@check
+def stats_counters(name: str, options: dict[str, Any]) -> None:
+    """calls, bytes, collectives and wait_s move as documented; reset_stats() zeroes them."""
+    rank, world = _me()
+    comm = _build(name, options)
+    try:
+        for i in range(3):
+            comm.all_reduce(rank_input(i, rank, 10, torch.float32)).wait()
+        s = comm.stats
+        if (s.calls, s.bytes) != (3, 120) or not 1 <= s.collectives <= 3 or s.wait_s <= 0:
+            raise AssertionError(f"unexpected stats after 3 calls of 40 bytes: {s}")
+        if world > 1 and s.wire_bytes <= 0:
+            raise AssertionError("wire_bytes not counted")
+        comm.reset_stats()
+        if (s.calls, s.collectives, s.bytes, s.wire_bytes, s.wait_s) != (0, 0, 0, 0, 0.0):
+            raise AssertionError(f"reset_stats() left {s}")
+    finally:
+        comm.close()
+
+
+def _expect_comm_error(fn: Callable[[], Any], name: str, what: str) -> str:
+    try:
+        fn()
+    except CommError as e:
+        if name not in str(e):
+            raise AssertionError(f"{what}: error does not name the strategy: {e}") from e
+        return str(e)
+    raise AssertionError(f"{what}: no error raised")
+
+
+@check
+def bad_input(name: str, options: dict[str, Any]) -> None:
+    """Clear errors on the calling rank, before anything goes on the wire."""
+    comm = _build(name, options)
+    try:
+        _expect_comm_error(lambda: comm.all_reduce(torch.ones(4, 4).t()), name, "non-contiguous")
+        _expect_comm_error(lambda: comm.all_reduce(torch.ones(4, device="meta")), name,
+                           "wrong device")
+        _expect_comm_error(lambda: comm.all_reduce(torch.ones(4, dtype=torch.complex64)), name,
+                           "unsupported dtype")
+        _expect_comm_error(lambda: comm.all_reduce([1.0]), name, "not a tensor")
+    finally:
+        comm.close()
+    _expect_comm_error(lambda: comm.all_reduce(torch.ones(4)), name, "use after close()")
+
+
+@check
+def validate_mismatch(name: str, options: dict[str, Any]) -> None:
+    """validate=True: a shape mismatch or an extra call raises on EVERY rank, naming ranks."""
+    rank, world = _me()
+    comm = _build(name, options, validate=True)
+    try:
+        comm.all_reduce(torch.ones(8)).wait()
+        if world == 1:
+            return
+        n = 8 if rank == 0 else 9
+        msg = _expect_comm_error(lambda: comm.all_reduce(torch.ones(n)).wait(), name,
+                                 "shape mismatch with validate=True")
+        if "ranks [0, 1" not in msg:
+            raise AssertionError(f"mismatch error does not name the ranks: {msg}")
+    finally:
+        comm.close()
+    comm = _build(name, options, validate=True)
+    try:
+        def extra_call() -> None:
+            if rank == world - 1:
+                comm.all_reduce(torch.ones(2)).wait()
+            comm.flush()
+
+        _expect_comm_error(extra_call, name, "extra all_reduce on one rank with validate=True")
+    finally:
+        comm.close()
+
+
+def run_checks(name: str, options: dict[str, Any] | None = None,
+               checks: list[str] | None = None) -> list[str]:
+    """Run the kit's checks on this rank (call on every rank); return the names that passed."""
+    options = dict(options or {})
+    passed = []
+    for check_name in checks or list(CHECKS):
+        try:
+            CHECKS[check_name](name, options)
+        except Exception as e:
+            raise AssertionError(f"strategy {name!r} failed check {check_name!r} on rank "
+                                 f"{dist.get_rank()} of {dist.get_world_size()}: {e}") from e
+        passed.append(check_name)
+    return passed
+
+
+def check_strategy(name: str, world_sizes: tuple[int, ...] = (1, 2, 3, 4),
+                   timeout_s: float = 300.0, **options: Any) -> None:
+    """Spawn ranks for each world size and run every check on ``name``; raise on failure."""
+    from framework.rankpool import RankPool
+
+    for ws in world_sizes:
+        pool = RankPool(ws)
+        try:
+            pool.run(run_checks, name, options, timeout_s=timeout_s)
+        finally:
+            pool.close()
+        print(f"{name}: world size {ws}: {len(CHECKS)} checks passed", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m framework.testing", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("strategy")
+    ap.add_argument("--world-sizes", default="1,2,3,4")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    opts = {}
+    for kv in args.option:
+        key, _, val = kv.partition("=")
+        try:
+            opts[key] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            opts[key] = val
+    sizes = tuple(int(s) for s in args.world_sizes.split(","))
+    check_strategy(args.strategy, sizes, **opts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""hierarchical: reduce inside each node, all-reduce across node leaders, broadcast back.
+
+Fast intra-node links (NVLink, shared memory) carry the full message once; only one rank per
+node crosses the slow inter-node link, so inter-node traffic falls by the node size. The node
+map comes from ``ranks_per_node`` (emulate nodes on one host), else the launcher: torchrun's
+``LOCAL_WORLD_SIZE`` or SLURM's ``SLURM_NTASKS_PER_NODE``; else all ranks are one node. Nodes
+are contiguous blocks of group ranks; the last may be smaller. Sub-groups are created once at
+construction, each rank creating the groups it belongs to in the same order. Changes the
+summation order (node sums first), exact for integers; every rank gets the leader's bits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor
+
+from framework import Algorithm, register_strategy
+from framework.groups import acquire_group, release_group
+
+
+def ranks_per_node_from_env() -> int | None:
+    """Ranks per node as the launcher describes it, or None outside torchrun/SLURM."""
+    if os.environ.get("LOCAL_WORLD_SIZE"):
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    m = re.match(r"\d+", os.environ.get("SLURM_NTASKS_PER_NODE", ""))
+    return int(m.group()) if m else None
+
+
+@register_strategy("hierarchical")
+class Hierarchical(Algorithm):
+    def __init__(self, group=None, *, ranks_per_node: int | None = None, **common: Any) -> None:
+        if ranks_per_node is not None and ranks_per_node < 1:
+            raise ValueError(f"strategy {self.name!r}: ranks_per_node must be >= 1, "
+                             f"got {ranks_per_node}")
+        super().__init__(group, **common)
+        p = self.world_size
+        self.ranks_per_node = min(ranks_per_node or ranks_per_node_from_env() or p, p)
+        k, r = self.ranks_per_node, self.rank
+        nodes = [self.ranks[i:i + k] for i in range(0, p, k)]  # global ranks, node by node
+        self.num_nodes = len(nodes)
+        self.node_ranks = nodes[r // k]
+        self.leader = self.node_ranks[0]
+        self.is_leader = r % k == 0
+        leaders = [n[0] for n in nodes]
+        # Every rank creates every multi-rank group in the same order (new_group's contract),
+        # keeping the two it belongs to: its node's and, for leaders, the leaders'.
+        self._groups = [(g, acquire_group(g, self.backend, self.timeout_s))
+                        for g in [*nodes, leaders] if len(g) > 1]
+        mine = {tuple(g): pg for g, pg in self._groups}
+        self.node_group = mine.get(tuple(self.node_ranks))
+        self.leader_group = mine.get(tuple(leaders)) if self.is_leader else None
+
+    def wire_bytes(self, nbytes: int) -> int:
+        local, n = len(self.node_ranks), self.num_nodes
+        if not self.is_leader:
+            return nbytes  # one message to the leader (the broadcast is received)
+        return (local - 1) * nbytes + 2 * (n - 1) * nbytes // n
+
+    def reduce_(self, x: Tensor) -> None:
+        self._count(x)
+        if self.node_group is not None:
+            dist.reduce(x, self.leader, group=self.node_group)
+        if self.leader_group is not None:
+            dist.all_reduce(x, group=self.leader_group)
+        if self.node_group is not None:
+            dist.broadcast(x, self.leader, group=self.node_group)
+
+    def _release(self) -> None:
+        super()._release()
+        for ranks, g in self._groups:
+            release_group(ranks, self.backend, self.timeout_s, g)
+        self._groups = []
+        self.node_group = self.leader_group = None

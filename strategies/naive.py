@@ -1,0 +1,24 @@
+"""naive: one library all-reduce per call, blocking. The baseline every strategy is compared to.
+
+The library picks its own algorithm (gloo: ring or halving-doubling; NCCL: ring or tree), so the
+summation order is the library's. ``wire_bytes`` uses the ring figure 2(p-1)/p of the payload,
+the bus-bandwidth convention of nccl-tests.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor
+
+from framework import Algorithm, register_strategy
+
+
+@register_strategy("naive")
+class Naive(Algorithm):
+    def reduce_(self, x: Tensor) -> None:
+        dist.all_reduce(x, group=self.group)
+        self._count(x)
+
+    def wire_bytes(self, nbytes: int) -> int:
+        p = self.world_size
+        return 2 * (p - 1) * nbytes // p

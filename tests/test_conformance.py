@@ -1,0 +1,50 @@
+"""The conformance kit over every registered strategy and world sizes 1-4, plus compositions."""
+
+from __future__ import annotations
+
+import pytest
+
+from framework import available_strategies
+from framework.testing import run_checks
+
+STRATEGIES = available_strategies()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_kit(pools, name: str, world_size: int) -> None:
+    passed = pools(world_size).run(run_checks, name, {})
+    assert all(p == passed[0] for p in passed) and len(passed[0]) >= 8
+
+
+SCHEDULES = ["bucketed", "async_overlap", "double_buffer", "adaptive_threshold"]
+COMPOSED_CHECKS = ["exact_sums", "handles_in_flight", "flush_semantics", "validate_mismatch"]
+
+
+@pytest.mark.parametrize("inner", ["tree", "hierarchical"])
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedules_over_inner_algorithms(pools, name: str, inner: str) -> None:
+    """A sweep may cross any schedule with any algorithm: both must stay exact."""
+    options = {"inner": inner}
+    if inner == "hierarchical":
+        options["inner_options"] = {"ranks_per_node": 2}
+    pools(3).run(run_checks, name, options, COMPOSED_CHECKS)
+
+
+@pytest.mark.parametrize("ranks_per_node", [1, 2, 3])
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_hierarchical_node_maps(pools, world_size: int, ranks_per_node: int) -> None:
+    """Emulated nodes of every shape, including a last node smaller than the others."""
+    pools(world_size).run(run_checks, "hierarchical", {"ranks_per_node": ranks_per_node},
+                          ["exact_sums", "float_order", "handles_in_flight"])
+
+
+def test_small_chunks_pipeline_tree(pools) -> None:
+    """Chunks much smaller than the message exercise the tree's pipelining and odd tails."""
+    pools(4).run(run_checks, "tree", {"chunk_bytes": 1000}, ["exact_sums", "float_order"])
+
+
+def test_small_buckets_split(pools) -> None:
+    """Buckets smaller than the burst force several buckets per wait, launched in order."""
+    pools(3).run(run_checks, "bucketed", {"bucket_bytes": 64}, ["handles_in_flight",
+                                                                "bounded_loop"])
