@@ -88,6 +88,8 @@ def strategy_options(name: str) -> dict[str, Any]:
         for p in inspect.signature(klass.__init__).parameters.values():
             if p.kind is p.KEYWORD_ONLY and not p.name.startswith("_"):
                 out[p.name] = p.default
+    for name in getattr(cls, "fixed_options", ()):  # set by the subclass, not by users
+        out.pop(name, None)
     return out
 
 

@@ -11,11 +11,9 @@ Fabric loggers. Times are the maximum over ranks (the slowest rank sets the pace
 
 from __future__ import annotations
 
-import os
 import resource
 import time
-from dataclasses import asdict
-from datetime import timedelta
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -30,6 +28,7 @@ from framework.config import (
     validate_run,
 )
 from framework.generate import generate
+from framework.launch import launch_ranks
 from framework.registry import build_communicator
 
 
@@ -135,7 +134,7 @@ class Runner:
                                                          "wire_bytes", "wait_s")}
         return {
             "ttft_s": stamps[0] - t0,
-            "itl_s": [b - a for a, b in zip(stamps, stamps[1:])],
+            "itl_s": [b - a for a, b in pairwise(stamps)],
             "decode_s": stamps[-1] - stamps[0],
             "decode": decode,
             "prefill_wait_s": snap.get("wait_s", 0.0),
@@ -163,6 +162,8 @@ class Runner:
             self.fabric.call("on_run_end", runner=self, results=results)
             self.fabric.log_dict({k: v for k, v in results.items()
                                   if isinstance(v, int | float)})
+            for lg in self.fabric.loggers:
+                lg.finalize("success")
             return results
         finally:
             self.teardown()
@@ -236,49 +237,9 @@ def _rank_main(fabric: Any, spec: RunSpec) -> dict[str, Any]:
     return Runner(fabric, spec).run()
 
 
-def launched_externally() -> bool:
-    """True under torchrun (TorchElastic) or a multi-task SLURM step: use their processes."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
-
-
 def launch(spec: RunSpec, callbacks: list[Callback] | None = None,
            loggers: list[Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Validate ``spec`` and run it on ``spec.parallel.world_size`` ranks; rank 0's results."""
-    from lightning.fabric import Fabric
-    from lightning.fabric.strategies import DDPStrategy
-
     validate_run(spec)
-    backend = resolve_backend(spec.parallel)
-    external = launched_externally()
-    nodes, devices = 1, spec.parallel.world_size
-    if external:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE")
-                    or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
-        world = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"])
-        if world != spec.parallel.world_size:
-            from framework.config import ConfigError
-
-            raise ConfigError(f"parallel.world_size={spec.parallel.world_size} but the "
-                              f"launcher started {world} processes")
-        nodes, devices = world // local, local
-    else:
-        os.environ.pop("MASTER_PORT", None)  # a fresh free port for every in-process launch
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    strategy = DDPStrategy(
-        start_method="popen" if external else "spawn",
-        process_group_backend=backend,
-        timeout=timedelta(seconds=spec.parallel.timeout_s),
-    )
     cbs = list(callbacks or []) + ([ProgressBar()] if progress else [])
-    fabric = Fabric(accelerator="cuda" if backend == "nccl" else "cpu", devices=devices,
-                    num_nodes=nodes, strategy=strategy, callbacks=cbs, loggers=loggers or [])
-    if external:
-        fabric.launch()
-        return _rank_main(fabric, spec)
-    return fabric.launch(_rank_main, spec)
-
-
-def spec_dict(spec: RunSpec) -> dict[str, Any]:
-    return asdict(spec)
+    return launch_ranks(_rank_main, spec.parallel, spec, callbacks=cbs, loggers=loggers)

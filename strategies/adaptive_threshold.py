@@ -38,6 +38,8 @@ def fit_alpha_beta(samples: list[tuple[int, float]]) -> tuple[float, float] | No
 
 @register_strategy("adaptive_threshold")
 class AdaptiveThreshold(Bucketed):
+    fixed_options = ("bucket_bytes",)  # the fit decides it; initial_bytes is the start value
+
     def __init__(
         self,
         group=None,

@@ -1,0 +1,1 @@
+"""Entry points: infer, bench, report (Hydra-composed; see conf/)."""

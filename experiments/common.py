@@ -1,0 +1,146 @@
+"""What every entry point shares: config to spec, atomic results, the tracker, failure handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from framework.config import ModelSpec, ParallelSpec, RunSpec, WorkloadSpec
+
+
+def strategy_options_from(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+    opts = OmegaConf.to_container(cfg.strategy, resolve=True)
+    name = opts.pop("name")
+    return name, {k: v for k, v in opts.items() if v is not None or k == "table"}
+
+
+def run_spec(cfg: DictConfig, out_dir: str) -> RunSpec:
+    name, opts = strategy_options_from(cfg)
+    return RunSpec(
+        strategy=name,
+        strategy_options=opts,
+        model=ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True)),
+        workload=WorkloadSpec(**OmegaConf.to_container(cfg.workload, resolve=True)),
+        parallel=ParallelSpec(**OmegaConf.to_container(cfg.parallel, resolve=True)),
+        seed=cfg.seed,
+        out_dir=out_dir,
+        profile=cfg.get("profile", False),
+    )
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write then rename, so a reader never sees a truncated file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_clean(data), f, indent=2)
+    os.replace(tmp, path)
+
+
+def _clean(x: Any) -> Any:
+    """JSON has no NaN: write null so every reader can parse the file."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
+class NullTracker:
+    """Stand-in when logger=none: does nothing, imports nothing."""
+
+    def log(self, data: dict[str, Any]) -> None: ...
+
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None: ...
+
+    def attach(self, path: str | Path) -> None: ...
+
+    def finish(self, failed: bool) -> None: ...
+
+
+class WandbTracker(NullTracker):
+    """One W&B run per Hydra job (created in the job process, which is rank 0's host)."""
+
+    def __init__(self, cfg: DictConfig, out_dir: str, job_type: str) -> None:
+        import wandb  # lazily: logger=none must work without W&B installed
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        sweep = hc.sweep.dir if hc.mode.name == "MULTIRUN" else None
+        self.wandb = wandb
+        self.out_dir = out_dir
+        self.run = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            mode=cfg.logger.mode,
+            dir=out_dir,
+            group=Path(str(sweep)).name if sweep else None,
+            job_type=job_type,
+            name=f"{job_type}-{cfg.strategy.name}-{Path(out_dir).name}",
+            tags=list(cfg.logger.tags),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            reinit="finish_previous",
+        )
+
+    def log(self, data: dict[str, Any]) -> None:
+        flat = {k: v for k, v in data.items() if isinstance(v, int | float | str | bool)}
+        self.run.summary.update(flat)
+
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            cols = list(rows[0])
+            self.run.log({key: self.wandb.Table(columns=cols,
+                                                data=[[r[c] for c in cols] for r in rows])})
+
+    def attach(self, path: str | Path) -> None:
+        self.run.save(str(path), base_path=self.out_dir, policy="now")
+
+    def finish(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def make_tracker(cfg: DictConfig, out_dir: str, job_type: str) -> NullTracker:
+    if cfg.logger.name == "none" or os.environ.get("WANDB_MODE") == "disabled":
+        return NullTracker()
+    return WandbTracker(cfg, out_dir, job_type)
+
+
+def run_job(cfg: DictConfig, job_type: str, body: Callable[[str, NullTracker], dict[str, Any]],
+            result_file: str) -> dict[str, Any]:
+    """Run ``body`` and always leave a results file and a finished tracker run behind.
+
+    A failure is recorded as ``status: failed`` with the error, the W&B run is marked failed,
+    and the exception propagates so the job exits non-zero (in a multirun, Hydra records the
+    failed job and goes on with the others).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    out_dir = HydraConfig.get().runtime.output_dir
+    tracker = make_tracker(cfg, out_dir, job_type)
+    path = Path(out_dir) / result_file
+    try:
+        results = body(out_dir, tracker)
+    except BaseException as e:
+        failed = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc(), "strategy": cfg.strategy.name,
+                  "world_size": cfg.parallel.world_size}
+        write_json_atomic(path, failed)
+        tracker.log(failed)
+        tracker.attach(path)
+        tracker.finish(failed=True)
+        raise
+    write_json_atomic(path, results)
+    tracker.log(results)
+    tracker.attach(path)
+    tracker.finish(failed=False)
+    return results

@@ -1,0 +1,35 @@
+"""Structured configs: the typed schemas Hydra checks overrides against.
+
+The dataclasses are the framework's own run specs, so a config key and the field that reads it
+cannot drift apart; a bad override (``workload.batch_size=abc``) is a type error at compose time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+
+from framework.config import ModelSpec, ParallelSpec, WorkloadSpec
+
+
+@dataclass
+class BenchSpec:
+    min_bytes: int = 1024
+    max_bytes: int = 1 << 20
+    factor: int = 4
+    dtype: str = "float32"
+    warmup: int = 5
+    iters: int = 20
+    many_small: int = 0
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="model", name="model_schema", node=ModelSpec)
+    cs.store(group="workload", name="workload_schema", node=WorkloadSpec)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelSpec)
+    cs.store(group="bench", name="bench_schema", node=BenchSpec)
+
+
+register_configs()

@@ -1,0 +1,45 @@
+"""TP inference with a swappable communicator: ``python -m experiments.infer [overrides]``.
+
+Examples::
+
+    python -m experiments.infer strategy=bucketed parallel.world_size=4 workload.micro_batches=2
+    python -m experiments.infer -m strategy=naive,tree parallel.world_size=2,4
+    python -m experiments.infer -m experiment=compare
+
+Each job writes ``results.json`` (see framework.runner.summarize) in its run directory and
+returns decode tokens/s, the objective a Hydra sweeper (Optuna) maximises.
+"""
+
+from __future__ import annotations
+
+import hydra
+from lightning.fabric.loggers import CSVLogger
+from omegaconf import DictConfig
+
+import experiments.configs  # noqa: F401  (registers the structured configs)
+from experiments.common import run_job, run_spec
+from framework.runner import launch
+
+KEYS = ["strategy", "inner", "world_size", "micro_batches", "ttft_s", "itl_p50_s", "itl_p99_s",
+        "decode_tokens_per_s", "allreduce_calls_per_token", "collectives_per_token",
+        "exposed_comm_s", "exposed_comm_share", "buffer_allocs", "buffer_reuses"]
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
+def main(cfg: DictConfig) -> float:
+    def body(out_dir: str, tracker) -> dict:
+        spec = run_spec(cfg, out_dir)
+        results = launch(spec, loggers=[CSVLogger(out_dir, name="steps", version="")],
+                         progress=cfg.progress)
+        print("  ".join(f"{k}={_fmt(results.get(k))}" for k in KEYS), flush=True)
+        return results
+
+    return run_job(cfg, "infer", body, "results.json")["decode_tokens_per_s"]
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+if __name__ == "__main__":
+    main()

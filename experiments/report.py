@@ -1,0 +1,180 @@
+"""Gather a sweep's jobs into one table and plots: ``python -m experiments.report <dir>``.
+
+Reads every ``*/results.json`` (infer jobs) and ``*/bench.csv`` (bench jobs) under the sweep
+directory, writes ``report.md`` and ``report.csv`` (failed jobs kept and marked), and draws PNGs
+with matplotlib: decode tokens/s, inter-token latency and exposed-communication share per
+strategy and world size; all-reduce time and busbw against message size per strategy. Runs by
+itself at the end of every multirun through :class:`ReportCallback` (conf: hydra.callbacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+INFER_COLS = ["job", "status", "strategy", "inner", "world_size", "micro_batches",
+              "decode_tokens_per_s", "ttft_s", "itl_p50_s", "itl_p99_s",
+              "allreduce_calls_per_token", "collectives_per_token", "exposed_comm_s",
+              "exposed_comm_share", "buffer_allocs", "buffer_reuses", "error"]
+BENCH_COLS = ["job", "strategy", "world_size", "mode", "size", "count", "type", "time_us",
+              "algbw_gbps", "busbw_gbps", "wrong"]
+
+
+def _job_name(path: Path, root: Path) -> str:
+    return str(path.parent.relative_to(root)) or "."
+
+
+def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    infer, bench = [], []
+    for f in sorted(root.rglob("results.json")):
+        try:
+            r = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            r = {"status": "failed", "error": f"unreadable results.json: {e}"}
+        if "size_results" in r or (f.parent / "bench.csv").exists():
+            if r.get("status") == "failed":
+                bench.append({"job": _job_name(f, root), "strategy": r.get("strategy"),
+                              "world_size": r.get("world_size"), "mode": "failed"})
+            continue
+        infer.append({"job": _job_name(f, root), **{c: r.get(c) for c in INFER_COLS[1:]}})
+    for f in sorted(root.rglob("bench.csv")):
+        with open(f, newline="") as fh:
+            for row in csv.DictReader(fh):
+                bench.append({"job": _job_name(f, root), **row})
+    return infer, bench
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v).replace("|", "/").replace("\n", " ")[:80]
+
+
+def markdown(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return []
+    strategies = sorted({r["strategy"] for r in ok})
+    sizes = sorted({r["world_size"] for r in ok})
+    paths = []
+    for key, label in [("decode_tokens_per_s", "decode tokens/s"),
+                       ("itl_p50_s", "inter-token latency p50 (s)"),
+                       ("exposed_comm_share", "exposed communication share of decode")]:
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(strategies)), 4))
+        width = 0.8 / len(sizes)
+        for i, ws in enumerate(sizes):
+            vals = [next((r[key] for r in ok if r["strategy"] == s and r["world_size"] == ws
+                          and r[key] is not None), 0.0) for s in strategies]
+            ax.bar([j + i * width for j in range(len(strategies))], vals, width,
+                   label=f"TP={ws}")
+        ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(strategies))])
+        ax.set_xticklabels(strategies, rotation=30, ha="right")
+        ax.set_ylabel(label)
+        ax.legend()
+        fig.tight_layout()
+        path = root / f"infer_{key}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _plot_bench(rows: list[dict[str, Any]], root: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("mode") != "failed" and r.get("time_us")]
+    if not ok:
+        return []
+    paths = []
+    for key, label in [("time_us", "all-reduce time (us)"), ("busbw_gbps", "busbw (GB/s)")]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for series in sorted({(r["strategy"], r["world_size"], r["mode"]) for r in ok}):
+            pts = sorted((int(r["size"]), float(r[key])) for r in ok
+                         if (r["strategy"], r["world_size"], r["mode"]) == series)
+            name = f"{series[0]} TP={series[1]}" + ("" if series[2] == "single" else
+                                                   f" ({series[2]})")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        path = root / f"bench_{key}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(root: str | Path) -> Path:
+    root = Path(root)
+    infer, bench = collect(root)
+    parts = [f"# commlab report: {root}", ""]
+    if infer:
+        parts += ["## TP inference", "", markdown(infer, INFER_COLS), ""]
+        parts += [f"![{p.stem}]({p.name})" for p in _plot_infer(infer, root)] + [""]
+        with open(root / "report.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, INFER_COLS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(infer)
+    if bench:
+        parts += ["## All-reduce benchmark", "", markdown(bench, BENCH_COLS), ""]
+        parts += [f"![{p.stem}]({p.name})" for p in _plot_bench(bench, root)] + [""]
+        with open(root / "bench_report.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, BENCH_COLS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(bench)
+    if not (infer or bench):
+        parts.append("No results.json or bench.csv found.")
+    out = root / "report.md"
+    out.write_text("\n".join(parts) + "\n")
+    return out
+
+
+class ReportCallback(Callback):
+    """Hydra callback: write the report when a multirun ends."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        path = write_report(config.hydra.sweep.dir)
+        print(path.read_text().split("![")[0], flush=True)
+        print(f"report: {path}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="commlab-report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep_dir")
+    args = ap.parse_args(argv)
+    if not Path(args.sweep_dir).is_dir():
+        print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
+        return 2
+    path = write_report(args.sweep_dir)
+    print(path.read_text().split("![")[0])
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

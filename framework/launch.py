@@ -1,0 +1,61 @@
+"""Start ranks with Lightning Fabric, in-process or inside an external launcher.
+
+In-process (the default) Fabric spawns ``world_size`` processes with multiprocessing, so a
+Hydra job starts its own ranks and never re-runs the sweep (Fabric's ``popen`` launcher would
+re-execute the command line). Under torchrun or a multi-task SLURM step the processes already
+exist: Fabric joins them instead (TorchElastic / SLURM cluster environments), with
+``devices`` = ranks per node and ``num_nodes`` from the launcher. Every process group gets the
+configured timeout; torch's 30-minute default is never inherited.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from framework.config import ConfigError, ParallelSpec, resolve_backend
+
+
+def launched_externally() -> bool:
+    """True under torchrun (TorchElastic) or a multi-task SLURM step: use their processes."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+
+
+def launch_ranks(fn: Callable[..., Any], parallel: ParallelSpec, *args: Any,
+                 callbacks: list[Any] | None = None, loggers: list[Any] | None = None) -> Any:
+    """Run ``fn(fabric, *args)`` on every rank; return rank 0's value.
+
+    ``fn`` must be importable by name (spawned ranks unpickle it). A rank that raises makes
+    this raise, naming the rank; the process-group timeout bounds any wait on a lost peer.
+    """
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    backend = resolve_backend(parallel)
+    external = launched_externally()
+    nodes, devices = 1, parallel.world_size
+    if external:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE")
+                    or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        world = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"])
+        if world != parallel.world_size:
+            raise ConfigError(f"parallel.world_size={parallel.world_size} but the launcher "
+                              f"started {world} processes")
+        nodes, devices = world // local, local
+    else:
+        os.environ.pop("MASTER_PORT", None)  # a fresh free port for every in-process launch
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    strategy = DDPStrategy(start_method="popen" if external else "spawn",
+                           process_group_backend=backend,
+                           timeout=timedelta(seconds=parallel.timeout_s))
+    fabric = Fabric(accelerator="cuda" if backend == "nccl" else "cpu", devices=devices,
+                    num_nodes=nodes, strategy=strategy, callbacks=callbacks or [],
+                    loggers=loggers or [])
+    if external:
+        fabric.launch()
+        return fn(fabric, *args)
+    return fabric.launch(fn, *args)
