@@ -30,9 +30,14 @@ def _job_name(path: Path, root: Path) -> str:
     return str(path.parent.relative_to(root)) or "."
 
 
+def _results(root: Path, name: str) -> list[Path]:
+    """Job result files, not the copies W&B keeps inside its run directories."""
+    return sorted(f for f in root.rglob(name) if "wandb" not in f.relative_to(root).parts)
+
+
 def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     infer, bench = [], []
-    for f in sorted(root.rglob("results.json")):
+    for f in _results(root, "results.json"):
         try:
             r = json.loads(f.read_text())
         except json.JSONDecodeError as e:
@@ -43,7 +48,7 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                               "world_size": r.get("world_size"), "mode": "failed"})
             continue
         infer.append({"job": _job_name(f, root), **{c: r.get(c) for c in INFER_COLS[1:]}})
-    for f in sorted(root.rglob("bench.csv")):
+    for f in _results(root, "bench.csv"):
         with open(f, newline="") as fh:
             for row in csv.DictReader(fh):
                 bench.append({"job": _job_name(f, root), **row})
@@ -154,7 +159,18 @@ def write_report(root: str | Path) -> Path:
 
 
 class ReportCallback(Callback):
-    """Hydra callback: write the report when a multirun ends."""
+    """Hydra callback: keep the sweep's report current after every job, print it at the end.
+
+    Updating after each job (not only at the end) matters: when a job fails, Hydra's basic
+    sweeper raises after the batch and ``on_multirun_end`` never runs, yet the report of the
+    jobs that did finish (and which failed, and why) is exactly what the researcher needs.
+    """
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            write_report(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         path = write_report(config.hydra.sweep.dir)

@@ -40,9 +40,10 @@ def register_strategy(name: str):
     return deco
 
 
-def _discover() -> None:
+def discover(force: bool = False) -> None:
+    """Import built-ins and load ``commlab.strategies`` entry points (again if ``force``)."""
     global _discovered
-    if _discovered:
+    if _discovered and not force:
         return
     _discovered = True
     importlib.import_module("strategies")  # built-ins register on import
@@ -60,12 +61,12 @@ def _discover() -> None:
 
 
 def available_strategies() -> list[str]:
-    _discover()
+    discover()
     return sorted(_REGISTRY)
 
 
 def get_strategy(name: str) -> type[Communicator]:
-    _discover()
+    discover()
     if name not in _REGISTRY:
         raise ValueError(f"unknown strategy {name!r}; available: {sorted(_REGISTRY)}")
     return _REGISTRY[name]

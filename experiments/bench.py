@@ -1,0 +1,334 @@
+"""nccl-tests-style all-reduce benchmark of a strategy: ``python -m experiments.bench [overrides]``.
+
+Examples::
+
+    python -m experiments.bench strategy=tree parallel.world_size=4 bench.max_bytes=4194304
+    python -m experiments.bench strategy=bucketed bench.many_small=16 logger=none
+    python -m experiments.bench -m experiment=bench_sizes
+
+Sizes follow nccl-tests ``-b/-e/-f``: from ``bench.min_bytes`` to ``bench.max_bytes``, multiplied
+by ``bench.factor`` each step; each size is rounded down to a multiple of the element size (at
+least one element), and a size that rounds to one already measured is skipped.
+
+Timing, per size: ``bench.warmup`` untimed iterations, one ``dist.barrier()``, then
+``bench.iters`` back-to-back timed iterations. An iteration is ``comm.all_reduce(x).wait()``
+(or, with ``bench.many_small=K``, K independent all-reduces of ``size`` bytes each issued before
+any wait, then every wait: the whole burst is timed). Strategies reduce in place, so the input is
+refilled from a saved copy before every iteration, outside the timed region. Each rank records
+every iteration's time; the times are reduced elementwise with MAX over ranks (the slowest rank
+sets the pace), and the reported ``time`` is the MEDIAN over iterations of those maxima.
+
+``algbw`` = bytes reduced per iteration / time (with many_small, K * size: the whole burst),
+``busbw`` = algbw * 2(n-1)/n (nccl-tests' all-reduce convention; 0 for n = 1); GB/s = 1e9 B/s.
+``#wrong`` is a separate correctness check after the timed loop: every rank fills its input with
+small integers from (rank, index, tensor) that are exact in every dtype, runs one more
+all-reduce (burst) and counts the elements that differ from the sum it computes itself from
+every rank's formula (max over ranks).
+
+The job process prints the table, writes ``bench.csv`` (the columns of :data:`CSV_COLUMNS`) and
+``results.json`` (``size_results`` = the rows) in the run directory, logs the rows as a W&B
+table and attaches ``bench.csv``. The returned objective (what a Hydra sweeper optimises) is
+the busbw in GB/s of the largest size (median-time based, as in the table; 0 for one rank).
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+import experiments.configs  # noqa: F401  (registers the structured configs)
+from experiments.common import run_job, strategy_options_from
+from experiments.configs import BenchSpec
+from framework.config import ConfigError, ParallelSpec, resolve_backend
+from framework.launch import launch_ranks
+from framework.registry import (
+    available_strategies,
+    build_communicator,
+    get_strategy,
+    strategy_options,
+)
+
+BENCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+CSV_COLUMNS = ["size", "count", "type", "redop", "time_us", "algbw_gbps", "busbw_gbps", "wrong",
+               "strategy", "world_size", "mode", "tensors"]
+# Check values: (i + 2 * rank + 3 * tensor) % 7 - 3 lies in [-3, 3]; a sum over n ranks is an
+# integer of magnitude <= 3n, exact in bfloat16 (8-bit mantissa) up to n = 85 ranks.
+_PERIOD, _OFFSET = 7, 3
+
+
+# -- configuration -------------------------------------------------------------------------
+def bench_sizes(min_bytes: int, max_bytes: int, factor: int, elem_size: int) -> list[int]:
+    """nccl-tests -b/-e/-f: sizes in bytes, whole elements (at least one), duplicates dropped."""
+    out: list[int] = []
+    size = min_bytes
+    while size <= max_bytes:
+        nbytes = max(size // elem_size, 1) * elem_size
+        if nbytes not in out:
+            out.append(nbytes)
+        size *= factor
+    return out
+
+
+def validate_bench(name: str, opts: dict[str, Any], bench: BenchSpec,
+                   parallel: ParallelSpec) -> None:
+    """Raise ConfigError listing every problem, before any rank is spawned."""
+    problems: list[str] = []
+    b = bench
+    if b.min_bytes <= 0:
+        problems.append(f"bench.min_bytes must be > 0, got {b.min_bytes}")
+    if b.max_bytes < b.min_bytes:
+        problems.append(f"bench.max_bytes must be >= bench.min_bytes ({b.min_bytes}), "
+                        f"got {b.max_bytes}")
+    if not isinstance(b.factor, int) or isinstance(b.factor, bool) or b.factor < 2:
+        problems.append(f"bench.factor must be an integer >= 2 (sizes are multiplied by it), "
+                        f"got {b.factor!r}")
+    if b.warmup < 0:
+        problems.append(f"bench.warmup must be >= 0, got {b.warmup}")
+    if b.iters < 1:
+        problems.append(f"bench.iters must be >= 1, got {b.iters}")
+    if b.many_small < 0:
+        problems.append(f"bench.many_small must be >= 0 (0: one tensor per iteration), "
+                        f"got {b.many_small}")
+    if b.dtype not in BENCH_DTYPES:
+        problems.append(f"bench.dtype must be one of {list(BENCH_DTYPES)}, got {b.dtype!r}")
+    if parallel.world_size <= 0:
+        problems.append(f"parallel.world_size must be > 0, got {parallel.world_size}")
+    if parallel.timeout_s <= 0:
+        problems.append(f"parallel.timeout_s must be > 0, got {parallel.timeout_s}")
+    if parallel.threads_per_rank < 1:
+        problems.append(f"parallel.threads_per_rank must be >= 1, got {parallel.threads_per_rank}")
+    backend = resolve_backend(parallel)
+    if backend not in ("gloo", "nccl"):
+        problems.append(f"parallel.backend must be auto, gloo or nccl, got {parallel.backend!r}")
+    elif backend == "nccl" and torch.cuda.device_count() < max(parallel.world_size, 1):
+        problems.append(f"parallel.backend=nccl needs {parallel.world_size} CUDA devices, this "
+                        f"host has {torch.cuda.device_count()}")
+    strategies = available_strategies()
+    if name not in strategies:
+        problems.append(f"unknown strategy {name!r}; available: {strategies}")
+    else:
+        known = strategy_options(name)
+        unknown = sorted(set(opts) - set(known))
+        if unknown:
+            problems.append(f"strategy {name!r} has no option(s) {unknown}; its options are "
+                            f"{sorted(known)}")
+        for k, v in opts.items():
+            d = known.get(k)
+            if (isinstance(v, int | float) and not isinstance(v, bool)
+                    and isinstance(d, int | float) and not isinstance(d, bool)
+                    and d > 0 and v <= 0):
+                problems.append(f"strategy.{k} must be > 0, got {v}")
+        inner = opts.get("inner")
+        if inner is not None and inner not in strategies:
+            problems.append(f"strategy.inner: unknown strategy {inner!r}; available: "
+                            f"{strategies}")
+        dtype = BENCH_DTYPES.get(b.dtype)
+        supported = get_strategy(name).supported_dtypes
+        if dtype is not None and dtype not in supported:
+            ok = sorted(str(t).removeprefix("torch.") for t in supported)
+            problems.append(f"strategy {name!r} does not support bench.dtype={b.dtype}; it "
+                            f"supports {ok}")
+    if problems:
+        raise ConfigError("invalid bench configuration:\n  - " + "\n  - ".join(problems))
+
+
+def mode_name(many_small: int) -> str:
+    return f"many_small:{many_small}" if many_small > 0 else "single"
+
+
+# -- on every rank ---------------------------------------------------------------------------
+def _pattern(rank: int, tensor: int, count: int) -> torch.Tensor:
+    """This rank's check values for tensor ``tensor``: small integers, as int64."""
+    i = torch.arange(count, dtype=torch.int64)
+    return (i + 2 * rank + 3 * tensor) % _PERIOD - _OFFSET
+
+
+def _expected(world: int, tensor: int, count: int) -> torch.Tensor:
+    total = torch.zeros(count, dtype=torch.int64)
+    for r in range(world):
+        total += _pattern(r, tensor, count)
+    return total
+
+
+def _rank_bench(fabric: Any, name: str, opts: dict[str, Any], bench: BenchSpec,
+                parallel: ParallelSpec) -> dict[str, Any]:
+    torch.set_num_threads(parallel.threads_per_rank)
+    opts = dict(opts)
+    opts.setdefault("timeout_s", parallel.timeout_s)
+    comm = build_communicator(name, **opts)
+    try:
+        return _sweep(fabric, comm, bench)
+    finally:
+        comm.close()
+
+
+def _refill(xs: list[torch.Tensor], saved: list[torch.Tensor], cuda: bool) -> None:
+    for x, s in zip(xs, saved):
+        x.copy_(s)
+    if cuda:
+        torch.cuda.synchronize(xs[0].device)
+
+
+def _burst(comm: Any, xs: list[torch.Tensor], cuda: bool) -> None:
+    """One iteration: every all-reduce issued before any wait (one tensor: issue, wait)."""
+    handles = [comm.all_reduce(x) for x in xs]
+    for h in handles:
+        h.wait()
+    if cuda:  # wait() may return before the stream has drained
+        torch.cuda.synchronize(xs[0].device)
+
+
+def _sweep(fabric: Any, comm: Any, bench: BenchSpec) -> dict[str, Any]:
+    rank, world, device = fabric.global_rank, fabric.world_size, fabric.device
+    dtype = BENCH_DTYPES[bench.dtype]
+    elem = torch.empty((), dtype=dtype).element_size()
+    k = max(bench.many_small, 1)
+    cuda = device.type == "cuda"
+
+    rows: list[dict[str, Any]] = []
+    stats: list[dict[str, Any]] = []
+    for nbytes in bench_sizes(bench.min_bytes, bench.max_bytes, bench.factor, elem):
+        count = nbytes // elem
+        saved = [_pattern(rank, j, count).to(device=device, dtype=dtype) for j in range(k)]
+        xs = [s.clone() for s in saved]
+        for _ in range(bench.warmup):
+            _refill(xs, saved, cuda)
+            _burst(comm, xs, cuda)
+        comm.reset_stats()
+        dist.barrier()
+        times = []
+        for _ in range(bench.iters):
+            _refill(xs, saved, cuda)  # outside the timed region
+            t0 = time.perf_counter()
+            _burst(comm, xs, cuda)
+            times.append(time.perf_counter() - t0)
+        st = comm.stats.as_dict()
+        stats.append({"size": nbytes, **{f"{key}_per_iter": st[key] / bench.iters
+                                         for key in ("calls", "collectives", "wire_bytes")}})
+
+        # correctness, separate from the timed loop
+        _refill(xs, saved, cuda)
+        _burst(comm, xs, cuda)
+        wrong = sum(int((x != _expected(world, j, count).to(device=device, dtype=dtype))
+                        .sum().item()) for j, x in enumerate(xs))
+
+        t = torch.tensor(times, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # default group, not the communicator
+        w = torch.tensor([wrong], dtype=torch.int64, device=device)
+        dist.all_reduce(w, op=dist.ReduceOp.MAX)
+        med = statistics.median(t.cpu().tolist())
+        algbw = nbytes * k / med / 1e9 if med > 0 else float("nan")
+        rows.append({
+            "size": nbytes,
+            "count": count,
+            "type": bench.dtype,
+            "redop": "sum",
+            "time_us": round(med * 1e6, 3),
+            "algbw_gbps": _sig(algbw),
+            "busbw_gbps": _sig(algbw * 2 * (world - 1) / world),
+            "wrong": int(w.item()),
+        })
+    return {"rows": rows, "comm_stats": stats}
+
+
+def _sig(x: float) -> float:
+    """Six significant digits: far below timing noise, and the CSV and report stay readable."""
+    return float(f"{x:.6g}")
+
+
+# -- the job process -------------------------------------------------------------------------
+def format_table(rows: list[dict[str, Any]], title: str) -> str:
+    """nccl-tests' layout (without the root column)."""
+    lines = [f"# {title}",
+             "#",
+             f"# {'size':>10}  {'count':>12}  {'type':>8}  {'redop':>6}  {'time':>7}  "
+             f"{'algbw':>6}  {'busbw':>6}  {'#wrong':>6}",
+             f"# {'(B)':>10}  {'(elements)':>12}  {'':>8}  {'':>6}  {'(us)':>7}  "
+             f"{'(GB/s)':>6}  {'(GB/s)':>6}  {'':>6}"]
+    for r in rows:
+        t = r["time_us"]
+        ts = f"{t:7.0f}" if t >= 10000 else f"{t:7.1f}" if t >= 100 else f"{t:7.2f}"
+        lines.append(f"{r['size']:12d}  {r['count']:12d}  {r['type']:>8}  {r['redop']:>6}  {ts}  "
+                     f"{r['algbw_gbps']:6.2f}  {r['busbw_gbps']:6.2f}  {r['wrong']:6d}")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> float:
+    def body(out_dir: str, tracker) -> dict[str, Any]:
+        csv_path = Path(out_dir) / "bench.csv"
+        try:
+            return _run(out_dir, tracker, csv_path)
+        except BaseException:
+            # report.py files a failed results.json under the benchmark only when bench.csv
+            # (or size_results) is there: leave a header-only table behind.
+            if not csv_path.exists():
+                write_csv(csv_path, [])
+            raise
+
+    def _run(out_dir: str, tracker, csv_path: Path) -> dict[str, Any]:
+        name, opts = strategy_options_from(cfg)
+        bench = BenchSpec(**OmegaConf.to_container(cfg.bench, resolve=True))
+        parallel = ParallelSpec(**OmegaConf.to_container(cfg.parallel, resolve=True))
+        validate_bench(name, opts, bench, parallel)
+        out = launch_ranks(_rank_bench, parallel, name, opts, bench, parallel)
+        mode, tensors = mode_name(bench.many_small), bench.many_small
+        rows = [{**r, "strategy": name, "world_size": parallel.world_size, "mode": mode,
+                 "tensors": tensors} for r in out["rows"]]
+        backend = resolve_backend(parallel)
+        title = (f"all_reduce  strategy: {name}  world_size: {parallel.world_size}  "
+                 f"backend: {backend}  dtype: {bench.dtype}  mode: {mode}  "
+                 f"iters: {bench.iters}  warmup: {bench.warmup}")
+        print(format_table(rows, title), flush=True)
+        write_csv(csv_path, rows)
+        tracker.log_table("allreduce", rows)
+        tracker.attach(csv_path)
+        largest = rows[-1]
+        wrong = sum(r["wrong"] for r in rows)
+        print(f"# Out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}", flush=True)
+        return {
+            "status": "ok",
+            "strategy": name,
+            "options": opts,
+            "world_size": parallel.world_size,
+            "backend": backend,
+            "dtype": bench.dtype,
+            "mode": mode,
+            "bench": asdict(bench),
+            "wrong_total": wrong,
+            "objective": "busbw_gbps of the largest size",
+            "busbw_gbps": largest["busbw_gbps"],
+            "time_us": largest["time_us"],
+            "size_results": rows,
+            "comm_stats": out["comm_stats"],
+        }
+
+    return run_job(cfg, "bench", body, "results.json")["busbw_gbps"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""experiments.bench end to end: a real sweep on 2 ranks, the many-small-tensors mode, and
+configurations refused before any rank is spawned."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["size", "count", "type", "redop", "time_us", "algbw_gbps", "busbw_gbps", "wrong",
+           "strategy", "world_size", "mode", "tensors"]
+SMALL = ["parallel.world_size=2", "bench.min_bytes=1024", "bench.max_bytes=16384",
+         "bench.factor=4", "bench.iters=3", "bench.warmup=1"]
+
+
+def bench(tmp_path: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.bench", *overrides, "logger=none",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def check_rows(rows: list[dict[str, str]], strategy: str, mode: str, tensors: int) -> None:
+    assert [int(r["size"]) for r in rows] == [1024, 4096, 16384]
+    n = 2
+    for r in rows:
+        size, time_us = int(r["size"]), float(r["time_us"])
+        algbw, busbw = float(r["algbw_gbps"]), float(r["busbw_gbps"])
+        assert int(r["count"]) == size // 4
+        assert (r["type"], r["redop"]) == ("float32", "sum")
+        assert int(r["wrong"]) == 0
+        assert time_us > 0
+        # algbw: bytes reduced per iteration (the whole burst) / time; GB/s = 1e3 B/us
+        assert algbw == pytest.approx(max(tensors, 1) * size / time_us / 1e3, rel=1e-4)
+        assert busbw == pytest.approx(algbw * 2 * (n - 1) / n, rel=1e-4)
+        assert (r["strategy"], int(r["world_size"]), r["mode"], int(r["tensors"])) == (
+            strategy, n, mode, tensors)
+
+
+def test_naive_sweep(tmp_path: Path) -> None:
+    p = bench(tmp_path, "strategy=naive", *SMALL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "size         count      type   redop" in p.stdout
+    assert "strategy: naive" in p.stdout and "mode: single" in p.stdout
+    cols, rows = read_csv(tmp_path / "bench.csv")
+    assert cols == COLUMNS
+    check_rows(rows, "naive", "single", 0)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["status"] == "ok"
+    assert (res["strategy"], res["world_size"], res["dtype"]) == ("naive", 2, "float32")
+    assert [r["size"] for r in res["size_results"]] == [1024, 4096, 16384]
+    assert res["busbw_gbps"] == res["size_results"][-1]["busbw_gbps"]
+
+    from experiments.report import collect
+
+    _, bench_rows = collect(tmp_path.parent)
+    assert {(r["strategy"], r["mode"]) for r in bench_rows
+            if r["job"] == tmp_path.name} == {("naive", "single")}
+
+
+def test_many_small_bucketed(tmp_path: Path) -> None:
+    p = bench(tmp_path, "strategy=bucketed", "bench.many_small=8", *SMALL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "mode: many_small:8" in p.stdout
+    cols, rows = read_csv(tmp_path / "bench.csv")
+    assert cols == COLUMNS
+    check_rows(rows, "bucketed", "many_small:8", 8)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["status"] == "ok" and res["options"]["bucket_bytes"] == 1 << 20
+    for st in res["comm_stats"]:  # 8 calls per burst fused into one bucket
+        assert st["calls_per_iter"] == 8 and st["collectives_per_iter"] == 1
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("bench.factor=1", "bench.factor must be an integer >= 2"),
+    ("strategy=nope", "Could not find 'strategy/nope'"),
+    ("strategy.name=nope", "unknown strategy 'nope'; available: ["),
+])
+def test_bad_config_fails_before_spawning(tmp_path: Path, override: str, message: str) -> None:
+    p = bench(tmp_path, override, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert message in out, out
+    assert "Initializing distributed" not in out  # refused before any rank started

@@ -1,0 +1,154 @@
+"""The infer entry point and the Hydra layer: compose, validate, run, sweep, report, track."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import experiments.configs  # noqa: F401
+from experiments.common import run_spec
+from framework import available_strategies, strategy_options
+from framework.config import ConfigError, validate_run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **extra}
+
+
+def infer(*overrides: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.infer", *overrides,
+                           "progress=false"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=_env(**env))
+
+
+def cfg_for(*overrides: str, name: str = "infer"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def test_one_config_file_per_strategy_and_no_drift() -> None:
+    files = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
+    assert files == available_strategies()
+    for name in files:
+        raw = OmegaConf.load(CONF / "strategy" / f"{name}.yaml")
+        keys = set(raw) - {"name"}
+        assert raw.name == name
+        assert keys == set(strategy_options(name)), f"conf/strategy/{name}.yaml drifted"
+        for k, default in strategy_options(name).items():
+            if k != "timeout_s":  # interpolated from parallel.timeout_s
+                assert raw[k] == default, f"{name}.{k}: yaml {raw[k]} != code {default}"
+
+
+@pytest.mark.parametrize("group", ["strategy", "model", "workload", "parallel", "logger"])
+def test_every_group_option_composes(group: str) -> None:
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        extra = ["model.checkpoint=/nonexistent"] if (group, option) == ("model", "hf") else []
+        cfg = cfg_for(f"{group}={option}", *extra)
+        OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*")))
+def test_every_experiment_composes(experiment: str) -> None:
+    name = "bench" if experiment.startswith("bench") else "infer"
+    cfg = cfg_for(f"experiment={experiment}", name=name)
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_structured_config_rejects_bad_types() -> None:
+    with pytest.raises(Exception, match="batch_size"):
+        cfg_for("workload.batch_size=abc")
+    with pytest.raises(Exception, match="nope"):
+        cfg_for("strategy=nope")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.world_size=5"], "num_heads"),
+    (["parallel.world_size=0"], "world_size must be > 0"),
+    (["workload.micro_batches=8"], "larger than"),
+    (["workload.prompt_len=200"], "exceeds the model context"),
+    (["strategy=bucketed", "strategy.bucket_bytes=-1"], "bucket_bytes must be > 0"),
+    (["parallel.backend=nccl"], "CUDA devices"),
+    (["model=hf", "model.checkpoint=/nonexistent/dir"], "not a directory"),
+])
+def test_bad_config_is_refused_before_spawning(overrides: list[str], message: str) -> None:
+    cfg = cfg_for(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate_run(run_spec(cfg, "."))
+
+
+def test_cli_bad_config_fails_fast(tmp_path: Path) -> None:
+    r = infer("parallel.world_size=0", "logger=none", f"hydra.run.dir={tmp_path}", timeout=120)
+    assert r.returncode != 0
+    assert "world_size must be > 0" in r.stderr + r.stdout
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "failed" and "world_size" in saved["error"]
+
+
+def test_corrupt_checkpoint_fails_on_every_rank(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "hidden_act": "silu"}))
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    r = infer("model=hf", f"model.checkpoint={ckpt}", "logger=none",
+              f"hydra.run.dir={tmp_path / 'run'}", timeout=180)
+    assert r.returncode != 0
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "failed" and "safetensors" in saved["error"].lower()
+
+
+def test_infer_runs_and_strategies_agree(tmp_path: Path) -> None:
+    """Two strategies, same seed: same tokens; results.json carries every documented key."""
+    results = {}
+    for strategy in ("naive", "bucketed"):
+        run_dir = tmp_path / strategy
+        r = infer(f"strategy={strategy}", "workload.micro_batches=2", "workload.new_tokens=4",
+                  "logger=none", f"hydra.run.dir={run_dir}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[strategy] = json.loads((run_dir / "results.json").read_text())
+        assert (run_dir / "steps" / "metrics.csv").exists()
+    for res in results.values():
+        for key in ("strategy", "inner", "world_size", "micro_batches", "ttft_s", "itl_p50_s",
+                    "itl_p99_s", "decode_tokens_per_s", "allreduce_calls_per_token",
+                    "collectives_per_token", "exposed_comm_s", "exposed_comm_share", "tokens",
+                    "status"):
+            assert key in res, key
+        assert res["status"] == "ok" and res["tokens_agree_across_ranks"]
+        assert res["allreduce_calls_per_token"] == 2 * 2 * 2  # layers x blocks x micro-batches
+    assert results["naive"]["tokens"] == results["bucketed"]["tokens"]
+    assert results["bucketed"]["collectives_per_token"] == 4  # the two micro-batches fused
+    assert results["naive"]["collectives_per_token"] == 8
+
+
+@pytest.mark.slow
+def test_multirun_with_a_failing_job_reports_and_tracks(tmp_path: Path) -> None:
+    """2 strategies x (a good and a bad micro-batch count): every job runs, failures marked."""
+    sweep = tmp_path / "sweep"
+    r = infer("-m", "strategy=naive,async_overlap", "workload.micro_batches=2,9",
+              "workload.new_tokens=3", "logger=wandb", f"hydra.sweep.dir={sweep}",
+              timeout=600, WANDB_MODE="offline")
+    assert r.returncode != 0  # a job failed, so the sweep exits non-zero...
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 4  # ...but every job ran
+    statuses = {}
+    for job in jobs:
+        res = json.loads((job / "results.json").read_text())
+        statuses[(res["strategy"], res.get("micro_batches"))] = res["status"]
+        assert list(job.glob("wandb/offline-run-*/run-*.wandb")), f"no offline W&B run in {job}"
+    assert sorted(statuses.values()) == ["failed", "failed", "ok", "ok"]
+    report = (sweep / "report.md").read_text()
+    assert report.count("| ok |") == 2 and report.count("| failed |") == 2
+    assert (sweep / "report.csv").exists()
+    assert (sweep / "infer_decode_tokens_per_s.png").stat().st_size > 1000

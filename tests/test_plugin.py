@@ -1,0 +1,68 @@
+"""An out-of-tree plugin, taken verbatim from the README, pip-installed into a temp dir."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from framework.rankpool import RankPool
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_plugin_files() -> dict[str, str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"<!-- plugin: (\S+) -->\n```\w+\n(.*?)```", text, re.S)
+    return dict(blocks)
+
+
+def discover_and_check(site: str) -> list[str]:
+    """On a rank: make the installed plugin visible, rediscover, run the whole kit on it."""
+    sys.path.insert(0, site)
+    from framework.registry import available_strategies, discover
+    from framework.testing import run_checks
+
+    discover(force=True)
+    if "oneshot" not in available_strategies():
+        raise AssertionError(f"plugin not discovered: {available_strategies()}")
+    return run_checks("oneshot", {"max_bytes": 65536})
+
+
+@pytest.fixture(scope="module")
+def installed_plugin(tmp_path_factory) -> str:
+    files = readme_plugin_files()
+    assert set(files) == {"commlab_oneshot.py", "pyproject.toml"}
+    pkg = tmp_path_factory.mktemp("pkg")
+    for name, body in files.items():
+        (pkg / name).write_text(body)
+    site = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--target", str(site), str(pkg)],
+                   check=True, timeout=300)
+    assert list(site.glob("commlab_oneshot-*.dist-info/entry_points.txt"))
+    return str(site)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_plugin_discovered_and_conformant(installed_plugin: str, world_size: int) -> None:
+    pool = RankPool(world_size)
+    try:
+        passed = pool.run(discover_and_check, installed_plugin, timeout_s=300)
+    finally:
+        pool.close()
+    assert len(passed[0]) >= 8
+
+
+def test_duplicate_name_is_an_error() -> None:
+    from framework import Algorithm, available_strategies, register_strategy
+
+    assert "naive" in available_strategies()
+    with pytest.raises(ValueError, match="already registered"):
+        @register_strategy("naive")
+        class Other(Algorithm):
+            def reduce_(self, x):
+                pass
