@@ -281,16 +281,6 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def main(cfg: DictConfig) -> float:
     def body(out_dir: str, tracker) -> dict[str, Any]:
         csv_path = Path(out_dir) / "bench.csv"
-        try:
-            return _run(out_dir, tracker, csv_path)
-        except BaseException:
-            # report.py files a failed results.json under the benchmark only when bench.csv
-            # (or size_results) is there: leave a header-only table behind.
-            if not csv_path.exists():
-                write_csv(csv_path, [])
-            raise
-
-    def _run(out_dir: str, tracker, csv_path: Path) -> dict[str, Any]:
         name, opts = strategy_options_from(cfg)
         bench = BenchSpec(**OmegaConf.to_container(cfg.bench, resolve=True))
         parallel = ParallelSpec(**OmegaConf.to_container(cfg.parallel, resolve=True))

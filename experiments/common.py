@@ -115,6 +115,10 @@ def make_tracker(cfg: DictConfig, out_dir: str, job_type: str) -> NullTracker:
     return WandbTracker(cfg, out_dir, job_type)
 
 
+def _launcher_rank() -> int:
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
 def run_job(cfg: DictConfig, job_type: str, body: Callable[[str, NullTracker], dict[str, Any]],
             result_file: str) -> dict[str, Any]:
     """Run ``body`` and always leave a results file and a finished tracker run behind.
@@ -125,13 +129,17 @@ def run_job(cfg: DictConfig, job_type: str, body: Callable[[str, NullTracker], d
     """
     from hydra.core.hydra_config import HydraConfig
 
+    from framework.launch import launched_externally
+
     out_dir = HydraConfig.get().runtime.output_dir
+    if launched_externally() and _launcher_rank() != 0:
+        return body(out_dir, NullTracker())  # under torchrun/SLURM only rank 0 records
     tracker = make_tracker(cfg, out_dir, job_type)
     path = Path(out_dir) / result_file
     try:
-        results = body(out_dir, tracker)
+        results = {"job_type": job_type, **body(out_dir, tracker)}
     except BaseException as e:
-        failed = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+        failed = {"job_type": job_type, "status": "failed", "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc(), "strategy": cfg.strategy.name,
                   "world_size": cfg.parallel.world_size}
         write_json_atomic(path, failed)

@@ -42,7 +42,7 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             r = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             r = {"status": "failed", "error": f"unreadable results.json: {e}"}
-        if "size_results" in r or (f.parent / "bench.csv").exists():
+        if r.get("job_type") == "bench":
             if r.get("status") == "failed":
                 bench.append({"job": _job_name(f, root), "strategy": r.get("strategy"),
                               "world_size": r.get("world_size"), "mode": "failed"})
