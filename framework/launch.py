@@ -10,6 +10,7 @@ configured timeout; torch's 30-minute default is never inherited.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -49,6 +50,11 @@ def launch_ranks(fn: Callable[..., Any], parallel: ParallelSpec, *args: Any,
     else:
         os.environ.pop("MASTER_PORT", None)  # a fresh free port for every in-process launch
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        # Inside a joblib (loky) worker the process-wide start method is "loky", which the
+        # spawned ranks cannot resolve when they unpickle their preparation data.
+        if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork",
+                                                                      "forkserver"):
+            multiprocessing.set_start_method("spawn", force=True)
     strategy = DDPStrategy(start_method="popen" if external else "spawn",
                            process_group_backend=backend,
                            timeout=timedelta(seconds=parallel.timeout_s))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -66,3 +68,23 @@ def test_duplicate_name_is_an_error() -> None:
         class Other(Algorithm):
             def reduce_(self, x):
                 pass
+
+
+def test_plugin_ships_its_own_config_and_runs_by_name(installed_plugin: str, tmp_path) -> None:
+    """A plugin's conf/strategy/<name>.yaml joins the tree through hydra.searchpath."""
+    conf = tmp_path / "plugin_conf" / "strategy"
+    conf.mkdir(parents=True)
+    (conf / "oneshot.yaml").write_text(
+        "name: oneshot\nvalidate: false\ntimeout_s: ${parallel.timeout_s}\nmax_bytes: 65536\n")
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": installed_plugin, "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "disabled"}
+    r = subprocess.run([sys.executable, "-m", "experiments.infer", "strategy=oneshot",
+                        f"hydra.searchpath=[file://{tmp_path / 'plugin_conf'}]",
+                        "workload.new_tokens=3", "logger=none", "progress=false",
+                        f"hydra.run.dir={run}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((run / "results.json").read_text())
+    assert res["strategy"] == "oneshot" and res["status"] == "ok"
+    assert res["strategy_options"]["max_bytes"] == 65536
