@@ -115,8 +115,12 @@ def make_tracker(cfg: DictConfig, out_dir: str, job_type: str) -> NullTracker:
     return WandbTracker(cfg, out_dir, job_type)
 
 
-def _launcher_rank() -> int:
-    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+def is_rank_zero() -> bool:
+    """False in the non-zero processes of a torchrun/SLURM launch (they neither print nor log)."""
+    from framework.launch import launched_externally
+
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    return not launched_externally() or rank == 0
 
 
 def run_job(cfg: DictConfig, job_type: str, body: Callable[[str, NullTracker], dict[str, Any]],
@@ -129,10 +133,8 @@ def run_job(cfg: DictConfig, job_type: str, body: Callable[[str, NullTracker], d
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from framework.launch import launched_externally
-
     out_dir = HydraConfig.get().runtime.output_dir
-    if launched_externally() and _launcher_rank() != 0:
+    if not is_rank_zero():
         return body(out_dir, NullTracker())  # under torchrun/SLURM only rank 0 records
     tracker = make_tracker(cfg, out_dir, job_type)
     path = Path(out_dir) / result_file

@@ -17,7 +17,8 @@ from lightning.fabric.loggers import CSVLogger
 from omegaconf import DictConfig
 
 import experiments.configs  # noqa: F401  (registers the structured configs)
-from experiments.common import run_job, run_spec
+from experiments.common import is_rank_zero, run_job, run_spec
+from experiments.report import plot_job_steps
 from framework.runner import launch
 
 KEYS = ["strategy", "inner", "world_size", "micro_batches", "ttft_s", "itl_p50_s", "itl_p99_s",
@@ -31,7 +32,11 @@ def main(cfg: DictConfig) -> float:
         spec = run_spec(cfg, out_dir)
         results = launch(spec, loggers=[CSVLogger(out_dir, name="steps", version="")],
                          progress=cfg.progress)
-        print("  ".join(f"{k}={_fmt(results.get(k))}" for k in KEYS), flush=True)
+        if is_rank_zero():
+            print("  ".join(f"{k}={_fmt(results.get(k))}" for k in KEYS), flush=True)
+            png = plot_job_steps(out_dir, f"{spec.strategy}, TP={spec.parallel.world_size}")
+            if png is not None:
+                tracker.attach(png)
         return results
 
     return run_job(cfg, "infer", body, "results.json")["decode_tokens_per_s"]

@@ -133,6 +133,33 @@ def _plot_bench(rows: list[dict[str, Any]], root: Path) -> list[Path]:
     return paths
 
 
+def plot_job_steps(job_dir: str | Path, title: str) -> Path | None:
+    """One job's inter-token latency per decode step (from the Fabric CSV logger)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(job_dir) / "steps" / "metrics.csv"
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        pts = [(int(r["step"]), float(r["itl_s"]) * 1e3) for r in csv.DictReader(f)
+               if r.get("itl_s")]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("inter-token latency (ms, rank 0)")
+    ax.set_title(title)
+    fig.tight_layout()
+    out = Path(job_dir) / "itl_per_step.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def write_report(root: str | Path) -> Path:
     root = Path(root)
     infer, bench = collect(root)

@@ -128,6 +128,17 @@ def test_infer_runs_and_strategies_agree(tmp_path: Path) -> None:
         assert res["status"] == "ok" and res["tokens_agree_across_ranks"]
         assert res["allreduce_calls_per_token"] == 2 * 2 * 2  # layers x blocks x micro-batches
     assert results["naive"]["tokens"] == results["bucketed"]["tokens"]
+    # under torchrun the launcher's processes are used (no spawning): same tokens
+    run_dir = tmp_path / "torchrun"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "-m", "experiments.infer", "strategy=naive", "workload.micro_batches=2",
+                        "workload.new_tokens=4", "logger=none", "progress=false",
+                        f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("decode_tokens_per_s=") == 1  # rank 0 reports, rank 1 does not
+    assert json.loads((run_dir / "results.json").read_text())["tokens"] == \
+        results["naive"]["tokens"]
     assert results["bucketed"]["collectives_per_token"] == 4  # the two micro-batches fused
     assert results["naive"]["collectives_per_token"] == 8
 

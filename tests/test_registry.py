@@ -1,0 +1,46 @@
+"""Registry behaviour that needs no ranks: names, options, errors that list what exists."""
+
+from __future__ import annotations
+
+import pytest
+
+from framework import available_strategies, build_communicator, strategy_options
+from framework.registry import inner_algorithms
+
+SEVEN = {"naive", "bucketed", "async_overlap", "double_buffer", "tree", "hierarchical",
+         "adaptive_threshold"}
+
+
+def test_the_seven_are_registered_under_their_file_names() -> None:
+    assert set(available_strategies()) >= SEVEN
+    for name in SEVEN:
+        cls = __import__(f"strategies.{name}", fromlist=["x"])
+        assert any(getattr(v, "name", None) == name for v in vars(cls).values())
+    assert set(inner_algorithms()) >= {"naive", "tree", "hierarchical"}
+
+
+def test_unknown_strategy_lists_what_exists() -> None:
+    with pytest.raises(ValueError, match=r"unknown strategy 'nope'.*naive"):
+        build_communicator("nope")
+
+
+def test_unknown_option_lists_the_options() -> None:
+    with pytest.raises(ValueError, match=r"no option\(s\) \['bucket_size'\].*bucket_bytes"):
+        build_communicator("bucketed", bucket_size=1)
+
+
+def test_options_are_keyword_only_with_defaults() -> None:
+    opts = strategy_options("bucketed")
+    assert opts["bucket_bytes"] == 1 << 20 and opts["inner"] == "naive"
+    assert opts["validate"] is False and opts["timeout_s"] > 0
+    assert "bucket_bytes" not in strategy_options("adaptive_threshold")  # the fit sets it
+
+
+def test_bad_option_values_fail_before_touching_the_wire() -> None:
+    for name, opts in [("bucketed", {"bucket_bytes": 0}), ("tree", {"chunk_bytes": -1}),
+                       ("double_buffer", {"num_buffers": 0}),
+                       ("hierarchical", {"ranks_per_node": 0}),
+                       ("adaptive_threshold", {"min_bytes": 10, "initial_bytes": 5}),
+                       ("async_overlap", {"inner": "bucketed"})]:
+        with pytest.raises(ValueError, match=name):
+            build_communicator(name, **opts)
