@@ -44,3 +44,15 @@ def test_bad_option_values_fail_before_touching_the_wire() -> None:
                        ("async_overlap", {"inner": "bucketed"})]:
         with pytest.raises(ValueError, match=name):
             build_communicator(name, **opts)
+
+
+def test_hierarchical_node_size_from_the_launcher(monkeypatch) -> None:
+    from strategies.hierarchical import ranks_per_node_from_env
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    assert ranks_per_node_from_env() is None
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2(x3)")
+    assert ranks_per_node_from_env() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun wins
+    assert ranks_per_node_from_env() == 4

@@ -29,15 +29,15 @@ def tp_generate(strategy: str, options: dict, micro_batches: int, new_tokens: in
         model = TPLlama(get_config("tiny"), comm, rank, world).init_random(seed=3)
         out = generate(model, PROMPTS, new_tokens, micro_batches=micro_batches,
                        return_logits=True)
-        calls = comm.stats.calls
+        calls, collectives = comm.stats.calls, comm.stats.collectives
     finally:
         comm.close()
-    return out.tokens, torch.stack(out.logits), calls
+    return out.tokens, torch.stack(out.logits), calls, collectives
 
 
 @pytest.fixture(scope="module")
 def reference(pools):
-    tokens, logits, _ = pools(1).run(tp_generate, "naive", {}, 1)[0]
+    tokens, logits, _, _ = pools(1).run(tp_generate, "naive", {}, 1)[0]
     return tokens, logits
 
 
@@ -47,7 +47,7 @@ def test_tp_matches_unsharded(pools, reference, strategy: str, world_size: int) 
     ref_tokens, ref_logits = reference
     outs = pools(world_size).run(tp_generate, strategy, {}, 2)
     cfg = get_config("tiny")
-    for rank, (tokens, logits, calls) in enumerate(outs):
+    for rank, (tokens, logits, calls, _) in enumerate(outs):
         assert tokens == ref_tokens, f"rank {rank} greedy tokens differ"
         torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
         # prefill + 3 decode forwards, 2 all-reduces per layer per micro-batch
@@ -58,6 +58,14 @@ def test_schedule_over_tree_in_tp(pools, reference) -> None:
     outs = pools(4).run(tp_generate, "double_buffer", {"inner": "tree"}, 3)
     assert outs[0][0] == reference[0]
     torch.testing.assert_close(outs[0][1], reference[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2, 4])
+def test_fusion_only_with_independent_work(pools, micro_batches: int) -> None:
+    """bucketed fuses the k micro-batches' all-reduces of a block; with k=1 there is nothing."""
+    _, _, calls, collectives = pools(2).run(tp_generate, "bucketed", {}, micro_batches)[0]
+    assert calls == 4 * 2 * 2 * micro_batches
+    assert collectives == calls // micro_batches
 
 
 def hf_tp_generate(path: str, prompt: list[int], new_tokens: int) -> list[int]:
