@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 import experiments.configs  # noqa: F401  (registers the structured configs)
 from experiments.common import run_job, strategy_options_from
 from experiments.configs import BenchSpec
+from experiments.report import plot_bench
 from framework.config import ConfigError, ParallelSpec, resolve_backend
 from framework.launch import launch_ranks
 from framework.registry import (
@@ -297,6 +298,8 @@ def main(cfg: DictConfig) -> float:
         write_csv(csv_path, rows)
         tracker.log_table("allreduce", rows)
         tracker.attach(csv_path)
+        for png in plot_bench(rows, Path(out_dir)):
+            tracker.attach(png)
         largest = rows[-1]
         wrong = sum(r["wrong"] for r in rows)
         print(f"# Out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}", flush=True)

@@ -101,7 +101,7 @@ def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
     return paths
 
 
-def _plot_bench(rows: list[dict[str, Any]], root: Path) -> list[Path]:
+def plot_bench(rows: list[dict[str, Any]], root: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,7 +173,7 @@ def write_report(root: str | Path) -> Path:
             w.writerows(infer)
     if bench:
         parts += ["## All-reduce benchmark", "", markdown(bench, BENCH_COLS), ""]
-        parts += [f"![{p.stem}]({p.name})" for p in _plot_bench(bench, root)] + [""]
+        parts += [f"![{p.stem}]({p.name})" for p in plot_bench(bench, root)] + [""]
         with open(root / "bench_report.csv", "w", newline="") as f:
             w = csv.DictWriter(f, BENCH_COLS, extrasaction="ignore")
             w.writeheader()

@@ -144,6 +144,7 @@ class Runner:
             "extra": {k: v for k, v in end.items() if k not in decode
                       and k not in ("buffer_allocs", "buffer_reuses")},
             "tokens": out.tokens,
+            "prompt_tokens": sum(len(p) for p in self.prompts),
         }
 
     def teardown(self) -> None:
@@ -194,7 +195,6 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     ttft = max(r["ttft_s"] for r in per_rank)
     decode_s = max(r["decode_s"] for r in per_rank)
     batch = len(r0["tokens"])
-    prompt_tokens = batch * spec.workload.prompt_len if not w.prompts else None
     exposed = max(r["decode"]["wait_s"] for r in per_rank)
     per_step = max(steps, 1)
     d = r0["decode"]
@@ -211,7 +211,7 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "micro_batches": w.micro_batches,
         "new_tokens": w.new_tokens,
         "ttft_s": ttft,
-        "prefill_tokens_per_s": (prompt_tokens or 0) / ttft if ttft else float("nan"),
+        "prefill_tokens_per_s": r0["prompt_tokens"] / ttft if ttft else float("nan"),
         "itl_p50_s": _percentile(itl, 50),
         "itl_p90_s": _percentile(itl, 90),
         "itl_p99_s": _percentile(itl, 99),

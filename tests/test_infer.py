@@ -144,6 +144,7 @@ def test_infer_runs_and_strategies_agree(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_multirun_with_a_failing_job_reports_and_tracks(tmp_path: Path) -> None:
     """2 strategies x (a good and a bad micro-batch count): every job runs, failures marked."""
     sweep = tmp_path / "sweep"
@@ -163,3 +164,20 @@ def test_multirun_with_a_failing_job_reports_and_tracks(tmp_path: Path) -> None:
     assert report.count("| ok |") == 2 and report.count("| failed |") == 2
     assert (sweep / "report.csv").exists()
     assert (sweep / "infer_decode_tokens_per_s.png").stat().st_size > 1000
+
+
+def test_prompts_from_a_file(tmp_path: Path) -> None:
+    from framework.config import load_prompts
+
+    good = tmp_path / "prompts.json"
+    good.write_text(json.dumps([[1, 2, 3], [4, 5]]))
+    spec = run_spec(cfg_for(f"workload.prompts={good}", "workload.micro_batches=2"), ".")
+    validate_run(spec)
+    assert load_prompts(spec, 256) == [[1, 2, 3], [4, 5]]
+    spec = run_spec(cfg_for(f"workload.prompts={good}", "workload.micro_batches=3"), ".")
+    with pytest.raises(ConfigError, match="larger than the 2 prompts"):
+        validate_run(spec)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(ConfigError, match="token-id lists"):
+        validate_run(run_spec(cfg_for(f"workload.prompts={bad}"), "."))
