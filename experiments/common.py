@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ModelSpec, ParallelSpec, RunSpec, WorkloadSpec
+from framework.faults import FaultSpec
 
 
 def strategy_options_from(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
@@ -33,6 +34,7 @@ def run_spec(cfg: DictConfig, out_dir: str) -> RunSpec:
         seed=cfg.seed,
         out_dir=out_dir,
         profile=cfg.get("profile", False),
+        fault=FaultSpec(**OmegaConf.to_container(cfg.fault, resolve=True)),
     )
 
 

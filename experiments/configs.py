@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from hydra.core.config_store import ConfigStore
 
 from framework.config import ModelSpec, ParallelSpec, WorkloadSpec
+from framework.faults import FaultSpec
 
 
 @dataclass
@@ -30,6 +31,7 @@ def register_configs() -> None:
     cs.store(group="workload", name="workload_schema", node=WorkloadSpec)
     cs.store(group="parallel", name="parallel_schema", node=ParallelSpec)
     cs.store(group="bench", name="bench_schema", node=BenchSpec)
+    cs.store(group="fault", name="fault_schema", node=FaultSpec)
 
 
 register_configs()

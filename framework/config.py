@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from framework.faults import KINDS, FaultSpec
 from framework.model import ModelConfig, get_config
 from framework.registry import available_strategies, get_strategy, strategy_options
 
@@ -59,6 +60,7 @@ class RunSpec:
     seed: int = 0
     out_dir: str = "."
     profile: bool = False
+    fault: FaultSpec = field(default_factory=FaultSpec)  # reliability tests only
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,6 +134,8 @@ def validate_run(spec: RunSpec) -> ModelConfig:
         problems.append("workload.warmup_tokens, temperature and top_k must be >= 0")
     if p.world_size <= 0:
         problems.append(f"parallel.world_size must be > 0, got {p.world_size}")
+    if spec.fault.kind not in KINDS:
+        problems.append(f"fault.kind must be one of {KINDS}, got {spec.fault.kind!r}")
     if p.timeout_s <= 0:
         problems.append(f"parallel.timeout_s must be > 0, got {p.timeout_s}")
     backend = resolve_backend(p)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from torch.multiprocessing.spawn import ProcessException
+
 from framework.config import ConfigError, ParallelSpec, resolve_backend
 
 
@@ -64,4 +66,14 @@ def launch_ranks(fn: Callable[..., Any], parallel: ParallelSpec, *args: Any,
     if external:
         fabric.launch()
         return fn(fabric, *args)
-    return fabric.launch(fn, *args)
+    try:
+        return fabric.launch(fn, *args)
+    except ProcessException as e:  # one rank died or raised; the others were terminated
+        detail = str(e).strip()
+        reason = detail.splitlines()[-1] if detail else type(e).__name__
+        raise RankFailure(f"rank {e.error_index} (pid {e.error_pid}) failed: {reason}\n"
+                          f"{detail[-4000:]}") from None
+
+
+class RankFailure(RuntimeError):
+    """A rank died or raised; the message names the rank and carries its error."""

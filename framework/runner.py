@@ -27,6 +27,7 @@ from framework.config import (
     resolve_backend,
     validate_run,
 )
+from framework.faults import FaultInjector
 from framework.generate import generate
 from framework.launch import launch_ranks
 from framework.registry import build_communicator
@@ -242,4 +243,6 @@ def launch(spec: RunSpec, callbacks: list[Callback] | None = None,
     """Validate ``spec`` and run it on ``spec.parallel.world_size`` ranks; rank 0's results."""
     validate_run(spec)
     cbs = list(callbacks or []) + ([ProgressBar()] if progress else [])
+    if spec.fault.kind != "none":
+        cbs.append(FaultInjector(spec.fault))
     return launch_ranks(_rank_main, spec.parallel, spec, callbacks=cbs, loggers=loggers)

@@ -51,6 +51,7 @@ class Hierarchical(Algorithm):
         self._groups = [(g, acquire_group(g, self.backend, self.timeout_s))
                         for g in [*nodes, leaders] if len(g) > 1]
         mine = {tuple(g): pg for g, pg in self._groups}
+        self.stats.extra.update(num_nodes=self.num_nodes, ranks_per_node=k)
         self.node_group = mine.get(tuple(self.node_ranks))
         self.leader_group = mine.get(tuple(leaders)) if self.is_leader else None
 
