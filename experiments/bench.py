@@ -49,13 +49,18 @@ import experiments.configs  # noqa: F401  (registers the structured configs)
 from experiments.common import run_job, strategy_options_from
 from experiments.configs import BenchSpec
 from experiments.report import plot_bench
-from framework.config import ConfigError, ParallelSpec, resolve_backend
+from framework.config import (
+    ConfigError,
+    ParallelSpec,
+    parallel_problems,
+    resolve_backend,
+    strategy_problems,
+)
 from framework.launch import launch_ranks
 from framework.registry import (
     available_strategies,
     build_communicator,
     get_strategy,
-    strategy_options,
 )
 
 BENCH_DTYPES = {
@@ -107,40 +112,11 @@ def validate_bench(name: str, opts: dict[str, Any], bench: BenchSpec,
                         f"got {b.many_small}")
     if b.dtype not in BENCH_DTYPES:
         problems.append(f"bench.dtype must be one of {list(BENCH_DTYPES)}, got {b.dtype!r}")
-    if parallel.world_size <= 0:
-        problems.append(f"parallel.world_size must be > 0, got {parallel.world_size}")
-    if parallel.timeout_s <= 0:
-        problems.append(f"parallel.timeout_s must be > 0, got {parallel.timeout_s}")
-    if parallel.threads_per_rank < 1:
-        problems.append(f"parallel.threads_per_rank must be >= 1, got {parallel.threads_per_rank}")
-    backend = resolve_backend(parallel)
-    if backend not in ("gloo", "nccl"):
-        problems.append(f"parallel.backend must be auto, gloo or nccl, got {parallel.backend!r}")
-    elif backend == "nccl" and torch.cuda.device_count() < max(parallel.world_size, 1):
-        problems.append(f"parallel.backend=nccl needs {parallel.world_size} CUDA devices, this "
-                        f"host has {torch.cuda.device_count()}")
-    strategies = available_strategies()
-    if name not in strategies:
-        problems.append(f"unknown strategy {name!r}; available: {strategies}")
-    else:
-        known = strategy_options(name)
-        unknown = sorted(set(opts) - set(known))
-        if unknown:
-            problems.append(f"strategy {name!r} has no option(s) {unknown}; its options are "
-                            f"{sorted(known)}")
-        for k, v in opts.items():
-            d = known.get(k)
-            if (isinstance(v, int | float) and not isinstance(v, bool)
-                    and isinstance(d, int | float) and not isinstance(d, bool)
-                    and d > 0 and v <= 0):
-                problems.append(f"strategy.{k} must be > 0, got {v}")
-        inner = opts.get("inner")
-        if inner is not None and inner not in strategies:
-            problems.append(f"strategy.inner: unknown strategy {inner!r}; available: "
-                            f"{strategies}")
-        dtype = BENCH_DTYPES.get(b.dtype)
+    problems += parallel_problems(parallel) + strategy_problems(name, opts)
+    dtype = BENCH_DTYPES.get(b.dtype)
+    if name in available_strategies() and dtype is not None:
         supported = get_strategy(name).supported_dtypes
-        if dtype is not None and dtype not in supported:
+        if dtype not in supported:
             ok = sorted(str(t).removeprefix("torch.") for t in supported)
             problems.append(f"strategy {name!r} does not support bench.dtype={b.dtype}; it "
                             f"supports {ok}")

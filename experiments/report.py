@@ -160,24 +160,26 @@ def plot_job_steps(job_dir: str | Path, title: str) -> Path | None:
     return out
 
 
+def _section(root: Path, title: str, rows: list[dict[str, Any]], cols: list[str],
+             plot, csv_name: str) -> list[str]:
+    """A markdown table plus plots for ``rows``; the same rows go to ``csv_name``."""
+    with open(root / csv_name, "w", newline="") as f:
+        w = csv.DictWriter(f, cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return [f"## {title}", "", markdown(rows, cols), "",
+            *[f"![{p.stem}]({p.name})" for p in plot(rows, root)], ""]
+
+
 def write_report(root: str | Path) -> Path:
     root = Path(root)
     infer, bench = collect(root)
     parts = [f"# commlab report: {root}", ""]
     if infer:
-        parts += ["## TP inference", "", markdown(infer, INFER_COLS), ""]
-        parts += [f"![{p.stem}]({p.name})" for p in _plot_infer(infer, root)] + [""]
-        with open(root / "report.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, INFER_COLS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(infer)
+        parts += _section(root, "TP inference", infer, INFER_COLS, _plot_infer, "report.csv")
     if bench:
-        parts += ["## All-reduce benchmark", "", markdown(bench, BENCH_COLS), ""]
-        parts += [f"![{p.stem}]({p.name})" for p in plot_bench(bench, root)] + [""]
-        with open(root / "bench_report.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, BENCH_COLS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(bench)
+        parts += _section(root, "All-reduce benchmark", bench, BENCH_COLS, plot_bench,
+                          "bench_report.csv")
     if not (infer or bench):
         parts.append("No results.json or bench.csv found.")
     out = root / "report.md"

@@ -15,7 +15,7 @@ import torch
 
 from framework.faults import KINDS, FaultSpec
 from framework.model import ModelConfig, get_config
-from framework.registry import available_strategies, get_strategy, strategy_options
+from framework.registry import available_strategies, strategy_options
 
 
 class ConfigError(ValueError):
@@ -102,28 +102,50 @@ def load_prompts(spec: RunSpec, vocab_size: int) -> list[list[int]]:
     return torch.randint(1, vocab_size, (w.batch_size, w.prompt_len), generator=g).tolist()
 
 
+def strategy_problems(name: str, options: dict[str, Any]) -> list[str]:
+    """What is wrong with a strategy name and its options (empty when nothing is)."""
+    strategies = available_strategies()
+    if name not in strategies:
+        return [f"unknown strategy {name!r}; available: {strategies}"]
+    problems = []
+    known = strategy_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        problems.append(f"strategy {name!r} has no option(s) {unknown}; its options are "
+                        f"{sorted(known)}")
+    for k, v in options.items():
+        d = known.get(k)
+        if (isinstance(v, int | float) and not isinstance(v, bool) and isinstance(d, int | float)
+                and not isinstance(d, bool) and d > 0 and v <= 0):
+            problems.append(f"strategy.{k} must be > 0, got {v}")
+    inner = options.get("inner")
+    if inner is not None and inner not in strategies:
+        problems.append(f"strategy.inner: unknown strategy {inner!r}; available: {strategies}")
+    return problems
+
+
+def parallel_problems(p: ParallelSpec) -> list[str]:
+    """What is wrong with the parallel settings on this host (empty when nothing is)."""
+    problems = []
+    if p.world_size <= 0:
+        problems.append(f"parallel.world_size must be > 0, got {p.world_size}")
+    if p.timeout_s <= 0:
+        problems.append(f"parallel.timeout_s must be > 0, got {p.timeout_s}")
+    if p.threads_per_rank < 1:
+        problems.append(f"parallel.threads_per_rank must be >= 1, got {p.threads_per_rank}")
+    backend = resolve_backend(p)
+    if backend not in ("gloo", "nccl"):
+        problems.append(f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")
+    elif backend == "nccl" and torch.cuda.device_count() < max(p.world_size, 1):
+        problems.append(f"parallel.backend=nccl needs {p.world_size} CUDA devices, this host "
+                        f"has {torch.cuda.device_count()}")
+    return problems
+
+
 def validate_run(spec: RunSpec) -> ModelConfig:
     """Raise ConfigError listing every problem; return the model config when all is well."""
-    problems: list[str] = []
     w, p = spec.workload, spec.parallel
-    if spec.strategy not in available_strategies():
-        problems.append(f"unknown strategy {spec.strategy!r}; available: "
-                        f"{available_strategies()}")
-    else:
-        known = strategy_options(spec.strategy)
-        unknown = sorted(set(spec.strategy_options) - set(known))
-        if unknown:
-            problems.append(f"strategy {spec.strategy!r} has no option(s) {unknown}; its "
-                            f"options are {sorted(known)}")
-        for k, v in spec.strategy_options.items():
-            d = known.get(k)
-            if isinstance(v, int | float) and not isinstance(v, bool) and isinstance(
-                    d, int | float) and not isinstance(d, bool) and d > 0 and v <= 0:
-                problems.append(f"strategy.{k} must be > 0, got {v}")
-        inner = spec.strategy_options.get("inner")
-        if inner is not None and inner not in available_strategies():
-            problems.append(f"strategy.inner: unknown strategy {inner!r}")
-        get_strategy(spec.strategy)
+    problems = strategy_problems(spec.strategy, spec.strategy_options) + parallel_problems(p)
     for name in ("batch_size", "prompt_len", "new_tokens", "micro_batches"):
         if getattr(w, name) <= 0:
             problems.append(f"workload.{name} must be > 0, got {getattr(w, name)}")
@@ -136,14 +158,6 @@ def validate_run(spec: RunSpec) -> ModelConfig:
         problems.append(f"parallel.world_size must be > 0, got {p.world_size}")
     if spec.fault.kind not in KINDS:
         problems.append(f"fault.kind must be one of {KINDS}, got {spec.fault.kind!r}")
-    if p.timeout_s <= 0:
-        problems.append(f"parallel.timeout_s must be > 0, got {p.timeout_s}")
-    backend = resolve_backend(p)
-    if backend not in ("gloo", "nccl"):
-        problems.append(f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")
-    if backend == "nccl" and torch.cuda.device_count() < max(p.world_size, 1):
-        problems.append(f"parallel.backend=nccl needs {p.world_size} CUDA devices, this host "
-                        f"has {torch.cuda.device_count()}")
     if spec.model.dtype not in DTYPES:
         problems.append(f"model.dtype must be one of {sorted(DTYPES)}, got {spec.model.dtype!r}")
     if spec.model.num_layers is not None and spec.model.num_layers <= 0:
