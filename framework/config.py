@@ -6,6 +6,7 @@ fails in a second with one clear message instead of on every rank (or in a hang)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class ModelSpec:
     checkpoint: str | None = None  # a Hugging Face Llama directory; overrides the preset
     num_layers: int | None = None  # keep only the first N layers (realistic shapes, less work)
     dtype: str = "float32"
+    max_seq_len: int | None = None  # context length (KV cache size); None: the preset's
 
 
 @dataclass
@@ -77,15 +79,13 @@ def model_config(spec: ModelSpec) -> ModelConfig:
         from framework.checkpoint import config_from_hf
 
         cfg = config_from_hf(spec.checkpoint)
-        return cfg if spec.num_layers is None else get_config_like(cfg, spec.num_layers)
-    overrides = {} if spec.num_layers is None else {"num_layers": spec.num_layers}
-    return get_config(spec.preset, **overrides)
-
-
-def get_config_like(cfg: ModelConfig, num_layers: int) -> ModelConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, num_layers=min(num_layers, cfg.num_layers))
+    else:
+        cfg = get_config(spec.preset)
+    if spec.num_layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=min(spec.num_layers, cfg.num_layers))
+    if spec.max_seq_len is not None:
+        cfg = dataclasses.replace(cfg, max_seq_len=spec.max_seq_len)
+    return cfg
 
 
 def load_prompts(spec: RunSpec, vocab_size: int) -> list[list[int]]:
@@ -160,6 +160,8 @@ def validate_run(spec: RunSpec) -> ModelConfig:
         problems.append(f"fault.kind must be one of {KINDS}, got {spec.fault.kind!r}")
     if spec.model.dtype not in DTYPES:
         problems.append(f"model.dtype must be one of {sorted(DTYPES)}, got {spec.model.dtype!r}")
+    if spec.model.max_seq_len is not None and spec.model.max_seq_len <= 0:
+        problems.append(f"model.max_seq_len must be > 0, got {spec.model.max_seq_len}")
     if spec.model.num_layers is not None and spec.model.num_layers <= 0:
         problems.append(f"model.num_layers must be > 0, got {spec.model.num_layers}")
     if spec.model.checkpoint and not os.path.isdir(spec.model.checkpoint):

@@ -113,15 +113,20 @@ class Runner:
         stamps: list[float] = []
         snap: dict[str, float] = {}
 
+        pending: list[int] = []
+        rss: list[int] = []
+
         def prefill_end() -> None:
             self._sync_device()
             stamps.append(time.perf_counter())
             snap.update(self.comm.stats.as_dict())
+            rss.append(_rss_bytes())
             self.fabric.call("on_prefill_end", runner=self)
 
         def step_end(step: int) -> None:
             self._sync_device()
             stamps.append(time.perf_counter())
+            pending.append(self.comm.pending)
             self.fabric.log_dict({"itl_s": stamps[-1] - stamps[-2]}, step=step)
             self.fabric.call("on_decode_step_end", runner=self, step=step)
 
@@ -142,6 +147,9 @@ class Runner:
             "buffer_allocs": end["buffer_allocs"],
             "buffer_reuses": end["buffer_reuses"],
             "peak_mem_bytes": self._peak_memory(),
+            # resident memory from the end of prefill to the end of decode: a leak shows here
+            "rss_growth": (_rss_bytes() - rss[0]) / rss[0] if rss[0] else 0.0,
+            "pending_max": max(pending, default=0),
             "extra": {k: v for k, v in end.items() if k not in decode
                       and k not in ("buffer_allocs", "buffer_reuses")},
             "tokens": out.tokens,
@@ -179,6 +187,15 @@ class Runner:
         if self.fabric.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.fabric.device))
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -228,6 +245,8 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "buffer_allocs": r0["buffer_allocs"],
         "buffer_reuses": r0["buffer_reuses"],
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in per_rank),
+        "rss_growth": max(r["rss_growth"] for r in per_rank),
+        "pending_max": max(r["pending_max"] for r in per_rank),
         "comm_extra": r0["extra"],
         "tokens": r0["tokens"],
         "tokens_agree_across_ranks": all(r["tokens"] == r0["tokens"] for r in per_rank),
