@@ -32,7 +32,10 @@ def _job_name(path: Path, root: Path) -> str:
 
 def _results(root: Path, name: str) -> list[Path]:
     """Job result files, not the copies W&B keeps inside its run directories."""
-    return sorted(f for f in root.rglob(name) if "wandb" not in f.relative_to(root).parts)
+    files = [f for f in root.rglob(name) if "wandb" not in f.relative_to(root).parts]
+    # job directories are numbered: 2 before 10
+    return sorted(files, key=lambda f: [int(p) if p.isdigit() else p
+                                        for p in f.relative_to(root).parts])
 
 
 def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
