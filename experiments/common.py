@@ -33,7 +33,6 @@ def run_spec(cfg: DictConfig, out_dir: str) -> RunSpec:
         parallel=ParallelSpec(**OmegaConf.to_container(cfg.parallel, resolve=True)),
         seed=cfg.seed,
         out_dir=out_dir,
-        profile=cfg.get("profile", False),
         fault=FaultSpec(**OmegaConf.to_container(cfg.fault, resolve=True)),
     )
 

@@ -61,7 +61,6 @@ class RunSpec:
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     seed: int = 0
     out_dir: str = "."
-    profile: bool = False
     fault: FaultSpec = field(default_factory=FaultSpec)  # reliability tests only
 
 
