@@ -46,7 +46,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 import experiments.configs  # noqa: F401  (registers the structured configs)
-from experiments.common import run_job, strategy_options_from
+from experiments.common import atomic_open, run_job, strategy_options_from
 from experiments.configs import BenchSpec
 from experiments.report import plot_bench
 from framework.config import (
@@ -246,12 +246,10 @@ def format_table(rows: list[dict[str, Any]], title: str) -> str:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path) as f:
         w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")

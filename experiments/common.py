@@ -7,9 +7,10 @@ import math
 import os
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,13 +38,24 @@ def run_spec(cfg: DictConfig, out_dir: str) -> RunSpec:
     )
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write then rename, so a reader never sees a truncated file."""
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[IO[str]]:
+    """Write to a temporary file beside ``path``, then rename it over ``path``: a reader (the
+    report) never sees a truncated file, even when the job is killed mid-write."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    with atomic_open(path) as f:
         json.dump(_clean(data), f, indent=2)
-    os.replace(tmp, path)
 
 
 def _clean(x: Any) -> Any:

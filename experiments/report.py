@@ -70,12 +70,25 @@ def markdown(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(out)
 
 
-def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (jobs run without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
+    plt = _pyplot()
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return []
@@ -96,20 +109,12 @@ def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
         ax.set_xticklabels(strategies, rotation=30, ha="right")
         ax.set_ylabel(label)
         ax.legend()
-        fig.tight_layout()
-        path = root / f"infer_{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, root / f"infer_{key}.png"))
     return paths
 
 
 def plot_bench(rows: list[dict[str, Any]], root: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     ok = [r for r in rows if r.get("mode") != "failed" and r.get("time_us")]
     if not ok:
         return []
@@ -128,21 +133,13 @@ def plot_bench(rows: list[dict[str, Any]], root: Path) -> list[Path]:
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        path = root / f"bench_{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, root / f"bench_{key}.png"))
     return paths
 
 
 def plot_job_steps(job_dir: str | Path, title: str) -> Path | None:
     """One job's inter-token latency per decode step (from the Fabric CSV logger)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     path = Path(job_dir) / "steps" / "metrics.csv"
     if not path.exists():
         return None
@@ -156,11 +153,7 @@ def plot_job_steps(job_dir: str | Path, title: str) -> Path | None:
     ax.set_xlabel("decode step")
     ax.set_ylabel("inter-token latency (ms, rank 0)")
     ax.set_title(title)
-    fig.tight_layout()
-    out = Path(job_dir) / "itl_per_step.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, Path(job_dir) / "itl_per_step.png")
 
 
 def _section(root: Path, title: str, rows: list[dict[str, Any]], cols: list[str],

@@ -153,8 +153,6 @@ def validate_run(spec: RunSpec) -> ModelConfig:
                         f"workload.batch_size={w.batch_size}")
     if w.warmup_tokens < 0 or w.temperature < 0 or w.top_k < 0:
         problems.append("workload.warmup_tokens, temperature and top_k must be >= 0")
-    if p.world_size <= 0:
-        problems.append(f"parallel.world_size must be > 0, got {p.world_size}")
     if spec.fault.kind not in KINDS:
         problems.append(f"fault.kind must be one of {KINDS}, got {spec.fault.kind!r}")
     if spec.model.dtype not in DTYPES:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -28,6 +29,17 @@ def launched_externally() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
 
 
+def ranks_per_node_from_env() -> int | None:
+    """Ranks per node as the launcher describes it, or None outside torchrun/SLURM.
+
+    torchrun sets LOCAL_WORLD_SIZE; SLURM writes SLURM_NTASKS_PER_NODE as "4" or "4(x2)".
+    """
+    if os.environ.get("LOCAL_WORLD_SIZE"):
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    m = re.match(r"\d+", os.environ.get("SLURM_NTASKS_PER_NODE", ""))
+    return int(m.group()) if m else None
+
+
 def launch_ranks(fn: Callable[..., Any], parallel: ParallelSpec, *args: Any,
                  callbacks: list[Any] | None = None, loggers: list[Any] | None = None) -> Any:
     """Run ``fn(fabric, *args)`` on every rank; return rank 0's value.
@@ -42,8 +54,7 @@ def launch_ranks(fn: Callable[..., Any], parallel: ParallelSpec, *args: Any,
     external = launched_externally()
     nodes, devices = 1, parallel.world_size
     if external:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE")
-                    or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        local = ranks_per_node_from_env() or 1
         world = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"])
         if world != parallel.world_size:
             raise ConfigError(f"parallel.world_size={parallel.world_size} but the launcher "

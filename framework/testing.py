@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -51,8 +52,14 @@ def _me() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _build(name: str, options: dict[str, Any], **extra: Any) -> Communicator:
-    return build_communicator(name, **{**options, **extra})
+@contextmanager
+def _opened(name: str, options: dict[str, Any], **extra: Any) -> Iterator[Communicator]:
+    """A communicator for one check, closed however the check ends."""
+    comm = build_communicator(name, **{**options, **extra})
+    try:
+        yield comm
+    finally:
+        comm.close()
 
 
 def _expect_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -67,8 +74,7 @@ def _expect_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 def exact_sums(name: str, options: dict[str, Any]) -> None:
     """Every dtype, sizes 1, odd, and several MiB: exactly the sum, as the library gives it."""
     rank, world = _me()
-    comm = _build(name, options)
-    try:
+    with _opened(name, options) as comm:
         for k, dtype in enumerate(EXACT_DTYPES):
             esize = torch.empty((), dtype=dtype).element_size()
             for numel in (1, 7, 4099, (3 << 20) // esize + 3):
@@ -81,16 +87,13 @@ def exact_sums(name: str, options: dict[str, Any]) -> None:
         dist.all_reduce(lib)
         _expect_equal(comm.all_reduce(rank_input(5, rank, 1000, torch.int64)).wait(), lib,
                       "against torch.distributed.all_reduce")
-    finally:
-        comm.close()
 
 
 @check
 def float_order(name: str, options: dict[str, Any]) -> None:
     """Random floats: within rounding of a float64 sum, and bit-identical on every rank."""
     rank, world = _me()
-    comm = _build(name, options)
-    try:
+    with _opened(name, options) as comm:
         for numel in (5, 10_001):
             xs = [torch.randn(numel, generator=torch.Generator().manual_seed(r))
                   for r in range(world)]
@@ -104,16 +107,13 @@ def float_order(name: str, options: dict[str, Any]) -> None:
             dist.all_gather(copies, got)
             if not all(torch.equal(c, got) for c in copies):
                 raise AssertionError("ranks received different float results")
-    finally:
-        comm.close()
 
 
 @check
 def handles_in_flight(name: str, options: dict[str, Any]) -> None:
     """Several handles in flight, mixed dtypes, waited out of order; writing results is safe."""
     rank, world = _me()
-    comm = _build(name, options)
-    try:
+    with _opened(name, options) as comm:
         specs = [(31, torch.float32), (1024, torch.int64), (3, torch.bfloat16),
                  (5000, torch.float32), (17, torch.int32), (1, torch.float16)]
         handles = [comm.all_reduce(rank_input(i, rank, n, dt)) for i, (n, dt) in enumerate(specs)]
@@ -131,16 +131,13 @@ def handles_in_flight(name: str, options: dict[str, Any]) -> None:
                           "result after the caller overwrote an earlier one")
         if comm.pending:
             raise AssertionError(f"{comm.pending} handles still pending after every wait")
-    finally:
-        comm.close()
 
 
 @check
 def flush_semantics(name: str, options: dict[str, Any]) -> None:
     """flush() with nothing pending is a no-op; flush() completes every pending handle."""
     rank, world = _me()
-    comm = _build(name, options)
-    try:
+    with _opened(name, options) as comm:
         comm.flush()
         hs = [comm.all_reduce(rank_input(60 + i, rank, 100 * (i + 1), torch.float32))
               for i in range(3)]
@@ -151,16 +148,13 @@ def flush_semantics(name: str, options: dict[str, Any]) -> None:
             _expect_equal(h.wait(), expected_sum(60 + i, world, 100 * (i + 1), torch.float32),
                           "result after flush")
         comm.flush()
-    finally:
-        comm.close()
 
 
 @check
 def bounded_loop(name: str, options: dict[str, Any]) -> None:
     """1,000 calls: results stay right and buffers and pending handles stay bounded."""
     rank, world = _me()
-    comm = _build(name, options)
-    try:
+    with _opened(name, options) as comm:
         x = rank_input(7, rank, 256, torch.float32)
         want = expected_sum(7, world, 256, torch.float32)
         allocs_after_warmup = None
@@ -178,16 +172,13 @@ def bounded_loop(name: str, options: dict[str, Any]) -> None:
         if comm.stats.buffer_allocs != allocs_after_warmup:
             raise AssertionError(f"buffers keep being allocated: {allocs_after_warmup} after "
                                  f"warm-up, {comm.stats.buffer_allocs} at the end")
-    finally:
-        comm.close()
 
 
 @check
 def stats_counters(name: str, options: dict[str, Any]) -> None:
     """calls, bytes, collectives and wait_s move as documented; reset_stats() zeroes them."""
     rank, world = _me()
-    comm = _build(name, options)
-    try:
+    with _opened(name, options) as comm:
         for i in range(3):
             comm.all_reduce(rank_input(i, rank, 10, torch.float32)).wait()
         s = comm.stats
@@ -198,8 +189,6 @@ def stats_counters(name: str, options: dict[str, Any]) -> None:
         comm.reset_stats()
         if (s.calls, s.collectives, s.bytes, s.wire_bytes, s.wait_s) != (0, 0, 0, 0, 0.0):
             raise AssertionError(f"reset_stats() left {s}")
-    finally:
-        comm.close()
 
 
 def _expect_comm_error(fn: Callable[[], Any], name: str, what: str) -> str:
@@ -215,16 +204,13 @@ def _expect_comm_error(fn: Callable[[], Any], name: str, what: str) -> str:
 @check
 def bad_input(name: str, options: dict[str, Any]) -> None:
     """Clear errors on the calling rank, before anything goes on the wire."""
-    comm = _build(name, options)
-    try:
+    with _opened(name, options) as comm:
         _expect_comm_error(lambda: comm.all_reduce(torch.ones(4, 4).t()), name, "non-contiguous")
         _expect_comm_error(lambda: comm.all_reduce(torch.ones(4, device="meta")), name,
                            "wrong device")
         _expect_comm_error(lambda: comm.all_reduce(torch.ones(4, dtype=torch.complex64)), name,
                            "unsupported dtype")
         _expect_comm_error(lambda: comm.all_reduce([1.0]), name, "not a tensor")
-    finally:
-        comm.close()
     _expect_comm_error(lambda: comm.all_reduce(torch.ones(4)), name, "use after close()")
 
 
@@ -232,8 +218,7 @@ def bad_input(name: str, options: dict[str, Any]) -> None:
 def validate_mismatch(name: str, options: dict[str, Any]) -> None:
     """validate=True: a shape mismatch or an extra call raises on EVERY rank, naming ranks."""
     rank, world = _me()
-    comm = _build(name, options, validate=True)
-    try:
+    with _opened(name, options, validate=True) as comm:
         comm.all_reduce(torch.ones(8)).wait()
         if world == 1:
             return
@@ -242,18 +227,13 @@ def validate_mismatch(name: str, options: dict[str, Any]) -> None:
                                  "shape mismatch with validate=True")
         if "ranks [0, 1" not in msg:
             raise AssertionError(f"mismatch error does not name the ranks: {msg}")
-    finally:
-        comm.close()
-    comm = _build(name, options, validate=True)
-    try:
+    with _opened(name, options, validate=True) as comm:
         def extra_call() -> None:
             if rank == world - 1:
                 comm.all_reduce(torch.ones(2)).wait()
             comm.flush()
 
         _expect_comm_error(extra_call, name, "extra all_reduce on one rank with validate=True")
-    finally:
-        comm.close()
 
 
 def run_checks(name: str, options: dict[str, Any] | None = None,

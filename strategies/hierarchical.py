@@ -11,8 +11,6 @@ summation order (node sums first), exact for integers; every rank gets the leade
 
 from __future__ import annotations
 
-import os
-import re
 from typing import Any
 
 import torch.distributed as dist
@@ -20,14 +18,7 @@ from torch import Tensor
 
 from framework import Algorithm, register_strategy
 from framework.groups import acquire_group, release_group
-
-
-def ranks_per_node_from_env() -> int | None:
-    """Ranks per node as the launcher describes it, or None outside torchrun/SLURM."""
-    if os.environ.get("LOCAL_WORLD_SIZE"):
-        return int(os.environ["LOCAL_WORLD_SIZE"])
-    m = re.match(r"\d+", os.environ.get("SLURM_NTASKS_PER_NODE", ""))
-    return int(m.group()) if m else None
+from framework.launch import ranks_per_node_from_env
 
 
 @register_strategy("hierarchical")

@@ -47,7 +47,7 @@ def test_bad_option_values_fail_before_touching_the_wire() -> None:
 
 
 def test_hierarchical_node_size_from_the_launcher(monkeypatch) -> None:
-    from strategies.hierarchical import ranks_per_node_from_env
+    from framework.launch import ranks_per_node_from_env
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
