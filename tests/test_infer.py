@@ -159,6 +159,10 @@ def test_multirun_with_a_failing_job_reports_and_tracks(tmp_path: Path) -> None:
         res = json.loads((job / "results.json").read_text())
         statuses[(res["strategy"], res.get("micro_batches"))] = res["status"]
         assert list(job.glob("wandb/offline-run-*/run-*.wandb")), f"no offline W&B run in {job}"
+        # the W&B run is finished either way, with exit code 1 when the job failed
+        log = next(job.glob("wandb/offline-run-*/logs/debug.log")).read_text()
+        want = 1 if res["status"] == "failed" else 0
+        assert f"got exitcode: {want}" in log, f"W&B run of {job} not finished with {want}"
     assert sorted(statuses.values()) == ["failed", "failed", "ok", "ok"]
     report = (sweep / "report.md").read_text()
     assert report.count("| ok |") == 2 and report.count("| failed |") == 2
