@@ -49,6 +49,7 @@ import experiments.configs  # noqa: F401  (registers the structured configs)
 from experiments.common import atomic_open, run_job, strategy_options_from
 from experiments.configs import BenchSpec
 from experiments.report import plot_bench
+from framework.communicator import CommStats
 from framework.config import (
     ConfigError,
     ParallelSpec,
@@ -57,6 +58,7 @@ from framework.config import (
     strategy_problems,
 )
 from framework.launch import launch_ranks
+from framework.profiling import profiled
 from framework.registry import (
     available_strategies,
     build_communicator,
@@ -71,7 +73,8 @@ BENCH_DTYPES = {
     "int64": torch.int64,
 }
 CSV_COLUMNS = ["size", "count", "type", "redop", "time_us", "algbw_gbps", "busbw_gbps", "wrong",
-               "strategy", "world_size", "mode", "tensors"]
+               "strategy", "world_size", "mode", "tensors", "baseline", "baseline_time_us",
+               "speedup", "memcpy_gbps", "busbw_of_memcpy"]
 # Check values: (i + 2 * rank + 3 * tensor) % 7 - 3 lies in [-3, 3]; a sum over n ranks is an
 # integer of magnitude <= 3n, exact in bfloat16 (8-bit mantissa) up to n = 85 ranks.
 _PERIOD, _OFFSET = 7, 3
@@ -112,6 +115,10 @@ def validate_bench(name: str, opts: dict[str, Any], bench: BenchSpec,
                         f"got {b.many_small}")
     if b.dtype not in BENCH_DTYPES:
         problems.append(f"bench.dtype must be one of {list(BENCH_DTYPES)}, got {b.dtype!r}")
+    if b.rounds < 1:
+        problems.append(f"bench.rounds must be >= 1, got {b.rounds}")
+    if b.baseline is not None and b.baseline != "raw":
+        problems += strategy_problems(b.baseline, {})
     problems += parallel_problems(parallel) + strategy_problems(name, opts)
     dtype = BENCH_DTYPES.get(b.dtype)
     if name in available_strategies() and dtype is not None:
@@ -142,16 +149,58 @@ def _expected(world: int, tensor: int, count: int) -> torch.Tensor:
     return total
 
 
-def _rank_bench(fabric: Any, name: str, opts: dict[str, Any], bench: BenchSpec,
-                parallel: ParallelSpec) -> dict[str, Any]:
-    torch.set_num_threads(parallel.threads_per_rank)
+class RawAllReduce:
+    """The baseline ``raw``: ``torch.distributed.all_reduce`` on the default group, no framework.
+
+    Compared with ``naive`` in the same run, it shows what the interface, the counters and the
+    private group cost."""
+
+    name = "raw"
+
+    def __init__(self) -> None:
+        self.stats = CommStats()
+
+    def all_reduce(self, x: torch.Tensor) -> Any:
+        dist.all_reduce(x)
+        return _Done(x)
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    def close(self) -> None:
+        pass
+
+
+class _Done:
+    __slots__ = ("x",)
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def wait(self) -> torch.Tensor:
+        return self.x
+
+
+def _build(name: str, opts: dict[str, Any], parallel: ParallelSpec) -> Any:
+    if name == "raw":
+        return RawAllReduce()
     opts = dict(opts)
     opts.setdefault("timeout_s", parallel.timeout_s)
-    comm = build_communicator(name, **opts)
+    return build_communicator(name, **opts)
+
+
+def _rank_bench(fabric: Any, name: str, opts: dict[str, Any], bench: BenchSpec,
+                parallel: ParallelSpec, profile: bool = False, out_dir: str = ".") -> dict:
+    torch.set_num_threads(parallel.threads_per_rank)
+    comms = [_build(name, opts, parallel)]
     try:
-        return _sweep(fabric, comm, bench)
+        if bench.baseline:
+            comms.append(_build(bench.baseline, {}, parallel))
+        with profiled(profile, out_dir, fabric.global_rank, fabric.device.type == "cuda"):
+            return _sweep(fabric, comms, bench)
     finally:
-        comm.close()
+        for c in comms:
+            c.close()
 
 
 def _refill(xs: list[torch.Tensor], saved: list[torch.Tensor], cuda: bool) -> None:
@@ -170,12 +219,50 @@ def _burst(comm: Any, xs: list[torch.Tensor], cuda: bool) -> None:
         torch.cuda.synchronize(xs[0].device)
 
 
-def _sweep(fabric: Any, comm: Any, bench: BenchSpec) -> dict[str, Any]:
+def _timed(comm: Any, xs: list[torch.Tensor], saved: list[torch.Tensor], iters: int,
+           cuda: bool) -> list[float]:
+    dist.barrier()
+    times = []
+    for _ in range(iters):
+        _refill(xs, saved, cuda)  # outside the timed region
+        t0 = time.perf_counter()
+        _burst(comm, xs, cuda)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _memcpy_times(nbytes: int, iters: int, device: torch.device) -> list[float]:
+    """One core copying ``nbytes`` between two buffers: the bandwidth limit of a copy.
+
+    Bandwidth is counted nccl-style as bytes copied per second (each byte is read once and
+    written once)."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _slowest_median(times: list[float], device: torch.device) -> float:
+    """Elementwise MAX over ranks (the slowest rank sets the pace), then the median."""
+    t = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # default group, not the communicator
+    return statistics.median(t.cpu().tolist())
+
+
+def _sweep(fabric: Any, comms: list[Any], bench: BenchSpec) -> dict[str, Any]:
     rank, world, device = fabric.global_rank, fabric.world_size, fabric.device
     dtype = BENCH_DTYPES[bench.dtype]
     elem = torch.empty((), dtype=dtype).element_size()
     k = max(bench.many_small, 1)
     cuda = device.type == "cuda"
+    comm = comms[0]
 
     rows: list[dict[str, Any]] = []
     stats: list[dict[str, Any]] = []
@@ -183,34 +270,32 @@ def _sweep(fabric: Any, comm: Any, bench: BenchSpec) -> dict[str, Any]:
         count = nbytes // elem
         saved = [_pattern(rank, j, count).to(device=device, dtype=dtype) for j in range(k)]
         xs = [s.clone() for s in saved]
-        for _ in range(bench.warmup):
-            _refill(xs, saved, cuda)
-            _burst(comm, xs, cuda)
+        for c in comms:
+            for _ in range(bench.warmup):
+                _refill(xs, saved, cuda)
+                _burst(c, xs, cuda)
         comm.reset_stats()
-        dist.barrier()
-        times = []
-        for _ in range(bench.iters):
-            _refill(xs, saved, cuda)  # outside the timed region
-            t0 = time.perf_counter()
-            _burst(comm, xs, cuda)
-            times.append(time.perf_counter() - t0)
+        times: list[list[float]] = [[] for _ in comms]
+        for _ in range(bench.rounds):  # interleaved, so drift on a shared host hits both alike
+            for i, c in enumerate(comms):
+                times[i] += _timed(c, xs, saved, bench.iters, cuda)
+        n_iter = bench.iters * bench.rounds
         st = comm.stats.as_dict()
-        stats.append({"size": nbytes, **{f"{key}_per_iter": st[key] / bench.iters
+        stats.append({"size": nbytes, **{f"{key}_per_iter": st[key] / n_iter
                                          for key in ("calls", "collectives", "wire_bytes")}})
 
-        # correctness, separate from the timed loop
-        _refill(xs, saved, cuda)
-        _burst(comm, xs, cuda)
-        wrong = sum(int((x != _expected(world, j, count).to(device=device, dtype=dtype))
-                        .sum().item()) for j, x in enumerate(xs))
-
-        t = torch.tensor(times, dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # default group, not the communicator
+        # correctness, separate from the timed loop, for every communicator measured
+        wrong = 0
+        for c in comms:
+            _refill(xs, saved, cuda)
+            _burst(c, xs, cuda)
+            wrong += sum(int((x != _expected(world, j, count).to(device=device, dtype=dtype))
+                             .sum().item()) for j, x in enumerate(xs))
         w = torch.tensor([wrong], dtype=torch.int64, device=device)
         dist.all_reduce(w, op=dist.ReduceOp.MAX)
-        med = statistics.median(t.cpu().tolist())
+        med = _slowest_median(times[0], device)
         algbw = nbytes * k / med / 1e9 if med > 0 else float("nan")
-        rows.append({
+        row = {
             "size": nbytes,
             "count": count,
             "type": bench.dtype,
@@ -219,7 +304,17 @@ def _sweep(fabric: Any, comm: Any, bench: BenchSpec) -> dict[str, Any]:
             "algbw_gbps": _sig(algbw),
             "busbw_gbps": _sig(algbw * 2 * (world - 1) / world),
             "wrong": int(w.item()),
-        })
+        }
+        if len(comms) > 1:
+            base = _slowest_median(times[1], device)
+            row["baseline_time_us"] = round(base * 1e6, 3)
+            row["speedup"] = _sig(base / med) if med > 0 else float("nan")
+        if bench.memcpy:  # rank 0 alone, the others idle: one core's copy bandwidth
+            mem = _memcpy_times(nbytes * k, n_iter, device) if rank == 0 else [0.0] * n_iter
+            cp = _slowest_median(mem, device)
+            row["memcpy_gbps"] = _sig(nbytes * k / cp / 1e9)
+            row["busbw_of_memcpy"] = _sig(row["busbw_gbps"] / row["memcpy_gbps"])
+        rows.append(row)
     return {"rows": rows, "comm_stats": stats}
 
 
@@ -237,12 +332,27 @@ def format_table(rows: list[dict[str, Any]], title: str) -> str:
              f"{'algbw':>6}  {'busbw':>6}  {'#wrong':>6}",
              f"# {'(B)':>10}  {'(elements)':>12}  {'':>8}  {'':>6}  {'(us)':>7}  "
              f"{'(GB/s)':>6}  {'(GB/s)':>6}  {'':>6}"]
+    extra = [(key, head, unit) for key, head, unit in _EXTRA_COLUMNS if rows and key in rows[0]]
+    for _, head, unit in extra:
+        lines[2] += f"  {head:>9}"
+        lines[3] += f"  {unit:>9}"
     for r in rows:
-        t = r["time_us"]
-        ts = f"{t:7.0f}" if t >= 10000 else f"{t:7.1f}" if t >= 100 else f"{t:7.2f}"
-        lines.append(f"{r['size']:12d}  {r['count']:12d}  {r['type']:>8}  {r['redop']:>6}  {ts}  "
-                     f"{r['algbw_gbps']:6.2f}  {r['busbw_gbps']:6.2f}  {r['wrong']:6d}")
+        line = (f"{r['size']:12d}  {r['count']:12d}  {r['type']:>8}  {r['redop']:>6}  "
+                f"{_time(r['time_us'])}  {r['algbw_gbps']:6.2f}  {r['busbw_gbps']:6.2f}  "
+                f"{r['wrong']:6d}")
+        for key, _, _ in extra:
+            v = r[key]
+            line += f"  {_time(v, 9) if key.endswith('_us') else f'{v:9.3g}'}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+_EXTRA_COLUMNS = [("baseline_time_us", "base time", "(us)"), ("speedup", "speedup", "(x)"),
+                  ("memcpy_gbps", "memcpy", "(GB/s)"), ("busbw_of_memcpy", "bus/memcpy", "")]
+
+
+def _time(t: float, width: int = 7) -> str:
+    return f"{t:{width}.0f}" if t >= 10000 else f"{t:{width}.1f}" if t >= 100 else f"{t:{width}.2f}"
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -260,14 +370,18 @@ def main(cfg: DictConfig) -> float:
         bench = BenchSpec(**OmegaConf.to_container(cfg.bench, resolve=True))
         parallel = ParallelSpec(**OmegaConf.to_container(cfg.parallel, resolve=True))
         validate_bench(name, opts, bench, parallel)
-        out = launch_ranks(_rank_bench, parallel, name, opts, bench, parallel)
+        out = launch_ranks(_rank_bench, parallel, name, opts, bench, parallel,
+                           bool(cfg.profile), out_dir)
         mode, tensors = mode_name(bench.many_small), bench.many_small
         rows = [{**r, "strategy": name, "world_size": parallel.world_size, "mode": mode,
-                 "tensors": tensors} for r in out["rows"]]
+                 "tensors": tensors, "baseline": bench.baseline or ""} for r in out["rows"]]
         backend = resolve_backend(parallel)
         title = (f"all_reduce  strategy: {name}  world_size: {parallel.world_size}  "
                  f"backend: {backend}  dtype: {bench.dtype}  mode: {mode}  "
                  f"iters: {bench.iters}  warmup: {bench.warmup}")
+        if bench.baseline:
+            title += (f"\n# baseline: {bench.baseline} (same run, {bench.rounds} interleaved "
+                      f"rounds; speedup = baseline time / time)")
         print(format_table(rows, title), flush=True)
         write_csv(csv_path, rows)
         tracker.log_table("allreduce", rows)

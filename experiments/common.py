@@ -35,6 +35,7 @@ def run_spec(cfg: DictConfig, out_dir: str) -> RunSpec:
         seed=cfg.seed,
         out_dir=out_dir,
         fault=FaultSpec(**OmegaConf.to_container(cfg.fault, resolve=True)),
+        profile=bool(cfg.get("profile", False)),
     )
 
 

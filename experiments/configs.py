@@ -23,6 +23,9 @@ class BenchSpec:
     warmup: int = 5
     iters: int = 20
     many_small: int = 0
+    baseline: str | None = None  # a strategy name, or "raw": timed in the same run, interleaved
+    rounds: int = 1  # alternate strategy and baseline this many times per size
+    memcpy: bool = False  # also time a single-core copy of each size (the memory limit)
 
 
 def register_configs() -> None:

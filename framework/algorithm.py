@@ -27,6 +27,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework.communicator import Communicator, Handle
+from framework.profiling import _enabled as _profiling
+from framework.profiling import span
 
 
 class Algorithm(Communicator):
@@ -38,6 +40,7 @@ class Algorithm(Communicator):
         # (payload bytes, seconds) of recent collectives run through launch(): the adaptive
         # strategy fits its latency/bandwidth model on these.
         self.timings: deque[tuple[int, float]] = deque(maxlen=256)
+        self._reduce_span = f"commlab.{self.name}.reduce"
 
     @abstractmethod
     def reduce_(self, x: Tensor) -> None:
@@ -55,20 +58,24 @@ class Algorithm(Communicator):
 
     def _timed_reduce(self, x: Tensor) -> Tensor:
         t0 = time.perf_counter()
-        self.reduce_(x)
+        with span(self._reduce_span):
+            self.reduce_(x)
         if x.is_cuda:  # the thread's host time only means "done" once the stream has drained
             torch.cuda.current_stream(x.device).synchronize()
         self.timings.append((x.numel() * x.element_size(), time.perf_counter() - t0))
         return x
 
     def _all_reduce(self, x: Tensor) -> Handle:
-        self.reduce_(x)
+        if _profiling():
+            with span(self._reduce_span):
+                self.reduce_(x)
+        else:
+            self.reduce_(x)
         return Handle(self, None, x)
 
     def _count(self, x: Tensor) -> None:
-        nbytes = x.numel() * x.element_size()
         self.stats.collectives += 1
-        self.stats.wire_bytes += self.wire_bytes(nbytes)
+        self.stats.wire_bytes += self.wire_bytes(x.nbytes)
 
     def _release(self) -> None:
         if self._progress is not None:

@@ -62,6 +62,7 @@ class RunSpec:
     seed: int = 0
     out_dir: str = "."
     fault: FaultSpec = field(default_factory=FaultSpec)  # reliability tests only
+    profile: bool = False  # torch.profiler Chrome trace of the measured run, per rank
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -30,6 +30,7 @@ from framework.config import (
 from framework.faults import FaultInjector
 from framework.generate import generate
 from framework.launch import launch_ranks
+from framework.profiling import profiled
 from framework.registry import build_communicator
 
 
@@ -131,10 +132,12 @@ class Runner:
             self.fabric.call("on_decode_step_end", runner=self, step=step)
 
         dist.barrier()
-        t0 = time.perf_counter()
-        out = self._generate(self.spec.workload.new_tokens, on_prefill_end=prefill_end,
-                             on_step_end=step_end)
-        self.comm.flush()
+        with profiled(self.spec.profile, self.spec.out_dir, self.rank,
+                      self.fabric.device.type == "cuda"):
+            t0 = time.perf_counter()
+            out = self._generate(self.spec.workload.new_tokens, on_prefill_end=prefill_end,
+                                 on_step_end=step_end)
+            self.comm.flush()
         end = self.comm.stats.as_dict()
         decode = {k: end[k] - snap.get(k, 0) for k in ("calls", "collectives", "bytes",
                                                          "wire_bytes", "wait_s")}

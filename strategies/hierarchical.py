@@ -7,6 +7,11 @@ map comes from ``ranks_per_node`` (emulate nodes on one host), else the launcher
 are contiguous blocks of group ranks; the last may be smaller. Sub-groups are created once at
 construction, each rank creating the groups it belongs to in the same order. Changes the
 summation order (node sums first), exact for integers; every rank gets the leader's bits.
+
+``intra`` picks the intra-node transport: ``library`` (reduce to the leader and broadcast
+with the backend's collectives) or ``shm`` (a shared-memory segment per node, see
+:mod:`framework.shm`: every node rank gets the node sum from the segment, leaders all-reduce
+across nodes with the library, and the leader's result is broadcast through the segment).
 """
 
 from __future__ import annotations
@@ -19,14 +24,23 @@ from torch import Tensor
 from framework import Algorithm, register_strategy
 from framework.groups import acquire_group, release_group
 from framework.launch import ranks_per_node_from_env
+from strategies.shm import shm_segment_for
+
+INTRA = ("library", "shm")
 
 
 @register_strategy("hierarchical")
 class Hierarchical(Algorithm):
-    def __init__(self, group=None, *, ranks_per_node: int | None = None, **common: Any) -> None:
+    def __init__(self, group=None, *, ranks_per_node: int | None = None, intra: str = "library",
+                 chunk_bytes: int = 1 << 20, **common: Any) -> None:
         if ranks_per_node is not None and ranks_per_node < 1:
             raise ValueError(f"strategy {self.name!r}: ranks_per_node must be >= 1, "
                              f"got {ranks_per_node}")
+        if intra not in INTRA:
+            raise ValueError(f"strategy {self.name!r}: intra must be one of {INTRA}, "
+                             f"got {intra!r}")
+        if chunk_bytes <= 0:
+            raise ValueError(f"strategy {self.name!r}: chunk_bytes must be > 0, got {chunk_bytes}")
         super().__init__(group, **common)
         p = self.world_size
         self.ranks_per_node = min(ranks_per_node or ranks_per_node_from_env() or p, p)
@@ -45,6 +59,11 @@ class Hierarchical(Algorithm):
         self.stats.extra.update(num_nodes=self.num_nodes, ranks_per_node=k)
         self.node_group = mine.get(tuple(self.node_ranks))
         self.leader_group = mine.get(tuple(leaders)) if self.is_leader else None
+        self.segment = None
+        if intra == "shm" and self.node_group is not None:  # only a node's members set it up
+            self.segment = shm_segment_for(self.node_group, self.backend, chunk_bytes,
+                                           self.timeout_s)
+        self.stats.extra["shm"] = float(self.segment is not None)
 
     def wire_bytes(self, nbytes: int) -> int:
         local, n = len(self.node_ranks), self.num_nodes
@@ -54,6 +73,13 @@ class Hierarchical(Algorithm):
 
     def reduce_(self, x: Tensor) -> None:
         self._count(x)
+        if self.segment is not None:
+            self.segment.all_reduce_(x)  # every node rank holds the node sum
+            if self.leader_group is not None:
+                dist.all_reduce(x, group=self.leader_group)
+            if self.num_nodes > 1:
+                self.segment.broadcast_(x, root=0)  # the node's leader is its group rank 0
+            return
         if self.node_group is not None:
             dist.reduce(x, self.leader, group=self.node_group)
         if self.leader_group is not None:
@@ -63,6 +89,9 @@ class Hierarchical(Algorithm):
 
     def _release(self) -> None:
         super()._release()
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
         for ranks, g in self._groups:
             release_group(ranks, self.backend, self.timeout_s, g)
         self._groups = []

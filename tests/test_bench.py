@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["size", "count", "type", "redop", "time_us", "algbw_gbps", "busbw_gbps", "wrong",
-           "strategy", "world_size", "mode", "tensors"]
+           "strategy", "world_size", "mode", "tensors", "baseline", "baseline_time_us",
+           "speedup", "memcpy_gbps", "busbw_of_memcpy"]
 SMALL = ["parallel.world_size=2", "bench.min_bytes=1024", "bench.max_bytes=16384",
          "bench.factor=4", "bench.iters=3", "bench.warmup=1"]
 
@@ -85,10 +86,33 @@ def test_many_small_bucketed(tmp_path: Path) -> None:
         assert st["calls_per_iter"] == 8 and st["collectives_per_iter"] == 1
 
 
+def test_baseline_memcpy_and_profile(tmp_path: Path) -> None:
+    """shm against the raw library call in one run, the copy limit beside it, and a trace."""
+    p = bench(tmp_path, "strategy=shm", "bench.baseline=raw", "bench.rounds=2",
+              "bench.memcpy=true", "profile=true", *SMALL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "baseline: raw (same run, 2 interleaved rounds" in p.stdout
+    _, rows = read_csv(tmp_path / "bench.csv")
+    check_rows(rows, "shm", "single", 0)
+    for r in rows:
+        assert r["baseline"] == "raw"
+        assert float(r["speedup"]) == pytest.approx(
+            float(r["baseline_time_us"]) / float(r["time_us"]), rel=1e-3)
+        assert float(r["memcpy_gbps"]) > 0
+        assert float(r["busbw_of_memcpy"]) == pytest.approx(
+            float(r["busbw_gbps"]) / float(r["memcpy_gbps"]), rel=1e-3)
+    for rank in (0, 1):  # Chrome traces with commlab's spans next to the aten ops
+        trace = json.loads((tmp_path / f"trace-rank{rank}.json").read_text())
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert {"commlab.shm.blocked", "commlab.shm.reduce", "aten::copy_"} <= names
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("bench.factor=1", "bench.factor must be an integer >= 2"),
     ("strategy=nope", "Could not find 'strategy/nope'"),
     ("strategy.name=nope", "unknown strategy 'nope'; available: ["),
+    ("bench.baseline=nope", "unknown strategy 'nope'; available: ["),
+    ("bench.rounds=0", "bench.rounds must be >= 1"),
 ])
 def test_bad_config_fails_before_spawning(tmp_path: Path, override: str, message: str) -> None:
     p = bench(tmp_path, override, timeout=120)
