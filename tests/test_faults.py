@@ -39,13 +39,22 @@ def run_fault(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProc
     return r, json.loads((tmp_path / "results.json").read_text()), elapsed
 
 
+def shm_files() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("commlab-shm-*")}
+
+
 @pytest.mark.ci
-def test_killed_rank_fails_fast_and_is_named(tmp_path: Path) -> None:
-    r, res, elapsed = run_fault(tmp_path, "fault.kind=kill", "fault.rank=1")
+@pytest.mark.parametrize("strategy", ["naive", "shm"])
+def test_killed_rank_fails_fast_and_is_named(tmp_path: Path, strategy: str) -> None:
+    segments = shm_files()
+    r, res, elapsed = run_fault(tmp_path, f"strategy={strategy}", "fault.kind=kill",
+                                "fault.rank=1")
     assert r.returncode != 0
     assert res["status"] == "failed" and "rank 1" in res["error"] and "SIGKILL" in res["error"]
     assert "rank 1" in r.stderr
     assert elapsed < 60  # start-up (~20 s here) + detection, far below any hang
+    assert shm_files() <= segments, "shared-memory segment left behind"
+    assert not list(tmp_path.glob(".results.json.*")), "temporary file left behind"
 
 
 @pytest.mark.slow

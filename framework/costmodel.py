@@ -1,0 +1,237 @@
+"""Alpha-beta-gamma cost model of every algorithm and schedule, for extrapolating past this host.
+
+A message of ``n`` bytes over a link costs ``alpha + n * beta`` (latency plus bytes over
+bandwidth); summing ``n`` bytes costs ``n * gamma``. The formulas per algorithm, for ``p``
+ranks (Thakur, Rabenseifner and Gropp, "Optimization of collective communication operations
+in MPICH", IJHPCA 2005; Sanders, Speck and Traeff 2009 for the pipelined tree; NCCL's tuning
+model uses the same latency + bytes / bandwidth form per algorithm and protocol):
+
+* ``ring`` (the library's all-reduce, strategy ``naive``): reduce-scatter + all-gather,
+  ``2(p-1) alpha + 2(p-1)/p n beta + (p-1)/p n gamma``. nccl-tests' busbw = algbw * 2(p-1)/p
+  is defined so that busbw equals the link bandwidth ``1/beta`` for a perfect ring.
+* ``tree`` (binary reduce then broadcast, chunk-pipelined, ``k = ceil(n / c)`` chunks of ``c``
+  bytes, depth ``d = floor(log2 p)``): ``2 (d + k - 1) alpha + 2 (d + k - 1) c beta * 2 +
+  n gamma`` -- each tree step moves a chunk to or from two children.
+* ``hierarchical`` over ``g`` ranks per node and ``m = p/g`` nodes: reduce to the node leader
+  (tree on the intra link), ring all-reduce of the leaders on the inter link, broadcast back.
+* ``shm`` (shared memory, one host): per chunk two flag barriers (``2 alpha``, alpha the
+  flag round trip) and memory traffic of about ``(2 + 2) n`` bytes per rank (copy in, read
+  slices, copy out) at memory bandwidth ``1/beta``, plus ``n gamma``.
+
+Schedules: fusing ``k`` messages of ``n`` bytes costs one collective of ``k n`` bytes plus a
+copy in and out of the bucket (``2 k n / copy_bw``) instead of ``k`` collectives; overlap with
+compute leaves ``max(0, comm - overlappable compute)`` exposed.
+
+The constants live in topology files (``conf/topology/*.yaml``): presets from published figures
+with the source of each number beside it, and ``this_host``, fitted by
+``python -m experiments.calibrate`` from measured all-reduce times (least squares of the
+formula's features per algorithm, so each algorithm gets its own effective alpha and beta).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ALGORITHMS = ("ring", "tree", "hierarchical", "shm")
+# strategy name -> the algorithm whose formula predicts it
+STRATEGY_ALGORITHM = {"naive": "ring", "tree": "tree", "hierarchical": "hierarchical",
+                      "shm": "shm"}
+TOPOLOGY_DIR = Path(__file__).resolve().parents[1] / "conf" / "topology"
+
+
+@dataclass
+class Link:
+    alpha_s: float  # per-message latency (s)
+    beta_s_per_byte: float  # 1 / bandwidth (s per byte)
+
+    @property
+    def bandwidth_gbps(self) -> float:
+        return 1e-9 / self.beta_s_per_byte if self.beta_s_per_byte > 0 else math.inf
+
+
+@dataclass
+class Topology:
+    """Links of a machine type. ``fits`` (this_host) holds per-algorithm fitted constants
+    that replace the link constants for that algorithm."""
+
+    name: str
+    ranks_per_node: int
+    intra: Link
+    inter: Link
+    base_s: float = 0.0  # fixed cost of launching one collective
+    gamma_s_per_byte: float = 0.0  # reduction arithmetic
+    copy_gbps: float = 100.0  # local memory copy bandwidth (bucket packing)
+    hbm_gbps: float = 0.0  # device memory bandwidth (decode compute is weight-bound)
+    fits: dict[str, dict[str, float]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def load_topology(name_or_path: str | Path) -> Topology:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = TOPOLOGY_DIR / f"{name_or_path}.yaml"
+    d = yaml.safe_load(path.read_text())
+    return Topology(
+        name=d["name"], ranks_per_node=int(d["ranks_per_node"]),
+        intra=Link(float(d["intra"]["alpha_s"]), 1e-9 / float(d["intra"]["bandwidth_gbps"])),
+        inter=Link(float(d["inter"]["alpha_s"]), 1e-9 / float(d["inter"]["bandwidth_gbps"])),
+        base_s=float(d.get("base_s", 0.0)),
+        gamma_s_per_byte=float(d.get("gamma_s_per_byte", 0.0)),
+        copy_gbps=float(d.get("copy_gbps", 100.0)), hbm_gbps=float(d.get("hbm_gbps", 0.0)),
+        fits={k: {kk: float(vv) for kk, vv in v.items()} for k, v in
+              (d.get("fits") or {}).items()},
+        sources=dict(d.get("sources") or {}))
+
+
+# -- features: time = alpha * latency_terms + beta * byte_terms (+ gamma * reduce_bytes) ------
+def features(algorithm: str, p: int, n: float, chunk: float = 1 << 20) -> tuple[float, float]:
+    """(number of latency terms, bytes on the critical path) of one all-reduce of ``n`` bytes.
+
+    Linear in alpha and beta, so calibration is ordinary least squares on these features.
+    """
+    if p <= 1:
+        return 0.0, 0.0
+    if algorithm == "ring":
+        return 2.0 * (p - 1), 2.0 * (p - 1) / p * n
+    if algorithm == "tree":
+        depth = math.floor(math.log2(p))
+        k = max(1, math.ceil(n / chunk))
+        c = n / k
+        return 2.0 * (depth + k - 1), 4.0 * (depth + k - 1) * c
+    if algorithm == "shm":
+        k = max(1, math.ceil(n / chunk))
+        return 2.0 * k, 4.0 * n
+    if algorithm == "hierarchical":  # all ranks one node (g = p): a tree reduce + broadcast
+        lat, byt = features("tree", p, n, chunk)
+        return lat, byt
+    raise ValueError(f"unknown algorithm {algorithm!r}; known: {ALGORITHMS}")
+
+
+def fit(rows: list[tuple[int, float, float]], algorithm: str,
+        chunk: float = 1 << 20) -> dict[str, float]:
+    """Least-squares alpha, beta and a fixed per-call overhead from (p, bytes, seconds) rows.
+
+    Relative errors are minimised (each row weighted by 1/t), because times span three orders
+    of magnitude and the model must hold for small and large messages alike. A coefficient
+    that comes out negative is clamped to 0 and the others refitted.
+    """
+    import torch
+
+    names = ["alpha_s", "beta_s_per_byte", "overhead_s"]
+    x = torch.tensor([[*features(algorithm, p, n, chunk), 1.0] for p, n, _ in rows],
+                     dtype=torch.float64)
+    t = torch.tensor([r[2] for r in rows], dtype=torch.float64)
+    keep = [0, 1, 2]
+    while True:
+        a = x[:, keep] / t[:, None]
+        coef = torch.linalg.lstsq(a, torch.ones_like(t)).solution
+        if (coef >= 0).all() or len(keep) == 1:
+            break
+        keep.pop(int(torch.argmin(coef)))
+    out = dict.fromkeys(names, 0.0)
+    for i, c in zip(keep, coef.tolist()):
+        out[names[i]] = max(c, 0.0)
+    return out
+
+
+def allreduce_time(topo: Topology, algorithm: str, p: int, n: float, *,
+                   chunk: float = 1 << 20) -> float:
+    """Predicted seconds for one all-reduce of ``n`` bytes over ``p`` ranks."""
+    if p <= 1:
+        return 0.0
+    if algorithm in topo.fits:  # calibrated on this machine: the algorithm's own constants
+        f = topo.fits[algorithm]
+        lat, byt = features(algorithm, p, n, chunk)
+        return f["alpha_s"] * lat + f["beta_s_per_byte"] * byt + f.get("overhead_s", 0.0)
+    if algorithm == "hierarchical":
+        return _hierarchical(topo, p, n, topo.ranks_per_node, chunk)
+    link = topo.intra if p <= topo.ranks_per_node else topo.inter
+    lat, byt = features(algorithm if algorithm != "shm" else "ring", p, n, chunk)
+    reduce = (p - 1) / p * n if algorithm == "ring" else n
+    return (topo.base_s + link.alpha_s * lat + link.beta_s_per_byte * byt
+            + topo.gamma_s_per_byte * reduce)
+
+
+def _hierarchical(topo: Topology, p: int, n: float, g: int, chunk: float) -> float:
+    g = max(1, min(g, p))
+    m = math.ceil(p / g)
+    t = topo.base_s + topo.gamma_s_per_byte * n
+    if g > 1:  # reduce to the leader and broadcast back: a tree each way on the intra link
+        lat, byt = features("tree", g, n, chunk)
+        t += topo.intra.alpha_s * lat + topo.intra.beta_s_per_byte * byt
+    if m > 1:  # the leaders' ring on the inter-node link
+        lat, byt = features("ring", m, n)
+        t += topo.inter.alpha_s * lat + topo.inter.beta_s_per_byte * byt
+    return t
+
+
+def fused_time(topo: Topology, algorithm: str, p: int, n: float, k: int) -> float:
+    """``k`` messages of ``n`` bytes fused into one bucket: one collective plus packing."""
+    pack = 2.0 * k * n / (topo.copy_gbps * 1e9)
+    return allreduce_time(topo, algorithm, p, k * n) + pack
+
+
+def exposed_time(comm_s: float, overlappable_compute_s: float) -> float:
+    return max(0.0, comm_s - overlappable_compute_s)
+
+
+def busbw_gbps(p: int, n: float, t: float) -> float:
+    """nccl-tests' bus bandwidth of an all-reduce: n / t * 2(p-1)/p."""
+    return n / t * 2 * (p - 1) / p / 1e9 if t > 0 else 0.0
+
+
+# -- TP decode ---------------------------------------------------------------------------
+@dataclass
+class DecodeShape:
+    """What one TP decode step moves: from the model config and the workload."""
+
+    hidden_size: int
+    num_layers: int
+    params: float  # total parameters (weights read once per step per micro-batch)
+    batch: int
+    micro_batches: int = 1
+    dtype_bytes: int = 2
+
+    @property
+    def message_bytes(self) -> float:
+        return self.batch / self.micro_batches * self.hidden_size * self.dtype_bytes
+
+    @property
+    def allreduces(self) -> int:
+        return 2 * self.num_layers * self.micro_batches
+
+
+def decode_step(topo: Topology, algorithm: str, p: int, shape: DecodeShape, *,
+                compute_s: float | None = None, overlap: float = 0.0) -> dict[str, float]:
+    """Predicted decode inter-token latency: compute + exposed all-reduce time.
+
+    ``compute_s`` is the step's compute time (measured on this host); by default it is the
+    weight-streaming bound of a memory-bound decode: weights / p / HBM bandwidth per
+    micro-batch. ``overlap`` is the fraction of compute that communication can hide behind.
+    """
+    if compute_s is None:
+        if topo.hbm_gbps <= 0:
+            raise ValueError(f"topology {topo.name!r} has no hbm_gbps; pass compute_s")
+        compute_s = shape.micro_batches * shape.params * shape.dtype_bytes / p / (
+            topo.hbm_gbps * 1e9)
+    comm = shape.allreduces * allreduce_time(topo, algorithm, p, shape.message_bytes)
+    exposed = exposed_time(comm, overlap * compute_s)
+    return {"itl_s": compute_s + exposed, "compute_s": compute_s, "comm_s": comm,
+            "exposed_s": exposed}
+
+
+def to_yaml(topo: Topology) -> str:
+    d: dict[str, Any] = {
+        "name": topo.name, "ranks_per_node": topo.ranks_per_node,
+        "intra": {"alpha_s": topo.intra.alpha_s, "bandwidth_gbps": topo.intra.bandwidth_gbps},
+        "inter": {"alpha_s": topo.inter.alpha_s, "bandwidth_gbps": topo.inter.bandwidth_gbps},
+        "base_s": topo.base_s, "gamma_s_per_byte": topo.gamma_s_per_byte,
+        "copy_gbps": topo.copy_gbps, "hbm_gbps": topo.hbm_gbps, "fits": topo.fits,
+        "sources": topo.sources,
+    }
+    return yaml.safe_dump(d, sort_keys=False)
