@@ -1,0 +1,280 @@
+"""Fit the cost model's constants on this host and check the model against measurement.
+
+``python -m experiments.calibrate [--world-sizes 2,3,4] [--out-dir results/calibration]``
+
+1. Measures all-reduce times of ``naive`` (ring), ``tree``, ``shm`` and ``hierarchical`` at
+   sizes 1 KiB - 1 MiB and world sizes 2, 3, 4, with ``experiments.bench``'s timing loop
+   (median over iterations of the slowest rank). ``--runs DIR`` fits bench results already on
+   disk (``bench.csv`` files of a bench multirun) instead.
+2. Fits per algorithm alpha, beta and a fixed overhead by least squares of relative error
+   (:func:`framework.costmodel.fit`) and writes ``conf/topology/this_host.yaml``.
+3. Validates: predicted against measured all-reduce time for every row, once with the fit on
+   all world sizes and once fitted on world sizes 2 and 4 only and predicting 3 (held out);
+   and predicted against measured TP decode step time (tiny model, TP 2): compute is measured
+   once from the ``naive`` run (step time minus its exposed communication), communication is
+   predicted, for every strategy. Writes ``validation.md``, ``validation.json`` and
+   ``validation.png`` in ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from itertools import pairwise
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from experiments.bench import _sweep
+from experiments.configs import BenchSpec
+from framework.config import ParallelSpec
+from framework.costmodel import (
+    STRATEGY_ALGORITHM,
+    TOPOLOGY_DIR,
+    Link,
+    Topology,
+    allreduce_time,
+    fit,
+    to_yaml,
+)
+from framework.registry import build_communicator
+
+STRATEGIES = ["naive", "tree", "shm", "hierarchical"]
+SIZES = BenchSpec(min_bytes=1024, max_bytes=1 << 20, factor=4, iters=15, warmup=3)
+
+
+# -- on every rank -------------------------------------------------------------------------
+def measure_allreduce(strategies: list[str], bench: BenchSpec = SIZES,
+                      timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """bench's timing loop for each strategy on this rank's group; rows as in bench.csv."""
+    torch.set_num_threads(1)
+    fabric = SimpleNamespace(global_rank=dist.get_rank(), world_size=dist.get_world_size(),
+                             device=torch.device("cpu"))
+    rows = []
+    for name in strategies:
+        comm = build_communicator(name, timeout_s=timeout_s)
+        try:
+            for r in _sweep(fabric, [comm], bench)["rows"]:
+                rows.append({**r, "strategy": name, "world_size": fabric.world_size})
+        finally:
+            comm.close()
+    return rows
+
+
+def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
+                   preset: str = "tiny") -> list[dict[str, Any]]:
+    """Median decode step time and exposed communication per step of the TP model."""
+    from framework.model import get_config
+
+    torch.set_num_threads(1)
+    cfg = get_config(preset)
+    prompts = [[(7 * i + j) % cfg.vocab_size for j in range(8)] for i in range(batch)]
+    return [{"strategy": name, "world_size": dist.get_world_size(),
+             **_decode_one(name, cfg, prompts, new_tokens),
+             "allreduces": 2 * cfg.num_layers,
+             "message_bytes": batch * cfg.hidden_size * 4} for name in strategies]
+
+
+def _decode_one(name: str, cfg: Any, prompts: list[list[int]], new_tokens: int) -> dict:
+    from framework.generate import generate
+    from framework.model import TPLlama
+
+    comm = build_communicator(name)
+    try:
+        model = TPLlama(cfg, comm, dist.get_rank(), dist.get_world_size()).init_random(seed=0)
+        generate(model, prompts, 2)  # warm-up
+        stamps: list[tuple[float, float]] = []
+
+        def mark(*_: Any) -> None:
+            stamps.append((time.perf_counter(), comm.stats.wait_s))
+
+        dist.barrier()
+        generate(model, prompts, new_tokens, on_prefill_end=mark, on_step_end=mark)
+        t = torch.tensor([[b[0] - a[0], b[1] - a[1]] for a, b in pairwise(stamps)],
+                         dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return {"step_s": statistics.median(t[:, 0].tolist()),
+                "exposed_s": statistics.median(t[:, 1].tolist())}
+    finally:
+        comm.close()
+
+
+# -- fitting and validation ----------------------------------------------------------------
+def fit_host(rows: list[dict[str, Any]], world_sizes: set[int] | None = None,
+             copy_gbps: float = 10.0) -> Topology:
+    """A ``this_host`` topology whose per-algorithm constants fit ``rows``."""
+    fits = {}
+    for name, algo in STRATEGY_ALGORITHM.items():
+        data = [(r["world_size"], r["size"], r["time_us"] * 1e-6) for r in rows
+                if r["strategy"] == name and r["world_size"] > 1
+                and (world_sizes is None or r["world_size"] in world_sizes)]
+        if data:
+            fits[algo] = fit(data, algo)
+    ring = fits.get("ring", {"alpha_s": 1e-3, "beta_s_per_byte": 1e-9})
+    link = Link(ring["alpha_s"], max(ring["beta_s_per_byte"], 1e-15))
+    return Topology(name="this_host", ranks_per_node=max(r["world_size"] for r in rows),
+                    intra=link, inter=link, copy_gbps=copy_gbps, fits=fits,
+                    sources={"fits": "least squares on measured all-reduce times "
+                                      "(python -m experiments.calibrate)"})
+
+
+def allreduce_errors(topo: Topology, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        if r["world_size"] < 2 or r["strategy"] not in STRATEGY_ALGORITHM:
+            continue
+        meas = r["time_us"] * 1e-6
+        pred = allreduce_time(topo, STRATEGY_ALGORITHM[r["strategy"]], r["world_size"],
+                              r["size"])
+        out.append({"strategy": r["strategy"], "world_size": r["world_size"],
+                    "size": r["size"], "measured_us": meas * 1e6, "predicted_us": pred * 1e6,
+                    "rel_error": abs(pred - meas) / meas})
+    return out
+
+
+def decode_errors(topo: Topology, decode: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    base = next(d for d in decode if d["strategy"] == "naive")
+    compute = base["step_s"] - base["exposed_s"]
+    out = []
+    for d in decode:
+        algo = STRATEGY_ALGORITHM.get(d["strategy"])
+        if algo is None:
+            continue
+        comm = d["allreduces"] * allreduce_time(topo, algo, d["world_size"], d["message_bytes"])
+        pred = compute + comm
+        out.append({"strategy": d["strategy"], "world_size": d["world_size"],
+                    "measured_s": d["step_s"], "predicted_s": pred, "compute_s": compute,
+                    "predicted_comm_s": comm, "measured_exposed_s": d["exposed_s"],
+                    "rel_error": abs(pred - d["step_s"]) / d["step_s"]})
+    return out
+
+
+def median_error(errors: list[dict[str, Any]]) -> float:
+    return statistics.median(e["rel_error"] for e in errors) if errors else float("nan")
+
+
+# -- entry point ---------------------------------------------------------------------------
+def _read_runs(paths: list[str]) -> list[dict[str, Any]]:
+    from experiments.report import collect
+
+    rows = []
+    for p in paths:
+        _, bench_rows = collect(Path(p))
+        rows += [{"strategy": r["strategy"], "world_size": int(r["world_size"]),
+                  "size": int(r["size"]), "time_us": float(r["time_us"])} for r in bench_rows
+                 if r.get("mode", "single") == "single"]
+    return rows
+
+
+def _plot(errors: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name in sorted({e["strategy"] for e in errors}):
+        es = [e for e in errors if e["strategy"] == name]
+        ax.scatter([e["measured_us"] for e in es], [e["predicted_us"] for e in es], label=name,
+                   s=14)
+    lo = min(min(e["measured_us"], e["predicted_us"]) for e in errors)
+    hi = max(max(e["measured_us"], e["predicted_us"]) for e in errors)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="measured all-reduce time (us)",
+           ylabel="predicted (us)", title="cost model vs measurement, this host")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world-sizes", default="2,3,4")
+    ap.add_argument("--runs", nargs="*", help="bench run/multirun directories to fit instead")
+    ap.add_argument("--out-dir", default="results/calibration")
+    ap.add_argument("--topology", default=str(TOPOLOGY_DIR / "this_host.yaml"))
+    a = ap.parse_args(argv)
+    from framework.launch import launch_ranks
+
+    world_sizes = [int(w) for w in a.world_sizes.split(",")]
+    if a.runs:
+        rows = _read_runs(a.runs)
+    else:
+        rows = []
+        for ws in world_sizes:
+            rows += launch_ranks(_rank_measure, ParallelSpec(world_size=ws), STRATEGIES)
+    decode = launch_ranks(_rank_decode, ParallelSpec(world_size=2), ["naive", "tree", "shm"])
+    copy = _memcpy_gbps()
+    topo = fit_host(rows, copy_gbps=copy)
+    held = fit_host(rows, {min(world_sizes), max(world_sizes)}, copy_gbps=copy)
+    err_all = allreduce_errors(topo, rows)
+    err_held = [e for e in allreduce_errors(held, rows)
+                if e["world_size"] not in (min(world_sizes), max(world_sizes))]
+    err_dec = decode_errors(topo, decode)
+    Path(a.topology).write_text(
+        "# Fitted on this host by `python -m experiments.calibrate`; regenerate to refit.\n"
+        + to_yaml(topo))
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"allreduce": err_all, "held_out": err_held, "decode": err_dec,
+            "median_rel_error": {"allreduce": median_error(err_all),
+                                 "held_out_world_size": median_error(err_held),
+                                 "decode_step": median_error(err_dec)},
+            "fits": topo.fits, "copy_gbps": copy}
+    (out / "validation.json").write_text(json.dumps(data, indent=2) + "\n")
+    _plot(err_all, out / "validation.png")
+    md = to_markdown(data)
+    (out / "validation.md").write_text(md)
+    print(md)
+
+
+def _rank_measure(fabric: Any, strategies: list[str]) -> list[dict[str, Any]]:
+    return measure_allreduce(strategies)
+
+
+def _rank_decode(fabric: Any, strategies: list[str]) -> list[dict[str, Any]]:
+    return measure_decode(strategies)
+
+
+def _memcpy_gbps(nbytes: int = 16 << 20) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    m = data["median_rel_error"]
+    lines = ["# Cost model against measurement on this host", "",
+             f"Median relative error: all-reduce {m['allreduce']:.1%} (fit on every world "
+             f"size), {m['held_out_world_size']:.1%} (fit on the smallest and largest world "
+             f"size, predicting the others); decode step {m['decode_step']:.1%}.", "",
+             "| algorithm | alpha (us) | beta (ns/B) | overhead (us) |", "|---|---|---|---|"]
+    for algo, f in data["fits"].items():
+        lines.append(f"| {algo} | {f['alpha_s'] * 1e6:.2f} | {f['beta_s_per_byte'] * 1e9:.3f} | "
+                     f"{f['overhead_s'] * 1e6:.1f} |")
+    lines += ["", "| strategy | p | size (B) | measured (us) | predicted (us) | error |",
+              "|---|---|---|---|---|---|"]
+    for e in data["allreduce"]:
+        lines.append(f"| {e['strategy']} | {e['world_size']} | {e['size']} | "
+                     f"{e['measured_us']:.1f} | {e['predicted_us']:.1f} | {e['rel_error']:.0%} |")
+    lines += ["", "Decode step, tiny model, TP 2 (compute measured from naive, comm predicted):",
+              "", "| strategy | measured (ms) | predicted (ms) | error |", "|---|---|---|---|"]
+    for e in data["decode"]:
+        lines.append(f"| {e['strategy']} | {e['measured_s'] * 1e3:.2f} | "
+                     f"{e['predicted_s'] * 1e3:.2f} | {e['rel_error']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

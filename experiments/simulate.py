@@ -1,0 +1,165 @@
+"""Extrapolate strategies to GPU clusters with the cost model: all-reduce time and TP decode ITL.
+
+``python -m experiments.simulate [--out-dir results/simulate] [--batch 8]``
+
+For each topology preset (``conf/topology``: ``h100_nvlink`` up to 8 GPUs, ``h100_ib`` up to
+1024) and world sizes 2 to 1024, predicts the all-reduce time of ``ring`` (the library's,
+strategy ``naive``), ``tree`` and ``hierarchical`` at the decode message size of Llama-3-8B
+and -70B (batch x hidden x 2 bytes, bf16), and the decode inter-token latency (weights
+streamed from HBM / p plus 2 all-reduces per layer). Writes ``simulate.csv``, ``simulate.md``
+and plots that mark the crossovers: the world size where tree overtakes ring, where
+hierarchical overtakes the flat ring, and the message size where fusing two messages stops
+paying. These are model predictions from published constants, not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import Any
+
+from framework.costmodel import (
+    DecodeShape,
+    Topology,
+    allreduce_time,
+    decode_step,
+    fused_time,
+    load_topology,
+)
+from framework.model import get_config
+
+PRESETS = {"h100_nvlink": [2, 4, 8], "h100_ib": [2 ** k for k in range(1, 11)]}
+ALGOS = ["ring", "tree", "hierarchical"]
+MODELS = ["llama3-8b", "llama3-70b"]
+
+
+def param_count(name: str) -> float:
+    c = get_config(name)
+    attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    emb = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return c.num_layers * (attn + mlp) + emb
+
+
+def shape_for(model: str, batch: int, micro_batches: int = 1) -> DecodeShape:
+    c = get_config(model)
+    return DecodeShape(hidden_size=c.hidden_size, num_layers=c.num_layers,
+                       params=param_count(model), batch=batch, micro_batches=micro_batches)
+
+
+def crossover(xs: list[float], a: list[float], b: list[float]) -> float | None:
+    """First x where ``b`` becomes faster than ``a`` (None if never)."""
+    for x, ta, tb in zip(xs, a, b):
+        if tb < ta:
+            return x
+    return None
+
+
+def fusion_limit(topo: Topology, p: int, k: int = 2) -> float | None:
+    """Smallest message size (bytes, powers of 2) at which fusing k messages stops paying."""
+    for e in range(8, 34):
+        n = 2.0 ** e
+        if fused_time(topo, "ring", p, n, k) >= k * allreduce_time(topo, "ring", p, n):
+            return n
+    return None
+
+
+def simulate(batch: int) -> tuple[list[dict[str, Any]], list[str]]:
+    rows, notes = [], []
+    for tname, sizes in PRESETS.items():
+        topo = load_topology(tname)
+        for model in MODELS:
+            shape = shape_for(model, batch)
+            n = shape.message_bytes
+            series: dict[str, list[float]] = {a: [] for a in ALGOS}
+            for p in sizes:
+                for algo in ALGOS:
+                    t = allreduce_time(topo, algo, p, n)
+                    d = decode_step(topo, algo, p, shape)
+                    series[algo].append(t)
+                    rows.append({"topology": tname, "model": model, "batch": batch,
+                                 "world_size": p, "algorithm": algo, "message_bytes": int(n),
+                                 "allreduce_us": round(t * 1e6, 3),
+                                 "itl_ms": round(d["itl_s"] * 1e3, 4),
+                                 "comm_share": round(d["comm_s"] / d["itl_s"], 4)})
+            tr = crossover(sizes, series["ring"], series["tree"])
+            hr = crossover(sizes, series["ring"], series["hierarchical"])
+            notes.append(f"{tname}, {model}, {int(n)} B: tree overtakes ring at p = {tr}; "
+                         f"hierarchical overtakes flat ring at p = {hr}")
+        for p in (sizes[-1],):
+            lim = fusion_limit(topo, p)
+            notes.append(f"{tname}, p = {p}: fusing 2 messages stops paying at "
+                         f"{_size(lim)} per message")
+    return rows, notes
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "never (within 16 GiB)"
+    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= div:
+            return f"{n / div:g} {unit}"
+    return f"{n:g} B"
+
+
+def plot(rows: list[dict[str, Any]], notes: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for tname in PRESETS:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, model in zip(axes, MODELS):
+            for algo in ALGOS:
+                rs = [r for r in rows if r["topology"] == tname and r["model"] == model
+                      and r["algorithm"] == algo]
+                ax.plot([r["world_size"] for r in rs], [r["allreduce_us"] for r in rs],
+                        marker="o", label=algo)
+            for note in notes:  # mark the crossovers
+                if note.startswith(f"{tname}, {model},"):
+                    for part, style in (("tree overtakes ring at p = ", ":"),
+                                        ("hierarchical overtakes flat ring at p = ", "--")):
+                        v = note.split(part)[1].split(";")[0]
+                        if v != "None":
+                            ax.axvline(float(v), ls=style, c="grey", lw=0.8)
+            ax.set(xscale="log", yscale="log", xlabel="world size", ylabel="all-reduce (us)",
+                   title=f"{tname}: {model} decode message")
+            ax.legend()
+        fig.tight_layout()
+        path = out / f"allreduce_{tname}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out-dir", default="results/simulate")
+    ap.add_argument("--batch", type=int, default=8)
+    a = ap.parse_args(argv)
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, notes = simulate(a.batch)
+    with open(out / "simulate.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, notes, out)
+    lines = ["# Simulated all-reduce and decode ITL (cost model, published constants)", "",
+             f"Decode batch {a.batch}, bf16. Model predictions, not measurements.", ""]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "| topology | model | p | algorithm | all-reduce (us) | ITL (ms) | comm share |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['topology']} | {r['model']} | {r['world_size']} | {r['algorithm']} | "
+              f"{r['allreduce_us']:.1f} | {r['itl_ms']:.3f} | {r['comm_share']:.0%} |"
+              for r in rows]
+    (out / "simulate.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:4 + len(notes)]))
+
+
+if __name__ == "__main__":
+    main()
