@@ -45,25 +45,32 @@ from framework.costmodel import (
 from framework.registry import build_communicator
 
 STRATEGIES = ["naive", "tree", "shm", "hierarchical"]
-SIZES = BenchSpec(min_bytes=1024, max_bytes=1 << 20, factor=4, iters=15, warmup=3)
+SIZES = BenchSpec(min_bytes=1024, max_bytes=1 << 20, factor=4, iters=10, warmup=2)
 
 
 # -- on every rank -------------------------------------------------------------------------
-def measure_allreduce(strategies: list[str], bench: BenchSpec = SIZES,
+def measure_allreduce(strategies: list[str], bench: BenchSpec = SIZES, rounds: int = 5,
                       timeout_s: float = 60.0) -> list[dict[str, Any]]:
-    """bench's timing loop for each strategy on this rank's group; rows as in bench.csv."""
+    """bench's timing loop for each strategy on this rank's group; rows as in bench.csv.
+
+    ``rounds`` passes over every strategy and size, interleaved, and the median over rounds
+    of bench's per-round median: gloo's latency on a shared VM drifts by 2-5x over seconds,
+    and interleaving spreads the slow periods over every point instead of a few."""
     torch.set_num_threads(1)
     fabric = SimpleNamespace(global_rank=dist.get_rank(), world_size=dist.get_world_size(),
                              device=torch.device("cpu"))
-    rows = []
-    for name in strategies:
-        comm = build_communicator(name, timeout_s=timeout_s)
-        try:
-            for r in _sweep(fabric, [comm], bench)["rows"]:
-                rows.append({**r, "strategy": name, "world_size": fabric.world_size})
-        finally:
+    comms = {name: build_communicator(name, timeout_s=timeout_s) for name in strategies}
+    try:
+        times: dict[tuple[str, int], list[float]] = {}
+        for _ in range(rounds):
+            for name, comm in comms.items():
+                for r in _sweep(fabric, [comm], bench)["rows"]:
+                    times.setdefault((name, r["size"]), []).append(r["time_us"])
+    finally:
+        for comm in comms.values():
             comm.close()
-    return rows
+    return [{"strategy": name, "world_size": fabric.world_size, "size": size,
+             "time_us": statistics.median(ts)} for (name, size), ts in times.items()]
 
 
 def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,

@@ -186,8 +186,12 @@ def to_markdown(data: dict[str, Any]) -> str:
             continue
         lines.append(f"| {t['target']} | {t['measured']:.3g} {t['unit']} | {t['required']} | "
                      f"{'yes' if t['met'] else '**no**'} | {t['detail']} |")
+    if data.get("analysis"):
+        lines += ["", "## What limits the targets not met", ""]
+        lines += [f"- {a}" for a in data["analysis"]]
     lines += ["", "Commands:", ""]
-    lines += [f"- `{t['command']}`" for t in data["targets"] if "command" in t]
+    lines += [f"- `{c}`" for c in dict.fromkeys(t["command"] for t in data["targets"]
+                                                 if "command" in t)]
     if table:
         lines += ["", "TP runner, small preset, TP 2, 32 new tokens (medians):", "",
                   "| config | decode tok/s | ITL p50 (s) | exposed comm (s) | share |",

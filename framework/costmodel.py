@@ -14,9 +14,10 @@ model uses the same latency + bytes / bandwidth form per algorithm and protocol)
   n gamma`` -- each tree step moves a chunk to or from two children.
 * ``hierarchical`` over ``g`` ranks per node and ``m = p/g`` nodes: reduce to the node leader
   (tree on the intra link), ring all-reduce of the leaders on the inter link, broadcast back.
-* ``shm`` (shared memory, one host): per chunk two flag barriers (``2 alpha``, alpha the
-  flag round trip) and memory traffic of about ``(2 + 2) n`` bytes per rank (copy in, read
-  slices, copy out) at memory bandwidth ``1/beta``, plus ``n gamma``.
+* ``shm`` (shared memory, one host): per chunk two flag barriers, each waiting on ``p - 1``
+  peers (``2 (p-1) alpha``; alpha is the flag round trip, or a context switch when there are
+  more ranks than cores) and memory traffic of about ``(3 + 1/p) n`` bytes per rank (copy in,
+  sum p slices of n/p, copy out) at memory bandwidth ``1/beta``.
 
 Schedules: fusing ``k`` messages of ``n`` bytes costs one collective of ``k n`` bytes plus a
 copy in and out of the bucket (``2 k n / copy_bw``) instead of ``k`` collectives; overlap with
@@ -104,8 +105,10 @@ def features(algorithm: str, p: int, n: float, chunk: float = 1 << 20) -> tuple[
         c = n / k
         return 2.0 * (depth + k - 1), 4.0 * (depth + k - 1) * c
     if algorithm == "shm":
+        # two barriers per chunk, each waiting on p-1 peers (with more ranks than cores every
+        # peer may need a context switch first); copy in, sum p slices of n/p, copy out
         k = max(1, math.ceil(n / chunk))
-        return 2.0 * k, 4.0 * n
+        return 2.0 * k * (p - 1), (3.0 + 1.0 / p) * n
     if algorithm == "hierarchical":  # all ranks one node (g = p): a tree reduce + broadcast
         lat, byt = features("tree", p, n, chunk)
         return lat, byt

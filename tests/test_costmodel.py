@@ -79,7 +79,7 @@ def test_fit_recovers_known_constants() -> None:
     assert got["overhead_s"] == pytest.approx(over, rel=1e-6)
 
 
-SIZES = BenchSpec(min_bytes=1024, max_bytes=256 << 10, factor=4, iters=15, warmup=3)
+SIZES = BenchSpec(min_bytes=1024, max_bytes=256 << 10, factor=4, iters=8, warmup=2)
 STRATEGIES = ["naive", "tree", "shm"]
 
 
