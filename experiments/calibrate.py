@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from itertools import pairwise
@@ -74,58 +75,69 @@ def measure_allreduce(strategies: list[str], bench: BenchSpec = SIZES, rounds: i
 
 
 def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
-                   preset: str = "tiny") -> list[dict[str, Any]]:
-    """Median decode step time and exposed communication per step of the TP model."""
-    from framework.model import get_config
+                   preset: str = "tiny", rounds: int = 3) -> list[dict[str, Any]]:
+    """Median decode step time and exposed communication per step of the TP model.
+
+    Every strategy gets its own model; ``rounds`` passes over the strategies, interleaved,
+    so gloo's slow periods fall on all of them alike."""
+    from framework.generate import generate
+    from framework.model import TPLlama, get_config
 
     torch.set_num_threads(1)
     cfg = get_config(preset)
     prompts = [[(7 * i + j) % cfg.vocab_size for j in range(8)] for i in range(batch)]
-    return [{"strategy": name, "world_size": dist.get_world_size(),
-             **_decode_one(name, cfg, prompts, new_tokens),
-             "allreduces": 2 * cfg.num_layers,
-             "message_bytes": batch * cfg.hidden_size * 4} for name in strategies]
-
-
-def _decode_one(name: str, cfg: Any, prompts: list[list[int]], new_tokens: int) -> dict:
-    from framework.generate import generate
-    from framework.model import TPLlama
-
-    comm = build_communicator(name)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comms = {name: build_communicator(name) for name in strategies}
     try:
-        model = TPLlama(cfg, comm, dist.get_rank(), dist.get_world_size()).init_random(seed=0)
-        generate(model, prompts, 2)  # warm-up
-        stamps: list[tuple[float, float]] = []
-
-        def mark(*_: Any) -> None:
-            stamps.append((time.perf_counter(), comm.stats.wait_s))
-
-        dist.barrier()
-        generate(model, prompts, new_tokens, on_prefill_end=mark, on_step_end=mark)
-        t = torch.tensor([[b[0] - a[0], b[1] - a[1]] for a, b in pairwise(stamps)],
-                         dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return {"step_s": statistics.median(t[:, 0].tolist()),
-                "exposed_s": statistics.median(t[:, 1].tolist())}
+        models = {name: TPLlama(cfg, c, rank, world).init_random(seed=0)
+                  for name, c in comms.items()}
+        steps: dict[str, list[list[float]]] = {name: [] for name in strategies}
+        for _ in range(rounds):
+            for name, model in models.items():
+                generate(model, prompts, 2)  # warm-up
+                stamps: list[tuple[float, float]] = []
+                mark = _marker(stamps, comms[name])
+                dist.barrier()
+                generate(model, prompts, new_tokens, on_prefill_end=mark, on_step_end=mark)
+                steps[name] += [[b[0] - a[0], b[1] - a[1]] for a, b in pairwise(stamps)]
     finally:
-        comm.close()
+        for c in comms.values():
+            c.close()
+    out = []
+    for name in strategies:
+        t = torch.tensor(steps[name], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank, step by step
+        out.append({"strategy": name, "world_size": world,
+                    "step_s": statistics.median(t[:, 0].tolist()),
+                    "exposed_s": statistics.median(t[:, 1].tolist()),
+                    "allreduces": 2 * cfg.num_layers,
+                    "message_bytes": batch * cfg.hidden_size * 4})
+    return out
+
+
+def _marker(stamps: list[tuple[float, float]], comm: Any):
+    def mark(*_: Any) -> None:
+        stamps.append((time.perf_counter(), comm.stats.wait_s))
+
+    return mark
 
 
 # -- fitting and validation ----------------------------------------------------------------
 def fit_host(rows: list[dict[str, Any]], world_sizes: set[int] | None = None,
-             copy_gbps: float = 10.0) -> Topology:
+             copy_gbps: float = 10.0, cores: int | None = None) -> Topology:
     """A ``this_host`` topology whose per-algorithm constants fit ``rows``."""
+    cores = cores or os.cpu_count()
     fits = {}
     for name, algo in STRATEGY_ALGORITHM.items():
         data = [(r["world_size"], r["size"], r["time_us"] * 1e-6) for r in rows
                 if r["strategy"] == name and r["world_size"] > 1
                 and (world_sizes is None or r["world_size"] in world_sizes)]
         if data:
-            fits[algo] = fit(data, algo)
+            fits[algo] = fit(data, algo, cores=cores)
     ring = fits.get("ring", {"alpha_s": 1e-3, "beta_s_per_byte": 1e-9})
     link = Link(ring["alpha_s"], max(ring["beta_s_per_byte"], 1e-15))
     return Topology(name="this_host", ranks_per_node=max(r["world_size"] for r in rows),
-                    intra=link, inter=link, copy_gbps=copy_gbps, fits=fits,
+                    intra=link, inter=link, copy_gbps=copy_gbps, fits=fits, cores=cores,
                     sources={"fits": "least squares on measured all-reduce times "
                                       "(python -m experiments.calibrate)"})
 

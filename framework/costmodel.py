@@ -65,6 +65,7 @@ class Topology:
     intra: Link
     inter: Link
     base_s: float = 0.0  # fixed cost of launching one collective
+    cores: int | None = None  # CPU cores of a one-host topology (None: one device per rank)
     gamma_s_per_byte: float = 0.0  # reduction arithmetic
     copy_gbps: float = 100.0  # local memory copy bandwidth (bucket packing)
     hbm_gbps: float = 0.0  # device memory bandwidth (decode compute is weight-bound)
@@ -82,6 +83,7 @@ def load_topology(name_or_path: str | Path) -> Topology:
         intra=Link(float(d["intra"]["alpha_s"]), 1e-9 / float(d["intra"]["bandwidth_gbps"])),
         inter=Link(float(d["inter"]["alpha_s"]), 1e-9 / float(d["inter"]["bandwidth_gbps"])),
         base_s=float(d.get("base_s", 0.0)),
+        cores=int(d["cores"]) if d.get("cores") else None,
         gamma_s_per_byte=float(d.get("gamma_s_per_byte", 0.0)),
         copy_gbps=float(d.get("copy_gbps", 100.0)), hbm_gbps=float(d.get("hbm_gbps", 0.0)),
         fits={k: {kk: float(vv) for kk, vv in v.items()} for k, v in
@@ -90,11 +92,22 @@ def load_topology(name_or_path: str | Path) -> Topology:
 
 
 # -- features: time = alpha * latency_terms + beta * byte_terms (+ gamma * reduce_bytes) ------
-def features(algorithm: str, p: int, n: float, chunk: float = 1 << 20) -> tuple[float, float]:
+def features(algorithm: str, p: int, n: float, chunk: float = 1 << 20,
+             cores: int | None = None) -> tuple[float, float]:
     """(number of latency terms, bytes on the critical path) of one all-reduce of ``n`` bytes.
 
     Linear in alpha and beta, so calibration is ordinary least squares on these features.
+    With ``cores`` < p (more ranks than cores on one host) the ranks time-share the cores, so
+    both terms stretch by p / cores: a step waits for a peer that first has to be scheduled,
+    and p ranks' copies and sums run on fewer cores.
     """
+    lat, byt = _features(algorithm, p, n, chunk)
+    if cores and p > cores:
+        lat, byt = lat * p / cores, byt * p / cores
+    return lat, byt
+
+
+def _features(algorithm: str, p: int, n: float, chunk: float) -> tuple[float, float]:
     if p <= 1:
         return 0.0, 0.0
     if algorithm == "ring":
@@ -110,13 +123,12 @@ def features(algorithm: str, p: int, n: float, chunk: float = 1 << 20) -> tuple[
         k = max(1, math.ceil(n / chunk))
         return 2.0 * k * (p - 1), (3.0 + 1.0 / p) * n
     if algorithm == "hierarchical":  # all ranks one node (g = p): a tree reduce + broadcast
-        lat, byt = features("tree", p, n, chunk)
-        return lat, byt
+        return _features("tree", p, n, chunk)
     raise ValueError(f"unknown algorithm {algorithm!r}; known: {ALGORITHMS}")
 
 
-def fit(rows: list[tuple[int, float, float]], algorithm: str,
-        chunk: float = 1 << 20) -> dict[str, float]:
+def fit(rows: list[tuple[int, float, float]], algorithm: str, chunk: float = 1 << 20,
+        cores: int | None = None) -> dict[str, float]:
     """Least-squares alpha, beta and a fixed per-call overhead from (p, bytes, seconds) rows.
 
     Relative errors are minimised (each row weighted by 1/t), because times span three orders
@@ -126,7 +138,7 @@ def fit(rows: list[tuple[int, float, float]], algorithm: str,
     import torch
 
     names = ["alpha_s", "beta_s_per_byte", "overhead_s"]
-    x = torch.tensor([[*features(algorithm, p, n, chunk), 1.0] for p, n, _ in rows],
+    x = torch.tensor([[*features(algorithm, p, n, chunk, cores), 1.0] for p, n, _ in rows],
                      dtype=torch.float64)
     t = torch.tensor([r[2] for r in rows], dtype=torch.float64)
     keep = [0, 1, 2]
@@ -149,7 +161,7 @@ def allreduce_time(topo: Topology, algorithm: str, p: int, n: float, *,
         return 0.0
     if algorithm in topo.fits:  # calibrated on this machine: the algorithm's own constants
         f = topo.fits[algorithm]
-        lat, byt = features(algorithm, p, n, chunk)
+        lat, byt = features(algorithm, p, n, chunk, topo.cores)
         return f["alpha_s"] * lat + f["beta_s_per_byte"] * byt + f.get("overhead_s", 0.0)
     if algorithm == "hierarchical":
         return _hierarchical(topo, p, n, topo.ranks_per_node, chunk)
@@ -233,7 +245,7 @@ def to_yaml(topo: Topology) -> str:
         "name": topo.name, "ranks_per_node": topo.ranks_per_node,
         "intra": {"alpha_s": topo.intra.alpha_s, "bandwidth_gbps": topo.intra.bandwidth_gbps},
         "inter": {"alpha_s": topo.inter.alpha_s, "bandwidth_gbps": topo.inter.bandwidth_gbps},
-        "base_s": topo.base_s, "gamma_s_per_byte": topo.gamma_s_per_byte,
+        "base_s": topo.base_s, "cores": topo.cores, "gamma_s_per_byte": topo.gamma_s_per_byte,
         "copy_gbps": topo.copy_gbps, "hbm_gbps": topo.hbm_gbps, "fits": topo.fits,
         "sources": topo.sources,
     }
