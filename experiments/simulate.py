@@ -6,8 +6,10 @@ For each topology preset (``conf/topology``: ``h100_nvlink`` up to 8 GPUs, ``h10
 1024) and world sizes 2 to 1024, predicts the all-reduce time of ``ring`` (the library's,
 strategy ``naive``), ``tree`` and ``hierarchical`` at the decode message size of Llama-3-8B
 and -70B (batch x hidden x 2 bytes, bf16), and the decode inter-token latency (weights
-streamed from HBM / p plus 2 all-reduces per layer). Writes ``simulate.csv``, ``simulate.md``
-and plots that mark the crossovers: the world size where tree overtakes ring, where
+streamed from HBM / p plus 2 all-reduces per layer); and the schedules over the ring with two
+micro-batches (``bucketed``: fused pairs; ``async_overlap``: half the compute overlappable),
+whose ``allreduce_us`` is the communication per collective issued. Writes ``simulate.csv``,
+``simulate.md`` and plots that mark the crossovers: the world size where tree overtakes ring, where
 hierarchical overtakes the flat ring, and the message size where fusing two messages stops
 paying. These are model predictions from published constants, not measurements.
 """
@@ -83,6 +85,7 @@ def simulate(batch: int) -> tuple[list[dict[str, Any]], list[str]]:
                                  "allreduce_us": round(t * 1e6, 3),
                                  "itl_ms": round(d["itl_s"] * 1e3, 4),
                                  "comm_share": round(d["comm_s"] / d["itl_s"], 4)})
+                rows += schedule_rows(topo, tname, model, batch, p)
             tr = crossover(sizes, series["ring"], series["tree"])
             hr = crossover(sizes, series["ring"], series["hierarchical"])
             notes.append(f"{tname}, {model}, {int(n)} B: tree overtakes ring at p = {tr}; "
@@ -92,6 +95,28 @@ def simulate(batch: int) -> tuple[list[dict[str, Any]], list[str]]:
             notes.append(f"{tname}, p = {p}: fusing 2 messages stops paying at "
                          f"{_size(lim)} per message")
     return rows, notes
+
+
+def schedule_rows(topo: Topology, tname: str, model: str, batch: int,
+                  p: int) -> list[dict[str, Any]]:
+    """The schedules over the ring, with 2 micro-batches: bucketed fuses the two micro-batches'
+    all-reduces (2L collectives of twice the bytes, plus packing); async_overlap hides them
+    behind the other micro-batch's compute (half the step's compute is overlappable)."""
+    shape = shape_for(model, batch, micro_batches=2)
+    base = decode_step(topo, "ring", p, shape)
+    fused_comm = 2 * shape.num_layers * fused_time(topo, "ring", p, shape.message_bytes, 2)
+    overlap = decode_step(topo, "ring", p, shape, overlap=0.5)
+    out = []
+    for name, comm, itl in (
+        ("bucketed", fused_comm, base["compute_s"] + fused_comm),
+        ("async_overlap", overlap["comm_s"], overlap["itl_s"]),
+    ):
+        out.append({"topology": tname, "model": model, "batch": batch, "world_size": p,
+                    "algorithm": f"{name} (ring, 2 micro-batches)",
+                    "message_bytes": int(shape.message_bytes),
+                    "allreduce_us": round(comm / shape.allreduces * 1e6, 3),
+                    "itl_ms": round(itl * 1e3, 4), "comm_share": round(comm / itl, 4)})
+    return out
 
 
 def _size(n: float | None) -> str:

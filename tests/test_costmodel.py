@@ -109,7 +109,7 @@ def test_simulator_writes_tables_plots_and_crossovers(tmp_path) -> None:
     assert "tree overtakes ring at p =" in md and "fusing 2 messages stops paying" in md
     assert (tmp_path / "allreduce_h100_ib.png").stat().st_size > 0
     rows = (tmp_path / "simulate.csv").read_text().splitlines()
-    assert len(rows) == 1 + 3 * 2 * (3 + 10)  # header + algos x models x world sizes
+    assert len(rows) == 1 + 5 * 2 * (3 + 10)  # header + (3 algorithms + 2 schedules) x models x p
 
 
 def _run(strategy: str, mb: int, **kw) -> dict:
