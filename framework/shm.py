@@ -338,3 +338,19 @@ class ShmSegment:
                             f"{[flags[j] for j in behind]}")
         if self._broken is not None:
             raise ShmError(f"rank {self.rank}: {self._broken}")
+
+
+def shm_segment_for(group, backend: str, chunk_bytes: int,
+                    timeout_s: float) -> ShmSegment | None:
+    """A segment over ``group`` if all its ranks share this host's memory, else ``None``.
+
+    Collective over ``group``. The decision is taken from every rank's answer, so all ranks
+    agree on it.
+    """
+    ok = backend == "gloo" and shm_supported() is None
+    mine = (host_id() if ok else "", ok)
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    if not all(ok_j and h == everyone[0][0] for h, ok_j in everyone):
+        return None
+    return ShmSegment(group, chunk_bytes, timeout_s)

@@ -24,7 +24,7 @@ from torch import Tensor
 from framework import Algorithm, register_strategy
 from framework.groups import acquire_group, release_group
 from framework.launch import ranks_per_node_from_env
-from strategies.shm import shm_segment_for
+from framework.shm import shm_segment_for
 
 INTRA = ("library", "shm")
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework import Algorithm, register_strategy
-from framework.shm import ShmSegment, host_id, shm_supported
+from framework.shm import shm_segment_for
 
 
 @register_strategy("shm")
@@ -49,19 +49,3 @@ class Shm(Algorithm):
         super()._release()
         if self.segment is not None:
             self.segment.close()
-
-
-def shm_segment_for(group, backend: str, chunk_bytes: int,
-                    timeout_s: float) -> ShmSegment | None:
-    """A segment over ``group`` if all its ranks share this host's memory, else ``None``.
-
-    Collective over ``group``. The decision is taken from every rank's answer, so all ranks
-    agree on it.
-    """
-    ok = backend == "gloo" and shm_supported() is None
-    mine = (host_id() if ok else "", ok)
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    if not all(ok_j and h == everyone[0][0] for h, ok_j in everyone):
-        return None
-    return ShmSegment(group, chunk_bytes, timeout_s)
