@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from experiments.bench import _sweep
+from experiments.bench import _memcpy_times, _sweep
 from experiments.configs import BenchSpec
 from framework.config import ParallelSpec
 from framework.costmodel import (
@@ -266,14 +266,7 @@ def _rank_decode(fabric: Any, strategies: list[str]) -> list[dict[str, Any]]:
 
 
 def _memcpy_gbps(nbytes: int = 16 << 20) -> float:
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
+    return nbytes / statistics.median(_memcpy_times(nbytes, 10, torch.device("cpu"))) / 1e9
 
 
 def to_markdown(data: dict[str, Any]) -> str:

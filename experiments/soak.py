@@ -35,14 +35,10 @@ import torch.distributed as dist
 
 from framework.config import ParallelSpec
 from framework.registry import available_strategies, build_communicator
+from framework.runner import _rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 GROWTH_LIMIT = 0.05
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def soak_allreduce(strategies: list[str], calls: int, nbytes: int) -> list[dict[str, Any]]:
@@ -80,10 +76,10 @@ def _soak_one(name: str, calls: int, nbytes: int) -> dict[str, Any]:
         xs = [torch.ones(nbytes // 4) for _ in range(2)]
         _burst(comm, xs, max(calls // 10, 2))
         comm.flush()
-        rss0, allocs0 = _rss(), comm.stats.buffer_allocs
+        rss0, allocs0 = _rss_bytes(), comm.stats.buffer_allocs
         most = _burst(comm, xs, calls)
         comm.flush()
-        return {"strategy": name, "calls": calls, "rss_growth": _rss() / rss0 - 1,
+        return {"strategy": name, "calls": calls, "rss_growth": _rss_bytes() / rss0 - 1,
                 "allocs_after_warmup": comm.stats.buffer_allocs - allocs0,
                 "pending_max": most, "pending_end": comm.pending}
     finally:
