@@ -7,12 +7,17 @@
    (median over iterations of the slowest rank). ``--runs DIR`` fits bench results already on
    disk (``bench.csv`` files of a bench multirun) instead.
 2. Fits per algorithm alpha, beta and a fixed overhead by least squares of relative error
-   (:func:`framework.costmodel.fit`) and writes ``conf/topology/this_host.yaml``.
+   (:func:`framework.costmodel.fit`), adds each algorithm's in-situ extra (step 3) and writes
+   ``conf/topology/this_host.yaml``.
 3. Validates: predicted against measured all-reduce time for every row, once with the fit on
    all world sizes and once fitted on world sizes 2 and 4 only and predicting 3 (held out);
-   and predicted against measured TP decode step time (tiny model, TP 2): compute is measured
-   once from the ``naive`` run (step time minus its exposed communication), communication is
-   predicted, for every strategy. Writes ``validation.md``, ``validation.json`` and
+   and predicted against measured TP decode step time (tiny model, TP 2). The decode step is
+   predicted as compute, measured in a run with no communication, plus per all-reduce the
+   model's back-to-back time and its in-situ extra (``insitu_s``, measured in a loop of
+   compute segments with and without all-reduces: on a CPU host an all-reduce that follows
+   compute costs more than one that follows another all-reduce). All of it is measured in
+   interleaved rounds with the decode runs (:func:`measure_decode`): gloo on a shared VM
+   drifts by 2-3x over minutes. Writes ``validation.md``, ``validation.json`` and
    ``validation.png`` in ``--out-dir``.
 """
 
@@ -31,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from experiments.bench import _memcpy_times, _sweep
+from experiments.bench import _memcpy_times, _sweep, bench_sizes
 from experiments.configs import BenchSpec
 from framework.config import ParallelSpec
 from framework.costmodel import (
@@ -41,12 +46,14 @@ from framework.costmodel import (
     Topology,
     allreduce_time,
     fit,
+    insitu_time,
     to_yaml,
 )
 from framework.registry import build_communicator
 
 STRATEGIES = ["naive", "tree", "shm", "hierarchical"]
 SIZES = BenchSpec(min_bytes=1024, max_bytes=1 << 20, factor=4, iters=10, warmup=2)
+DECODE_SIZES = BenchSpec(min_bytes=1024, max_bytes=16 << 10, factor=4, iters=10, warmup=2)
 
 
 # -- on every rank -------------------------------------------------------------------------
@@ -75,11 +82,18 @@ def measure_allreduce(strategies: list[str], bench: BenchSpec = SIZES, rounds: i
 
 
 def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
-                   preset: str = "tiny", rounds: int = 3) -> list[dict[str, Any]]:
-    """Median decode step time and critical-path exposed communication per step.
+                   preset: str = "tiny", rounds: int = 5,
+                   bench: BenchSpec = DECODE_SIZES) -> dict[str, Any]:
+    """Everything the decode-step check needs, measured in the same interleaved rounds.
 
-    Every strategy gets its own model; ``rounds`` passes over the strategies, interleaved,
-    so gloo's slow periods fall on all of them alike."""
+    Per round and strategy: bench's back-to-back all-reduce sweep (``bench`` sizes), the
+    in-loop cost at the same sizes (:func:`measure_inloop`, with compute segments as long as
+    the decode's compute per all-reduce), and a decode run of the model; once per round a decode run
+    with no communication at all (:class:`_NoComm`), whose step time is the compute. Gloo on a
+    shared VM drifts by 2-3x over minutes, so constants measured in another phase would not
+    describe the decode runs; interleaving gives every quantity the same slow and fast periods.
+
+    Returns ``{"decode": rows, "allreduce": rows, "inloop": rows}``."""
     from framework.generate import generate
     from framework.model import TPLlama, get_config
 
@@ -87,36 +101,129 @@ def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
     cfg = get_config(preset)
     prompts = [[(7 * i + j) % cfg.vocab_size for j in range(8)] for i in range(batch)]
     rank, world = dist.get_rank(), dist.get_world_size()
-    comms = {name: build_communicator(name) for name in strategies}
+    fabric = SimpleNamespace(global_rank=rank, world_size=world, device=torch.device("cpu"))
+    n_ar = 2 * cfg.num_layers
+    comms: dict[str, Any] = {name: build_communicator(name) for name in strategies}
+    comms[COMPUTE] = _NoComm()
     try:
         models = {name: TPLlama(cfg, c, rank, world).init_random(seed=0)
                   for name, c in comms.items()}
-        steps: dict[str, list[list[float]]] = {name: [] for name in strategies}
+        steps: dict[str, list[list[float]]] = {name: [] for name in comms}
+        times: dict[tuple[str, int], list[float]] = {}
+        inloop: dict[tuple[str, int], list[float]] = {}
+        sizes = bench_sizes(bench.min_bytes, bench.max_bytes, bench.factor, 4)
+        segment_s = None
         for _ in range(rounds):
-            for name, model in models.items():
+            for name, model in reversed(models.items()):  # compute first: it sizes the segment
+                if name != COMPUTE:
+                    for r in _sweep(fabric, [comms[name]], bench)["rows"]:
+                        times.setdefault((name, r["size"]), []).append(r["time_us"] * 1e-6)
+                    for size, cost in measure_inloop(comms[name], sizes, segment_s).items():
+                        inloop.setdefault((name, size), []).append(cost)
                 generate(model, prompts, 2)  # warm-up
                 stamps: list[tuple[float, float]] = []
                 mark = _marker(stamps, comms[name])
                 dist.barrier()
                 generate(model, prompts, new_tokens, on_prefill_end=mark, on_step_end=mark)
                 steps[name] += [[b[0] - a[0], b[1] - a[1]] for a, b in pairwise(stamps)]
+                if name == COMPUTE and segment_s is None:
+                    segment_s = _max_over_ranks(statistics.median(s for s, _ in steps[name]))
+                    segment_s /= n_ar
     finally:
         for c in comms.values():
             c.close()
-    out = []
-    for name in strategies:
+    decode = []
+    for name in comms:
         t = torch.tensor(steps[name], dtype=torch.float64)
         step, wait = t[:, 0].clone(), t[:, 1].clone()
         dist.all_reduce(step, op=dist.ReduceOp.MAX)  # the step ends when the last rank is done
         # The rank that waits least is the one on the critical path: its wait is the
         # transport; the others' extra wait is skew (waiting for its compute), not comm.
         dist.all_reduce(wait, op=dist.ReduceOp.MIN)
-        out.append({"strategy": name, "world_size": world,
-                    "step_s": statistics.median(step.tolist()),
-                    "exposed_s": statistics.median(wait.tolist()),
-                    "allreduces": 2 * cfg.num_layers,
-                    "message_bytes": batch * cfg.hidden_size * 4})
+        decode.append({"strategy": name, "world_size": world,
+                       "step_s": statistics.median(step.tolist()),
+                       "exposed_s": statistics.median(wait.tolist()),
+                       "allreduces": n_ar if name != COMPUTE else 0,
+                       "message_bytes": batch * cfg.hidden_size * 4})
+    return {"decode": decode,
+            "allreduce": [{"strategy": name, "world_size": world, "size": size,
+                           "time_us": statistics.median(ts) * 1e6}
+                          for (name, size), ts in times.items()],
+            "inloop": [{"strategy": name, "world_size": world, "size": size,
+                        "cost_us": statistics.median(cs) * 1e6}
+                       for (name, size), cs in inloop.items()]}
+
+
+def measure_inloop(comm: Any, sizes: list[int], segment_s: float, iters: int = 8,
+                   blocks: int = 3) -> dict[int, float]:
+    """Seconds an all-reduce adds to a loop where each one follows ``segment_s`` of compute.
+
+    Alternates blocks of (compute segment, all-reduce) iterations with blocks of the compute
+    alone, takes the slowest rank per iteration, and returns per size the difference of the
+    medians. The segment after an all-reduce is where its interference lands, so compute and
+    all-reduce are not split within an iteration. The compute is small matrix products and
+    elementwise ops, the kind a decode step is made of."""
+    spin = _Spin(segment_s)
+    out = {}
+    for size in sizes:
+        x = torch.ones(size // 4)
+        loops: list[list[float]] = [[], []]
+        for _ in range(blocks):
+            for i, reduce in enumerate((True, False)):
+                dist.barrier()
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    spin()
+                    if reduce:
+                        comm.all_reduce(x).wait()
+                    loops[i].append(time.perf_counter() - t0)
+        t = _max_over_ranks(torch.tensor(loops, dtype=torch.float64))
+        out[size] = statistics.median(t[0].tolist()) - statistics.median(t[1].tolist())
     return out
+
+
+class _Spin:
+    """About ``seconds`` of decode-like compute on one thread."""
+
+    def __init__(self, seconds: float) -> None:
+        self.a, self.w = torch.randn(4, 192), torch.randn(192, 192)
+        t0 = time.perf_counter()
+        for _ in range(50):
+            self._op()
+        per = (time.perf_counter() - t0) / 50
+        self.k = max(1, round(seconds / per))
+
+    def _op(self) -> None:
+        y = self.a @ self.w
+        y = torch.nn.functional.silu(y) * y
+        y.div_(y.norm() + 1)
+
+    def __call__(self) -> None:
+        for _ in range(self.k):
+            self._op()
+
+
+def _max_over_ranks(x: Any) -> Any:
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t if t.dim() else t.item()
+
+
+COMPUTE = "compute"  # the decode run with no communication
+
+
+class _NoComm:
+    """Returns its input: a decode run through it is the step's compute alone (wrong sums, but
+    the same shapes and kernels; the greedy tokens differ, which the timing does not see)."""
+
+    def __init__(self) -> None:
+        self.stats = SimpleNamespace(wait_s=0.0)
+
+    def all_reduce(self, x: torch.Tensor) -> Any:
+        return SimpleNamespace(wait=lambda: x)
+
+    def close(self) -> None:
+        pass
 
 
 def _marker(stamps: list[tuple[float, float]], comm: Any):
@@ -146,6 +253,17 @@ def fit_host(rows: list[dict[str, Any]], world_sizes: set[int] | None = None,
                                       "(python -m experiments.calibrate)"})
 
 
+def add_insitu(topo: Topology, inloop: list[dict[str, Any]]) -> Topology:
+    """Set each algorithm's ``insitu_s``: the median over sizes of the measured in-loop cost
+    minus the model's back-to-back time for that size."""
+    for name, algo in STRATEGY_ALGORITHM.items():
+        extra = [r["cost_us"] * 1e-6 - allreduce_time(topo, algo, r["world_size"], r["size"])
+                 for r in inloop if r["strategy"] == name]
+        if extra and algo in topo.fits:
+            topo.fits[algo]["insitu_s"] = statistics.median(extra)
+    return topo
+
+
 def allreduce_errors(topo: Topology, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
@@ -161,18 +279,22 @@ def allreduce_errors(topo: Topology, rows: list[dict[str, Any]]) -> list[dict[st
 
 
 def decode_errors(topo: Topology, decode: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    base = next(d for d in decode if d["strategy"] == "naive")
-    compute = base["step_s"] - base["exposed_s"]
+    """Predicted against measured decode step: measured compute (the run with no
+    communication) plus, per all-reduce, the model's back-to-back time and in-situ extra."""
+    compute = next(d for d in decode if d["strategy"] == COMPUTE)["step_s"]
     out = []
     for d in decode:
         algo = STRATEGY_ALGORITHM.get(d["strategy"])
         if algo is None:
             continue
-        comm = d["allreduces"] * allreduce_time(topo, algo, d["world_size"], d["message_bytes"])
+        per_call = (allreduce_time(topo, algo, d["world_size"], d["message_bytes"])
+                    + insitu_time(topo, algo))
+        comm = d["allreduces"] * per_call
         pred = compute + comm
         out.append({"strategy": d["strategy"], "world_size": d["world_size"],
                     "measured_s": d["step_s"], "predicted_s": pred, "compute_s": compute,
-                    "predicted_comm_s": comm, "measured_exposed_s": d["exposed_s"],
+                    "predicted_comm_s": comm, "insitu_s": insitu_time(topo, algo),
+                    "measured_exposed_s": d["exposed_s"],
                     "rel_error": abs(pred - d["step_s"]) / d["step_s"]})
     return out
 
@@ -234,18 +356,21 @@ def main(argv: list[str] | None = None) -> None:
             rows += launch_ranks(_rank_measure, ParallelSpec(world_size=ws), STRATEGIES)
     decode = launch_ranks(_rank_decode, ParallelSpec(world_size=2), ["naive", "tree", "shm"])
     copy = _memcpy_gbps()
-    topo = fit_host(rows, copy_gbps=copy)
+    topo = add_insitu(fit_host(rows, copy_gbps=copy), decode["inloop"])
     held = fit_host(rows, {min(world_sizes), max(world_sizes)}, copy_gbps=copy)
     err_all = allreduce_errors(topo, rows)
     err_held = [e for e in allreduce_errors(held, rows)
                 if e["world_size"] not in (min(world_sizes), max(world_sizes))]
-    err_dec = decode_errors(topo, decode)
+    # the decode check's constants come from its own interleaved rounds (see measure_decode)
+    dec_topo = add_insitu(fit_host(decode["allreduce"], copy_gbps=copy), decode["inloop"])
+    err_dec = decode_errors(dec_topo, decode["decode"])
     Path(a.topology).write_text(
         "# Fitted on this host by `python -m experiments.calibrate`; regenerate to refit.\n"
         + to_yaml(topo))
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = {"allreduce": err_all, "held_out": err_held, "decode": err_dec,
+            "decode_fits": dec_topo.fits, "inloop": decode["inloop"],
             "median_rel_error": {"allreduce": median_error(err_all),
                                  "held_out_world_size": median_error(err_held),
                                  "decode_step": median_error(err_dec)},
@@ -284,10 +409,20 @@ def to_markdown(data: dict[str, Any]) -> str:
     for e in data["allreduce"]:
         lines.append(f"| {e['strategy']} | {e['world_size']} | {e['size']} | "
                      f"{e['measured_us']:.1f} | {e['predicted_us']:.1f} | {e['rel_error']:.0%} |")
-    lines += ["", "Decode step, tiny model, TP 2 (compute measured from naive, comm predicted):",
-              "", "| strategy | measured (ms) | predicted (ms) | error |", "|---|---|---|---|"]
+    lines += ["", "In-situ extra per all-reduce (`insitu_s`: in-loop cost minus back-to-back "
+              "time, all-reduces after compute segments as long as the decode's):", "",
+              "| algorithm | insitu (us) |", "|---|---|"]
+    for algo, f in data["fits"].items():
+        if "insitu_s" in f:
+            lines.append(f"| {algo} | {f['insitu_s'] * 1e6:.0f} |")
+    lines += ["", "Decode step, tiny model, TP 2, batch 4. Predicted = compute (a decode run with "
+              "no communication) + all-reduces x (back-to-back model time + in-situ extra), "
+              "with constants fitted on all-reduces measured in the same interleaved rounds:",
+              "", "| strategy | measured (ms) | compute (ms) | predicted comm (ms) | "
+              "predicted (ms) | error |", "|---|---|---|---|---|---|"]
     for e in data["decode"]:
         lines.append(f"| {e['strategy']} | {e['measured_s'] * 1e3:.2f} | "
+                     f"{e['compute_s'] * 1e3:.2f} | {e['predicted_comm_s'] * 1e3:.2f} | "
                      f"{e['predicted_s'] * 1e3:.2f} | {e['rel_error']:.0%} |")
     return "\n".join(lines) + "\n"
 

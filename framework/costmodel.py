@@ -19,6 +19,15 @@ model uses the same latency + bytes / bandwidth form per algorithm and protocol)
   more ranks than cores) and memory traffic of about ``(3 + 1/p) n`` bytes per rank (copy in,
   sum p slices of n/p, copy out) at memory bandwidth ``1/beta``.
 
+In situ. Benchmarks time all-reduces back to back; in a model each one follows a stretch of
+compute. Where the transport runs on the same cores as the compute (gloo or shared memory on
+a CPU host), that costs more: the waiting rank has gone to sleep and must be woken, and the
+transport's kernel and helper-thread work (TCP loopback, gloo's threads) takes cycles from the
+compute around it. ``insitu_s`` in an algorithm's fitted constants is that extra cost per
+all-reduce, measured by ``experiments.calibrate`` as a loop of compute segments with and
+without an all-reduce after each; :func:`decode_step` adds it to every all-reduce. Presets
+leave it 0: on a GPU the collective kernel is queued behind the compute on a stream.
+
 Schedules: fusing ``k`` messages of ``n`` bytes costs one collective of ``k n`` bytes plus a
 copy in and out of the bucket (``2 k n / copy_bw``) instead of ``k`` collectives; overlap with
 compute leaves ``max(0, comm - overlappable compute)`` exposed.
@@ -185,6 +194,11 @@ def _hierarchical(topo: Topology, p: int, n: float, g: int, chunk: float) -> flo
     return t
 
 
+def insitu_time(topo: Topology, algorithm: str) -> float:
+    """Extra seconds an all-reduce costs when it follows compute (see the module docstring)."""
+    return topo.fits.get(algorithm, {}).get("insitu_s", 0.0)
+
+
 def fused_time(topo: Topology, algorithm: str, p: int, n: float, k: int) -> float:
     """``k`` messages of ``n`` bytes fused into one bucket: one collective plus packing."""
     pack = 2.0 * k * n / (topo.copy_gbps * 1e9)
@@ -225,6 +239,8 @@ def decode_step(topo: Topology, algorithm: str, p: int, shape: DecodeShape, *,
                 compute_s: float | None = None, overlap: float = 0.0) -> dict[str, float]:
     """Predicted decode inter-token latency: compute + exposed all-reduce time.
 
+    Every all-reduce costs its back-to-back time plus the topology's in-situ extra.
+
     ``compute_s`` is the step's compute time (measured on this host); by default it is the
     weight-streaming bound of a memory-bound decode: weights / p / HBM bandwidth per
     micro-batch. ``overlap`` is the fraction of compute that communication can hide behind.
@@ -234,7 +250,8 @@ def decode_step(topo: Topology, algorithm: str, p: int, shape: DecodeShape, *,
             raise ValueError(f"topology {topo.name!r} has no hbm_gbps; pass compute_s")
         compute_s = shape.micro_batches * shape.params * shape.dtype_bytes / p / (
             topo.hbm_gbps * 1e9)
-    comm = shape.allreduces * allreduce_time(topo, algorithm, p, shape.message_bytes)
+    per_call = allreduce_time(topo, algorithm, p, shape.message_bytes)
+    comm = shape.allreduces * (per_call + (insitu_time(topo, algorithm) if p > 1 else 0.0))
     exposed = exposed_time(comm, overlap * compute_s)
     return {"itl_s": compute_s + exposed, "compute_s": compute_s, "comm_s": comm,
             "exposed_s": exposed}
