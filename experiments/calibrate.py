@@ -400,10 +400,11 @@ def to_markdown(data: dict[str, Any]) -> str:
              f"Median relative error: all-reduce {m['allreduce']:.1%} (fit on every world "
              f"size), {m['held_out_world_size']:.1%} (fit on the smallest and largest world "
              f"size, predicting the others); decode step {m['decode_step']:.1%}.", "",
-             "| algorithm | alpha (us) | beta (ns/B) | overhead (us) |", "|---|---|---|---|"]
+             "| algorithm | alpha (us) | alpha_over (us) | beta (ns/B) | overhead (us) |",
+             "|---|---|---|---|---|"]
     for algo, f in data["fits"].items():
-        lines.append(f"| {algo} | {f['alpha_s'] * 1e6:.2f} | {f['beta_s_per_byte'] * 1e9:.3f} | "
-                     f"{f['overhead_s'] * 1e6:.1f} |")
+        lines.append(f"| {algo} | {f['alpha_s'] * 1e6:.2f} | {f['alpha_over_s'] * 1e6:.2f} | "
+                     f"{f['beta_s_per_byte'] * 1e9:.3f} | {f['overhead_s'] * 1e6:.1f} |")
     lines += ["", "| strategy | p | size (B) | measured (us) | predicted (us) | error |",
               "|---|---|---|---|---|---|"]
     for e in data["allreduce"]:

@@ -31,6 +31,7 @@ from framework.costmodel import (
     features,
     fit,
     fused_time,
+    host_features,
     load_topology,
 )
 
@@ -91,13 +92,20 @@ def test_insitu_is_inloop_cost_minus_model_time() -> None:
 
 
 def test_fit_recovers_known_constants() -> None:
-    alpha, beta, over = 40e-6, 2e-10, 100e-6
-    rows = [(p, n, alpha * features("ring", p, n)[0] + beta * features("ring", p, n)[1] + over)
-            for p in (2, 3, 4, 8) for n in (1e3, 1e5, 1e7)]
-    got = fit(rows, "ring")
+    alpha, over_alpha, beta, over = 40e-6, 300e-6, 2e-10, 100e-6
+
+    def t(p: int, n: float) -> float:
+        lat, over_lat, byt = host_features("ring", p, n, cores=4)
+        return alpha * lat + over_alpha * over_lat + beta * byt + over
+
+    rows = [(p, n, t(p, n)) for p in (2, 3, 4, 8) for n in (1e3, 1e5, 1e7)]
+    got = fit(rows, "ring", cores=4)
     assert got["alpha_s"] == pytest.approx(alpha, rel=1e-6)
+    assert got["alpha_over_s"] == pytest.approx(over_alpha, rel=1e-6)
     assert got["beta_s_per_byte"] == pytest.approx(beta, rel=1e-6)
     assert got["overhead_s"] == pytest.approx(over, rel=1e-6)
+    # without oversubscribed rows there is nothing to fit alpha_over on
+    assert fit([r for r in rows if r[0] <= 4], "ring", cores=4)["alpha_over_s"] == 0.0
 
 
 SIZES = BenchSpec(min_bytes=1024, max_bytes=256 << 10, factor=4, iters=8, warmup=2)
