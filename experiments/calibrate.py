@@ -417,10 +417,15 @@ def to_markdown(data: dict[str, Any]) -> str:
                      f"{e['measured_us']:.1f} | {e['predicted_us']:.1f} | {e['rel_error']:.0%} |")
     lines += ["", "In-situ extra per all-reduce (`insitu_s`: in-loop cost minus back-to-back "
               "time, all-reduces after compute segments as long as the decode's):", "",
-              "| algorithm | insitu (us) |", "|---|---|"]
+              "| algorithm | written to this_host (us) | in the decode check (us) |",
+              "|---|---|---|"]
     for algo, f in data["fits"].items():
         if "insitu_s" in f:
-            lines.append(f"| {algo} | {f['insitu_s'] * 1e6:.0f} |")
+            dec = data["decode_fits"].get(algo, {}).get("insitu_s", float("nan"))
+            lines.append(f"| {algo} | {f['insitu_s'] * 1e6:.0f} | {dec * 1e6:.0f} |")
+    lines += ["", "Each is relative to the back-to-back time of its own fit: this_host's fit on "
+              "every world size, the decode check's on the world-size-2 all-reduces measured "
+              "in its rounds."]
     lines += ["", "Decode step, tiny model, TP 2, batch 4. Predicted = compute (a decode run with "
               "no communication) + all-reduces x (back-to-back model time + in-situ extra), "
               "with constants fitted on all-reduces measured in the same interleaved rounds:",
