@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from experiments.bench import _memcpy_times, _sweep, bench_sizes
+from experiments.bench import _Done, _memcpy_times, _sweep, bench_sizes
 from experiments.configs import BenchSpec
 from framework.config import ParallelSpec
 from framework.costmodel import (
@@ -127,16 +127,15 @@ def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
                 generate(model, prompts, new_tokens, on_prefill_end=mark, on_step_end=mark)
                 steps[name] += [[b[0] - a[0], b[1] - a[1]] for a, b in pairwise(stamps)]
                 if name == COMPUTE and segment_s is None:
-                    segment_s = _max_over_ranks(statistics.median(s for s, _ in steps[name]))
-                    segment_s /= n_ar
+                    segment_s = _slowest_median(steps[name]) / n_ar
     finally:
         for c in comms.values():
             c.close()
     decode = []
     for name in comms:
         if name == COMPUTE:  # ranks not in lockstep: step i of one is not step i of the other
-            step_s = _max_over_ranks(statistics.median(s for s, _ in steps[name]))
-            decode.append({"strategy": name, "world_size": world, "step_s": step_s,
+            decode.append({"strategy": name, "world_size": world,
+                           "step_s": _slowest_median(steps[name]),
                            "exposed_s": 0.0, "allreduces": 0, "message_bytes": 0})
             continue
         t = torch.tensor(steps[name], dtype=torch.float64)
@@ -208,6 +207,11 @@ class _Spin:
             self._op()
 
 
+def _slowest_median(steps: list[list[float]]) -> float:
+    """The slowest rank's median step time (for runs whose ranks are not in lockstep)."""
+    return _max_over_ranks(statistics.median(s for s, _ in steps))
+
+
 def _max_over_ranks(x: Any) -> Any:
     t = torch.as_tensor(x, dtype=torch.float64).clone()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -224,8 +228,8 @@ class _NoComm:
     def __init__(self) -> None:
         self.stats = SimpleNamespace(wait_s=0.0)
 
-    def all_reduce(self, x: torch.Tensor) -> Any:
-        return SimpleNamespace(wait=lambda: x)
+    def all_reduce(self, x: torch.Tensor) -> _Done:
+        return _Done(x)
 
     def close(self) -> None:
         pass
@@ -292,13 +296,13 @@ def decode_errors(topo: Topology, decode: list[dict[str, Any]]) -> list[dict[str
         algo = STRATEGY_ALGORITHM.get(d["strategy"])
         if algo is None:
             continue
-        per_call = (allreduce_time(topo, algo, d["world_size"], d["message_bytes"])
-                    + insitu_time(topo, algo))
+        insitu = insitu_time(topo, algo, d["world_size"])
+        per_call = allreduce_time(topo, algo, d["world_size"], d["message_bytes"]) + insitu
         comm = d["allreduces"] * per_call
         pred = compute + comm
         out.append({"strategy": d["strategy"], "world_size": d["world_size"],
                     "measured_s": d["step_s"], "predicted_s": pred, "compute_s": compute,
-                    "predicted_comm_s": comm, "insitu_s": insitu_time(topo, algo),
+                    "predicted_comm_s": comm, "insitu_s": insitu,
                     "measured_exposed_s": d["exposed_s"],
                     "rel_error": abs(pred - d["step_s"]) / d["step_s"]})
     return out

@@ -212,9 +212,10 @@ def _hierarchical(topo: Topology, p: int, n: float, g: int, chunk: float) -> flo
     return t
 
 
-def insitu_time(topo: Topology, algorithm: str) -> float:
-    """Extra seconds an all-reduce costs when it follows compute (see the module docstring)."""
-    return topo.fits.get(algorithm, {}).get("insitu_s", 0.0)
+def insitu_time(topo: Topology, algorithm: str, p: int) -> float:
+    """Extra seconds an all-reduce costs when it follows compute (see the module docstring);
+    none on one rank, where there is no all-reduce."""
+    return topo.fits.get(algorithm, {}).get("insitu_s", 0.0) if p > 1 else 0.0
 
 
 def fused_time(topo: Topology, algorithm: str, p: int, n: float, k: int) -> float:
@@ -269,7 +270,7 @@ def decode_step(topo: Topology, algorithm: str, p: int, shape: DecodeShape, *,
         compute_s = shape.micro_batches * shape.params * shape.dtype_bytes / p / (
             topo.hbm_gbps * 1e9)
     per_call = allreduce_time(topo, algorithm, p, shape.message_bytes)
-    comm = shape.allreduces * (per_call + (insitu_time(topo, algorithm) if p > 1 else 0.0))
+    comm = shape.allreduces * (per_call + insitu_time(topo, algorithm, p))
     exposed = exposed_time(comm, overlap * compute_s)
     return {"itl_s": compute_s + exposed, "compute_s": compute_s, "comm_s": comm,
             "exposed_s": exposed}
