@@ -50,20 +50,20 @@ import experiments.configs  # noqa: F401  (registers the structured configs)
 from experiments.common import atomic_open, run_job, strategy_options_from
 from experiments.configs import BenchSpec
 from experiments.report import plot_bench
-from framework.communicator import CommStats
-from framework.config import (
+from framework.comm.communicator import CommStats
+from framework.comm.profiling import profiled
+from framework.comm.registry import (
+    available_strategies,
+    build_communicator,
+    get_strategy,
+)
+from framework.run.launch import launch_ranks
+from framework.run.spec import (
     ConfigError,
     ParallelSpec,
     parallel_problems,
     resolve_backend,
     strategy_problems,
-)
-from framework.launch import launch_ranks
-from framework.profiling import profiled
-from framework.registry import (
-    available_strategies,
-    build_communicator,
-    get_strategy,
 )
 
 BENCH_DTYPES = {

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from experiments.bench import _Done, _memcpy_times, _sweep, bench_sizes
 from experiments.configs import BenchSpec
-from framework.config import ParallelSpec
+from framework.comm.registry import build_communicator
 from framework.costmodel import (
     STRATEGY_ALGORITHM,
     TOPOLOGY_DIR,
@@ -49,7 +49,7 @@ from framework.costmodel import (
     insitu_time,
     to_yaml,
 )
-from framework.registry import build_communicator
+from framework.run.spec import ParallelSpec
 
 STRATEGIES = ["naive", "tree", "shm", "hierarchical"]
 SIZES = BenchSpec(min_bytes=1024, max_bytes=1 << 20, factor=4, iters=10, warmup=2)
@@ -94,8 +94,8 @@ def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
     describe the decode runs; interleaving gives every quantity the same slow and fast periods.
 
     Returns ``{"decode": rows, "allreduce": rows, "inloop": rows}``."""
-    from framework.generate import generate
     from framework.model import TPLlama, get_config
+    from framework.model.generate import generate
 
     torch.set_num_threads(1)
     cfg = get_config(preset)
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", default="results/calibration")
     ap.add_argument("--topology", default=str(TOPOLOGY_DIR / "this_host.yaml"))
     a = ap.parse_args(argv)
-    from framework.launch import launch_ranks
+    from framework.run.launch import launch_ranks
 
     world_sizes = [int(w) for w in a.world_sizes.split(",")]
     if a.runs:

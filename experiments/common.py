@@ -14,8 +14,8 @@ from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.config import ModelSpec, ParallelSpec, RunSpec, WorkloadSpec
-from framework.faults import FaultSpec
+from framework.run.faults import FaultSpec
+from framework.run.spec import ModelSpec, ParallelSpec, RunSpec, WorkloadSpec
 
 
 def strategy_options_from(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
@@ -131,7 +131,7 @@ def make_tracker(cfg: DictConfig, out_dir: str, job_type: str) -> NullTracker:
 
 def is_rank_zero() -> bool:
     """False in the non-zero processes of a torchrun/SLURM launch (they neither print nor log)."""
-    from framework.launch import launched_externally
+    from framework.comm.env import launched_externally
 
     rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
     return not launched_externally() or rank == 0

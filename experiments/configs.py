@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 
-from framework.config import ModelSpec, ParallelSpec, WorkloadSpec
-from framework.faults import FaultSpec
+from framework.run.faults import FaultSpec
+from framework.run.spec import ModelSpec, ParallelSpec, WorkloadSpec
 
 
 @dataclass

@@ -6,7 +6,7 @@ Examples::
     python -m experiments.infer -m strategy=naive,tree parallel.world_size=2,4
     python -m experiments.infer -m experiment=compare
 
-Each job writes ``results.json`` (see framework.runner.summarize) in its run directory and
+Each job writes ``results.json`` (see framework.run.runner.summarize) in its run directory and
 returns decode tokens/s, the objective a Hydra sweeper (Optuna) maximises.
 """
 
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 import experiments.configs  # noqa: F401  (registers the structured configs)
 from experiments.common import is_rank_zero, run_job, run_spec
 from experiments.report import plot_job_steps
-from framework.runner import launch
+from framework.run.runner import launch
 
 KEYS = ["strategy", "inner", "world_size", "micro_batches", "ttft_s", "itl_p50_s", "itl_p99_s",
         "decode_tokens_per_s", "allreduce_calls_per_token", "collectives_per_token",

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from framework.config import ParallelSpec
-from framework.registry import available_strategies, build_communicator
-from framework.runner import _rss_bytes
+from framework.comm.registry import available_strategies, build_communicator
+from framework.run.runner import _rss_bytes
+from framework.run.spec import ParallelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 GROWTH_LIMIT = 0.05
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--infer-strategies", default="naive,shm,double_buffer")
     ap.add_argument("--out-dir", default=".")
     a = ap.parse_args(argv)
-    from framework.launch import launch_ranks
+    from framework.run.launch import launch_ranks
 
     rows = launch_ranks(_rank_soak, ParallelSpec(world_size=a.world_size, timeout_s=120),
                         a.strategies.split(","), a.calls, a.bytes)

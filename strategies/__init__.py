@@ -1,17 +1,7 @@
-"""Built-in strategies, one file each; importing this package registers them all.
+"""Built-in strategies, one file each, found like any plugin: through the ``commlab.strategies``
+entry points in commlab's ``pyproject.toml`` (importing this package registers nothing).
 
 Algorithms (put one all-reduce on the wire): naive, tree, hierarchical, shm.
 Schedules (decide when and how tensors are grouped; send through ``inner``): bucketed,
 async_overlap, double_buffer, adaptive_threshold.
 """
-
-from strategies import (  # noqa: F401  (imported for registration)
-    adaptive_threshold,
-    async_overlap,
-    bucketed,
-    double_buffer,
-    hierarchical,
-    naive,
-    shm,
-    tree,
-)

@@ -56,9 +56,8 @@ class AdaptiveThreshold(Bucketed):
             raise ValueError(f"strategy 'adaptive_threshold': need 0 < min_bytes <= "
                              f"initial_bytes <= max_bytes, got {min_bytes}, {initial_bytes}, "
                              f"{max_bytes}")
-        if amortize <= 0 or refit_every < 1:
-            raise ValueError("strategy 'adaptive_threshold': amortize must be > 0 and "
-                             "refit_every >= 1")
+        self.require_positive(amortize=amortize)
+        self.require_at_least(1, refit_every=refit_every)
         super().__init__(group, bucket_bytes=initial_bytes, **rest)
         self.min_bytes, self.max_bytes = min_bytes, max_bytes
         self.amortize, self.refit_every = amortize, refit_every

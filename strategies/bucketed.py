@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from framework import Handle, Schedule, register_strategy
-from framework.buffers import BufferPool, view_as
+from framework.comm.buffers import BufferPool, view_as
 
 
 class _Bucket:
@@ -37,8 +37,7 @@ class _Bucket:
 @register_strategy("bucketed")
 class Bucketed(Schedule):
     def __init__(self, group=None, *, bucket_bytes: int = 1 << 20, **rest: Any) -> None:
-        if bucket_bytes <= 0:
-            raise ValueError(f"strategy 'bucketed': bucket_bytes must be > 0, got {bucket_bytes}")
+        self.require_positive(bucket_bytes=bucket_bytes)
         self.bucket_bytes = bucket_bytes
         super().__init__(group, **rest)
         self._pool = BufferPool(self.stats, self.device)

@@ -19,14 +19,13 @@ import torch
 from torch import Tensor
 
 from framework import Handle, Schedule, register_strategy
-from framework.buffers import view_as
+from framework.comm.buffers import view_as
 
 
 @register_strategy("double_buffer")
 class DoubleBuffer(Schedule):
     def __init__(self, group=None, *, num_buffers: int = 2, **rest: Any) -> None:
-        if num_buffers < 1:
-            raise ValueError(f"strategy {self.name!r}: num_buffers must be >= 1, got {num_buffers}")
+        self.require_at_least(1, num_buffers=num_buffers)
         self.num_buffers = num_buffers
         super().__init__(group, **rest)
         self._bufs: list[Tensor | None] = [None] * num_buffers  # raw bytes, viewed per dtype

@@ -10,7 +10,7 @@ summation order (node sums first), exact for integers; every rank gets the leade
 
 ``intra`` picks the intra-node transport: ``library`` (reduce to the leader and broadcast
 with the backend's collectives) or ``shm`` (a shared-memory segment per node, see
-:mod:`framework.shm`: every node rank gets the node sum from the segment, leaders all-reduce
+:mod:`framework.comm.shm`: every node rank gets the node sum from the segment, leaders all-reduce
 across nodes with the library, and the leader's result is broadcast through the segment).
 """
 
@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework import Algorithm, register_strategy
-from framework.groups import acquire_group, release_group
-from framework.launch import ranks_per_node_from_env
-from framework.shm import shm_segment_for
+from framework.comm.env import ranks_per_node_from_env
+from framework.comm.groups import acquire_group, release_group
+from framework.comm.shm import shm_segment_for
 
 INTRA = ("library", "shm")
 
@@ -33,14 +33,9 @@ INTRA = ("library", "shm")
 class Hierarchical(Algorithm):
     def __init__(self, group=None, *, ranks_per_node: int | None = None, intra: str = "library",
                  chunk_bytes: int = 1 << 20, **common: Any) -> None:
-        if ranks_per_node is not None and ranks_per_node < 1:
-            raise ValueError(f"strategy {self.name!r}: ranks_per_node must be >= 1, "
-                             f"got {ranks_per_node}")
-        if intra not in INTRA:
-            raise ValueError(f"strategy {self.name!r}: intra must be one of {INTRA}, "
-                             f"got {intra!r}")
-        if chunk_bytes <= 0:
-            raise ValueError(f"strategy {self.name!r}: chunk_bytes must be > 0, got {chunk_bytes}")
+        self.require_at_least(1, ranks_per_node=ranks_per_node)
+        self.require_one_of("intra", intra, INTRA)
+        self.require_positive(chunk_bytes=chunk_bytes)
         super().__init__(group, **common)
         p = self.world_size
         self.ranks_per_node = min(ranks_per_node or ranks_per_node_from_env() or p, p)
@@ -72,7 +67,6 @@ class Hierarchical(Algorithm):
         return (local - 1) * nbytes + 2 * (n - 1) * nbytes // n
 
     def reduce_(self, x: Tensor) -> None:
-        self._count(x)
         if self.segment is not None:
             self.segment.all_reduce_(x)  # every node rank holds the node sum
             if self.leader_group is not None:

@@ -3,7 +3,7 @@
 gloo's loopback TCP costs about a millisecond per small all-reduce on a CPU host; polling a
 flag in shared memory costs about a microsecond. Each rank copies its input into the segment,
 the ranks sum disjoint slices in parallel (reduce-scatter) and every rank copies the whole sum
-back (all-gather); see :mod:`framework.shm` for the protocol, waiting and clean-up. Messages
+back (all-gather); see :mod:`framework.comm.shm` for the protocol, waiting and clean-up. Messages
 larger than ``chunk_bytes`` go in chunks, so the segment holds (p + 1) * chunk_bytes.
 
 If the group spans several hosts (or the backend is not gloo, or the host cannot run the
@@ -21,14 +21,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework import Algorithm, register_strategy
-from framework.shm import shm_segment_for
+from framework.comm.shm import shm_segment_for
 
 
 @register_strategy("shm")
 class Shm(Algorithm):
     def __init__(self, group=None, *, chunk_bytes: int = 1 << 20, **common: Any) -> None:
-        if chunk_bytes <= 0:
-            raise ValueError(f"strategy {self.name!r}: chunk_bytes must be > 0, got {chunk_bytes}")
+        self.require_positive(chunk_bytes=chunk_bytes)
         super().__init__(group, **common)
         self.segment = shm_segment_for(self.group, self.backend, chunk_bytes, self.timeout_s)
         self.stats.extra["shm"] = float(self.segment is not None)
@@ -39,7 +38,6 @@ class Shm(Algorithm):
         return nbytes + nbytes // self.world_size  # my chunk in, my reduced slice
 
     def reduce_(self, x: Tensor) -> None:
-        self._count(x)
         if self.segment is None:
             dist.all_reduce(x, group=self.group)
         else:

@@ -18,14 +18,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework import Algorithm, register_strategy
-from framework.buffers import BufferPool, view_as
+from framework.comm.buffers import BufferPool, view_as
 
 
 @register_strategy("tree")
 class Tree(Algorithm):
     def __init__(self, group=None, *, chunk_bytes: int = 1 << 20, **common: Any) -> None:
-        if chunk_bytes <= 0:
-            raise ValueError(f"strategy {self.name!r}: chunk_bytes must be > 0, got {chunk_bytes}")
+        self.require_positive(chunk_bytes=chunk_bytes)
         self.chunk_bytes = chunk_bytes
         super().__init__(group, **common)
         r, p = self.rank, self.world_size
@@ -38,7 +37,6 @@ class Tree(Algorithm):
         return nbytes * ((self.parent is not None) + len(self.children))
 
     def reduce_(self, x: Tensor) -> None:
-        self._count(x)
         if self.world_size == 1:
             return
         flat = x.view(-1)

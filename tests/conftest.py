@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from framework.rankpool import RankPool
+from framework.testing.rankpool import RankPool
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")

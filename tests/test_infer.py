@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 import experiments.configs  # noqa: F401
 from experiments.common import run_spec
 from framework import available_strategies, strategy_options
-from framework.config import ConfigError, validate_run
+from framework.run.spec import ConfigError, validate_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -171,7 +171,7 @@ def test_multirun_with_a_failing_job_reports_and_tracks(tmp_path: Path) -> None:
 
 
 def test_prompts_from_a_file(tmp_path: Path) -> None:
-    from framework.config import load_prompts
+    from framework.run.spec import load_prompts
 
     good = tmp_path / "prompts.json"
     good.write_text(json.dumps([[1, 2, 3], [4, 5]]))

@@ -18,8 +18,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from framework.checkpoint import config_from_hf, load_hf_checkpoint
-from framework.generate import generate, left_pad
 from framework.model import (
     PRESETS,
     ModelConfig,
@@ -28,6 +26,8 @@ from framework.model import (
     get_config,
     param_shard,
 )
+from framework.model.checkpoint import config_from_hf, load_hf_checkpoint
+from framework.model.generate import generate, left_pad
 
 TINY = PRESETS["tiny"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from framework.rankpool import RankPool
+from framework.testing.rankpool import RankPool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,19 +25,19 @@ def readme_plugin_files() -> dict[str, str]:
 def discover_and_check(site: str) -> list[str]:
     """On a rank: make the installed plugin visible, rediscover, run the whole kit on it."""
     sys.path.insert(0, site)
-    from framework.registry import available_strategies, discover
+    from framework.comm.registry import available_strategies, discover
     from framework.testing import run_checks
 
     discover(force=True)
-    if "oneshot" not in available_strategies():
+    if "gather_sum" not in available_strategies():
         raise AssertionError(f"plugin not discovered: {available_strategies()}")
-    return run_checks("oneshot", {"max_bytes": 65536})
+    return run_checks("gather_sum", {"max_bytes": 65536})
 
 
 @pytest.fixture(scope="module")
 def installed_plugin(tmp_path_factory) -> str:
     files = readme_plugin_files()
-    assert set(files) == {"commlab_oneshot.py", "pyproject.toml"}
+    assert set(files) == {"commlab_gather_sum.py", "pyproject.toml"}
     pkg = tmp_path_factory.mktemp("pkg")
     for name, body in files.items():
         (pkg / name).write_text(body)
@@ -45,7 +45,7 @@ def installed_plugin(tmp_path_factory) -> str:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "--no-build-isolation", "--target", str(site), str(pkg)],
                    check=True, timeout=300)
-    assert list(site.glob("commlab_oneshot-*.dist-info/entry_points.txt"))
+    assert list(site.glob("commlab_gather_sum-*.dist-info/entry_points.txt"))
     return str(site)
 
 
@@ -74,17 +74,17 @@ def test_plugin_ships_its_own_config_and_runs_by_name(installed_plugin: str, tmp
     """A plugin's conf/strategy/<name>.yaml joins the tree through hydra.searchpath."""
     conf = tmp_path / "plugin_conf" / "strategy"
     conf.mkdir(parents=True)
-    (conf / "oneshot.yaml").write_text(
-        "name: oneshot\nvalidate: false\ntimeout_s: ${parallel.timeout_s}\nmax_bytes: 65536\n")
+    (conf / "gather_sum.yaml").write_text(
+        "name: gather_sum\nvalidate: false\ntimeout_s: ${parallel.timeout_s}\nmax_bytes: 65536\n")
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": installed_plugin, "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "disabled"}
-    r = subprocess.run([sys.executable, "-m", "experiments.infer", "strategy=oneshot",
+    r = subprocess.run([sys.executable, "-m", "experiments.infer", "strategy=gather_sum",
                         f"hydra.searchpath=[file://{tmp_path / 'plugin_conf'}]",
                         "workload.new_tokens=3", "logger=none", "progress=false",
                         f"hydra.run.dir={run}"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((run / "results.json").read_text())
-    assert res["strategy"] == "oneshot" and res["status"] == "ok"
+    assert res["strategy"] == "gather_sum" and res["status"] == "ok"
     assert res["strategy_options"]["max_bytes"] == 65536

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from framework import available_strategies, build_communicator, strategy_options
-from framework.registry import inner_algorithms
+from framework.comm.registry import inner_algorithms
 
 SEVEN = {"naive", "bucketed", "async_overlap", "double_buffer", "tree", "hierarchical",
          "adaptive_threshold"}
@@ -47,7 +47,7 @@ def test_bad_option_values_fail_before_touching_the_wire() -> None:
 
 
 def test_hierarchical_node_size_from_the_launcher(monkeypatch) -> None:
-    from framework.launch import ranks_per_node_from_env
+    from framework.comm.env import ranks_per_node_from_env
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)

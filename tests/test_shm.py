@@ -43,7 +43,7 @@ def _dead_pid() -> int:
 
 def _segment_lifecycle(stale_pid: int) -> dict:
     from framework import build_communicator
-    from framework.shm import SHM_DIR
+    from framework.comm.shm import SHM_DIR
 
     stale = SHM_DIR / f"commlab-shm-{stale_pid}-stale0000000"
     if dist.get_rank() == 0:
@@ -69,7 +69,7 @@ def test_stale_segment_removed_and_live_segment_unnamed(pools) -> None:
 
 
 def _peer_failure(kind: str) -> str:
-    from framework.shm import ShmError, ShmSegment
+    from framework.comm.shm import ShmError, ShmSegment
 
     group = dist.new_group([0, 1])
     seg = ShmSegment(group, 4096, timeout_s=1.0)

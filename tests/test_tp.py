@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from framework import available_strategies, build_communicator
-from framework.generate import generate
 from framework.model import TPLlama, get_config
+from framework.model.generate import generate
 
 PROMPTS = [[5, 17, 42, 9, 3, 77], [8, 1, 250], [100, 101, 102, 103], [7, 7, 7, 7, 7]]
 STRATEGIES = available_strategies()
@@ -69,7 +69,7 @@ def test_fusion_only_with_independent_work(pools, micro_batches: int) -> None:
 
 
 def hf_tp_generate(path: str, prompt: list[int], new_tokens: int) -> list[int]:
-    from framework.checkpoint import load_hf_checkpoint
+    from framework.model.checkpoint import load_hf_checkpoint
 
     comm = build_communicator("bucketed")
     try:

@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.profiler import record_function
 
-from framework.groups import acquire_group, release_group
-from framework.profiling import _enabled as _profiling
+from framework.comm.groups import acquire_group, release_group
+from framework.comm.profiling import _enabled as _profiling
 
 # dtypes every built-in strategy can sum exactly as the library does (bool and complex are
 # refused: SUM over bool is a logical OR in some backends and complex is not in gloo).
@@ -142,8 +142,7 @@ class Communicator(ABC):
         timeout_s: float = 60.0,
         _parent: Communicator | None = None,
     ) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"strategy {self.name!r}: timeout_s must be > 0, got {timeout_s}")
+        self.require_positive(timeout_s=timeout_s)
         if not dist.is_initialized():
             raise CommError(f"strategy {self.name!r}: torch.distributed is not initialised")
         self.validate = validate
@@ -232,6 +231,29 @@ class Communicator(ABC):
         return len(self._pending)
 
     # -- for subclasses ---------------------------------------------------------------------
+    # Option checks: call them first thing in ``__init__``, before any rank touches the wire,
+    # so a bad option fails on every rank alike with the strategy's name in the message.
+    @classmethod
+    def require_positive(cls, **options: float | None) -> None:
+        """Each option must be > 0 (None means "unset" and passes)."""
+        for key, value in options.items():
+            if value is not None and not value > 0:
+                raise ValueError(f"strategy {cls.name!r}: {key} must be > 0, got {value!r}")
+
+    @classmethod
+    def require_at_least(cls, minimum: float, **options: float | None) -> None:
+        """Each option must be >= ``minimum`` (None passes)."""
+        for key, value in options.items():
+            if value is not None and not value >= minimum:
+                raise ValueError(f"strategy {cls.name!r}: {key} must be >= {minimum}, "
+                                 f"got {value!r}")
+
+    @classmethod
+    def require_one_of(cls, key: str, value: Any, choices: tuple[Any, ...]) -> None:
+        if value not in choices:
+            raise ValueError(f"strategy {cls.name!r}: {key} must be one of {list(choices)}, "
+                             f"got {value!r}")
+
     @abstractmethod
     def _all_reduce(self, x: Tensor) -> Handle:
         """Return a handle whose completion leaves the sum in the returned tensor."""

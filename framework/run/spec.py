@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from framework.faults import KINDS, FaultSpec
+from framework.comm.registry import available_strategies, strategy_options
 from framework.model import ModelConfig, get_config
-from framework.registry import available_strategies, strategy_options
+from framework.run.faults import KINDS, FaultSpec
 
 
 class ConfigError(ValueError):
@@ -76,7 +76,7 @@ def resolve_backend(parallel: ParallelSpec) -> str:
 
 def model_config(spec: ModelSpec) -> ModelConfig:
     if spec.checkpoint:
-        from framework.checkpoint import config_from_hf
+        from framework.model.checkpoint import config_from_hf
 
         cfg = config_from_hf(spec.checkpoint)
     else:

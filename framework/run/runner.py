@@ -19,7 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from framework.config import (
+from framework.comm.profiling import profiled
+from framework.comm.registry import build_communicator
+from framework.model.generate import generate
+from framework.run.faults import FaultInjector
+from framework.run.launch import launch_ranks
+from framework.run.spec import (
     DTYPES,
     RunSpec,
     load_prompts,
@@ -27,11 +32,6 @@ from framework.config import (
     resolve_backend,
     validate_run,
 )
-from framework.faults import FaultInjector
-from framework.generate import generate
-from framework.launch import launch_ranks
-from framework.profiling import profiled
-from framework.registry import build_communicator
 
 
 class Callback:
@@ -86,7 +86,7 @@ class Runner:
         self.comm = build_communicator(spec.strategy, **opts)
         dtype, device = DTYPES[spec.model.dtype], self.fabric.device
         if spec.model.checkpoint:
-            from framework.checkpoint import load_hf_checkpoint
+            from framework.model.checkpoint import load_hf_checkpoint
 
             self.model = load_hf_checkpoint(spec.model.checkpoint, self.comm, self.rank,
                                             self.world_size, dtype, device,

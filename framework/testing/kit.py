@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,8 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from framework.communicator import CommError, Communicator
-from framework.registry import build_communicator
+from framework.comm.communicator import CommError, Communicator
+from framework.comm.registry import build_communicator
 
 EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)
 CHECKS: dict[str, Callable[[str, dict[str, Any]], None]] = {}
@@ -254,7 +253,7 @@ def run_checks(name: str, options: dict[str, Any] | None = None,
 def check_strategy(name: str, world_sizes: tuple[int, ...] = (1, 2, 3, 4),
                    timeout_s: float = 300.0, **options: Any) -> None:
     """Spawn ranks for each world size and run every check on ``name``; raise on failure."""
-    from framework.rankpool import RankPool
+    from framework.testing.rankpool import RankPool
 
     for ws in world_sizes:
         pool = RankPool(ws)
@@ -282,7 +281,3 @@ def main(argv: list[str] | None = None) -> int:
     sizes = tuple(int(s) for s in args.world_sizes.split(","))
     check_strategy(args.strategy, sizes, **opts)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

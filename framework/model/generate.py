@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from framework.model import TPLlama
+from framework.model.llama import TPLlama
 
 
 @dataclass

@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from framework.communicator import CommError
+from framework.comm.communicator import CommError
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "commlab-shm-"

@@ -1,4 +1,7 @@
-"""Fault injection for reliability tests: make one rank fail on purpose, mid-decode.
+"""Rank failures: the one error a failed rank turns into, and fault injection to cause one.
+
+:class:`RankFailure` is raised by the launcher (a Fabric rank died or raised) and by the test
+rank pool (a rank raised, died or hung); its message names each rank and why.
 
 ``kill`` SIGKILLs the rank (as the OOM killer would), ``raise`` raises a Python exception,
 ``extra_allreduce`` issues one all-reduce the other ranks never match (a desynchronised
@@ -24,12 +27,16 @@ class FaultSpec:
     step: int = 2  # decode step after which the fault fires
 
 
+class RankFailure(RuntimeError):
+    """One or more ranks raised, died or hung; the message names each rank and says why."""
+
+
 class InjectedFault(RuntimeError):
     """The exception ``kind=raise`` raises."""
 
 
 class FaultInjector:
-    """Runner callback (see framework.runner.Callback) that fires the configured fault."""
+    """Runner callback (see framework.run.runner.Callback) that fires the configured fault."""
 
     def __init__(self, spec: FaultSpec) -> None:
         self.spec = spec

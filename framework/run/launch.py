@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -20,25 +19,9 @@ from typing import Any
 import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessException
 
-from framework.config import ConfigError, ParallelSpec, resolve_backend
-
-
-def launched_externally() -> bool:
-    """True under torchrun (TorchElastic) or a multi-task SLURM step: use their processes."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
-
-
-def ranks_per_node_from_env() -> int | None:
-    """Ranks per node as the launcher describes it, or None outside torchrun/SLURM.
-
-    torchrun sets LOCAL_WORLD_SIZE; SLURM writes SLURM_NTASKS_PER_NODE as "4" or "4(x2)".
-    """
-    if os.environ.get("LOCAL_WORLD_SIZE"):
-        return int(os.environ["LOCAL_WORLD_SIZE"])
-    m = re.match(r"\d+", os.environ.get("SLURM_NTASKS_PER_NODE", ""))
-    return int(m.group()) if m else None
+from framework.comm.env import launched_externally, ranks_per_node_from_env
+from framework.run.faults import RankFailure
+from framework.run.spec import ConfigError, ParallelSpec, resolve_backend
 
 
 def launch_ranks(fn: Callable[..., Any], parallel: ParallelSpec, *args: Any,
@@ -101,7 +84,3 @@ def _and_teardown(fabric: Any, fn: Callable[..., Any], *args: Any) -> Any:
         dist.barrier()
         dist.destroy_process_group()
     return out
-
-
-class RankFailure(RuntimeError):
-    """A rank died or raised; the message names the rank and carries its error."""

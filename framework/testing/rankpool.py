@@ -25,9 +25,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-
-class RankFailure(RuntimeError):
-    """One or more ranks raised, died or hung; the message names them and says why."""
+from framework.run.faults import RankFailure
 
 
 def _worker(rank: int, world: int, store: str, tasks, results, stack_dir: str,

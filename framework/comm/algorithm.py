@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from framework.communicator import Communicator, Handle
-from framework.profiling import _enabled as _profiling
-from framework.profiling import span
+from framework.comm.communicator import Communicator, Handle
+from framework.comm.profiling import _enabled as _profiling
+from framework.comm.profiling import span
 
 
 class Algorithm(Communicator):
@@ -44,7 +44,7 @@ class Algorithm(Communicator):
 
     @abstractmethod
     def reduce_(self, x: Tensor) -> None:
-        """Sum ``x`` in place over ``self.group``; count the collective with ``_count``."""
+        """Sum ``x`` in place over ``self.group`` (the base class counts the collective)."""
 
     def wire_bytes(self, nbytes: int) -> int:
         """Bytes this rank sends for one all-reduce of ``nbytes`` (algorithm-specific)."""
@@ -58,6 +58,7 @@ class Algorithm(Communicator):
 
     def _timed_reduce(self, x: Tensor) -> Tensor:
         t0 = time.perf_counter()
+        self._count(x)
         with span(self._reduce_span):
             self.reduce_(x)
         if x.is_cuda:  # the thread's host time only means "done" once the stream has drained
@@ -66,6 +67,7 @@ class Algorithm(Communicator):
         return x
 
     def _all_reduce(self, x: Tensor) -> Handle:
+        self._count(x)
         if _profiling():
             with span(self._reduce_span):
                 self.reduce_(x)
@@ -74,6 +76,7 @@ class Algorithm(Communicator):
         return Handle(self, None, x)
 
     def _count(self, x: Tensor) -> None:
+        """One collective on the wire; called by the base class before every ``reduce_``."""
         self.stats.collectives += 1
         self.stats.wire_bytes += self.wire_bytes(x.nbytes)
 
@@ -90,7 +93,9 @@ class Schedule(Communicator):
     """A strategy that schedules reductions and sends them through an inner algorithm.
 
     ``inner`` names a registered algorithm; ``inner_options`` are passed to it (for example
-    ``{"ranks_per_node": 2}`` for ``hierarchical``).
+    ``{"ranks_per_node": 2}`` for ``hierarchical``). The options every communicator has
+    (``timeout_s``, ``validate``) are set once, on the schedule, and passed on to the inner
+    algorithm, so one timeout governs every group and segment the communicator owns.
     """
 
     def __init__(
@@ -101,16 +106,22 @@ class Schedule(Communicator):
         inner_options: dict[str, Any] | None = None,
         **common: Any,
     ) -> None:
-        from framework.registry import get_strategy, inner_algorithms
+        from framework.comm.registry import get_strategy, inner_algorithms  # imports this module
 
         if inner not in inner_algorithms():
             raise ValueError(
                 f"strategy {self.name!r}: inner={inner!r} is not an algorithm; "
                 f"choose one of {inner_algorithms()}"
             )
+        inner_options = dict(inner_options or {})
+        shared = sorted(set(inner_options) & {"timeout_s", "validate"})
+        if shared:
+            raise ValueError(f"strategy {self.name!r}: set {shared} on the schedule, not in "
+                             f"inner_options; the schedule passes them on to {inner!r}")
         super().__init__(group, **common)
         cls = get_strategy(inner)
-        self.inner: Algorithm = cls(group, _parent=self, **dict(inner_options or {}))
+        self.inner: Algorithm = cls(group, _parent=self, timeout_s=self.timeout_s,
+                                    validate=self.validate, **inner_options)
         self.inner_name = inner
 
     def _release(self) -> None:

@@ -20,7 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from framework.model import AllReducer, ModelConfig, TPLlama, full_param_shapes
+from framework.model.config import ModelConfig
+from framework.model.layers import AllReducer
+from framework.model.llama import TPLlama
+from framework.model.sharding import full_param_shapes
 
 _CONFIG = "config.json"
 _SINGLE = "model.safetensors"

@@ -1,0 +1,30 @@
+"""The communication core: everything a strategy may import, and nothing else of commlab.
+
+It imports no other part of ``framework`` (checked by ``tests/test_architecture.py``), so a
+strategy author's world is this folder: the interface, the two base classes, the registry,
+buffers, private groups, the shared-memory transport, profiling spans and launcher facts.
+"""
+
+from framework.comm.algorithm import Algorithm, Schedule
+from framework.comm.communicator import CommError, CommStats, Communicator, Handle
+from framework.comm.registry import (
+    available_strategies,
+    build_communicator,
+    get_strategy,
+    register_strategy,
+    strategy_options,
+)
+
+__all__ = [
+    "Algorithm",
+    "CommError",
+    "CommStats",
+    "Communicator",
+    "Handle",
+    "Schedule",
+    "available_strategies",
+    "build_communicator",
+    "get_strategy",
+    "register_strategy",
+    "strategy_options",
+]

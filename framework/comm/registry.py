@@ -1,0 +1,144 @@
+"""The strategy registry: a plain dict, a decorator that refuses duplicates, and a builder.
+
+Every strategy, built-in or third-party, is found the same way: through the
+``commlab.strategies`` entry-point group (commlab's own ``pyproject.toml`` declares the
+built-ins). The value may be a module that registers on import or a Communicator class, which
+is registered under the entry point's name. Entry points are loaded lazily: ``get_strategy``
+imports only the one it needs; listing them imports all. A plugin that fails to import is
+remembered with its reason, warned about, named in ``get_strategy``'s error, and hides nothing
+else. Strategies registered in-process with ``@register_strategy`` need no entry point.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import torch.distributed as dist
+
+from framework.comm.communicator import Communicator
+
+ENTRY_POINT_GROUP = "commlab.strategies"
+_REGISTRY: dict[str, type[Communicator]] = {}
+_EPS: dict[str, EntryPoint] = {}  # entry points by name, read once (lazily)
+_eps_read = False
+_FAILED: dict[str, str] = {}  # entry points that failed to load -> why
+
+
+def register_strategy(name: str):
+    """Class decorator: ``@register_strategy("naive")``. A duplicate name is an error."""
+
+    def deco(cls: type[Communicator]) -> type[Communicator]:
+        if not (isinstance(cls, type) and issubclass(cls, Communicator)):
+            raise TypeError(f"register_strategy({name!r}) needs a Communicator subclass")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(
+                f"strategy {name!r} is already registered by "
+                f"{_REGISTRY[name].__module__}.{_REGISTRY[name].__qualname__}"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def discover(force: bool = False) -> None:
+    """Read the ``commlab.strategies`` entry points (again if ``force``); loads nothing."""
+    global _eps_read
+    if _eps_read and not force:
+        return
+    _EPS.clear()
+    _FAILED.clear()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        _EPS.setdefault(ep.name, ep)
+    _eps_read = True
+
+
+def _load(name: str) -> None:
+    """Import entry point ``name`` once; a failure is remembered with its reason."""
+    ep = _EPS.get(name)
+    if ep is None or name in _REGISTRY or name in _FAILED:
+        return
+    try:
+        obj = ep.load()
+    except Exception as e:  # a broken plugin must not take the others down with it
+        _FAILED[name] = f"{ep.value}: {type(e).__name__}: {e}"
+        warnings.warn(f"commlab: strategy plugin {name!r} could not be loaded: "
+                      f"{_FAILED[name]}", stacklevel=3)
+        return
+    if isinstance(obj, type) and issubclass(obj, Communicator) and name not in _REGISTRY:
+        register_strategy(name)(obj)
+    elif name not in _REGISTRY:
+        _FAILED[name] = f"{ep.value}: loaded, but registered no strategy named {name!r}"
+
+
+def _load_all() -> None:
+    discover()
+    for name in list(_EPS):
+        _load(name)
+
+
+def available_strategies() -> list[str]:
+    """Every strategy that loads: registered ones and every loadable entry point."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def failed_strategies() -> dict[str, str]:
+    """Entry points that failed to load, with the reason (shown in ``get_strategy``'s error)."""
+    _load_all()
+    return dict(_FAILED)
+
+
+def get_strategy(name: str) -> type[Communicator]:
+    """The class registered as ``name``, loading only its own entry point if needed."""
+    if name not in _REGISTRY:
+        discover()
+        _load(name)
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    _load_all()
+    msg = f"unknown strategy {name!r}; available: {sorted(_REGISTRY)}"
+    if _FAILED:
+        msg += "; plugins that failed to load: " + "; ".join(
+            f"{n} ({why})" for n, why in sorted(_FAILED.items()))
+    raise ValueError(msg)
+
+
+def inner_algorithms() -> list[str]:
+    """Strategies a schedule can send its collectives through (option ``inner``)."""
+    from framework.comm.algorithm import Algorithm
+
+    return [n for n in available_strategies() if issubclass(_REGISTRY[n], Algorithm)]
+
+
+def strategy_options(name: str) -> dict[str, Any]:
+    """Keyword-only options of a strategy and their defaults (base options included)."""
+    cls = get_strategy(name)
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" not in vars(klass) or not issubclass(klass, Communicator):
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind is p.KEYWORD_ONLY and not p.name.startswith("_"):
+                out[p.name] = p.default
+    for name in getattr(cls, "fixed_options", ()):  # set by the subclass, not by users
+        out.pop(name, None)
+    return out
+
+
+def build_communicator(
+    name: str, group: dist.ProcessGroup | None = None, **options: Any
+) -> Communicator:
+    """Build strategy ``name`` on ``group`` (default WORLD). Collective: call on every rank."""
+    cls = get_strategy(name)
+    known = strategy_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"strategy {name!r} has no option(s) {unknown}; its options are {sorted(known)}"
+        )
+    return cls(group, **options)

@@ -1,0 +1,167 @@
+"""Layers of one TP rank: both collectives of a decoder layer are on this screen.
+
+The two row-parallel projections (attention's ``o_proj``, the MLP's ``down_proj``) produce
+partial sums; each is reduced with ONE explicit ``comm.all_reduce(partial)`` inside the layer
+that produces it, as vLLM's RowParallelLinear does. The communicator is duck-typed
+(:class:`AllReducer`), so this package never imports the communication core.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from framework.model.config import ModelConfig
+
+
+class AllReduceHandle(Protocol):
+    def wait(self) -> Tensor: ...
+
+
+class AllReducer(Protocol):
+    """What the model needs from a communicator (framework.Communicator satisfies it);
+    a Protocol so tests can pass tiny stand-ins."""
+
+    def all_reduce(self, x: Tensor) -> AllReduceHandle: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Statistics in float32 and the weight applied in the input dtype, exactly like
+        # HF's LlamaRMSNorm, so low-precision runs round the same way as the reference.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """HF convention: channel c pairs with c + head_dim/2 (not interleaved pairs)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (max_seq_len, head_dim) in float32, computed like HF's default RoPE."""
+    hd = cfg.hd
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+    pos = torch.arange(cfg.max_seq_len, dtype=torch.float)
+    freqs = pos[:, None] * inv_freq[None, :]  # (S, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+class Attention(nn.Module):
+    """This rank's share of grouped-query attention; returns the handle of the
+    all-reduce of its partial o_proj output."""
+
+    def __init__(self, cfg: ModelConfig, comm: AllReducer, tp_size: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.comm = comm
+        self.head_dim = cfg.hd
+        self.n_heads = cfg.num_heads // tp_size  # local query heads
+        self.n_kv_heads = cfg.num_kv_heads // tp_size  # local kv heads
+        d, hd = cfg.hidden_size, cfg.hd
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False, dtype=dtype)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False, dtype=dtype)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                k_cache: Tensor, v_cache: Tensor, pos: int) -> AllReduceHandle:
+        b, t, _ = x.shape  # x: (b, t, D), already normed
+        hd = self.head_dim
+        q = self.q_proj(x).view(b, t, self.n_heads, hd).transpose(1, 2)  # (b, Hl, t, hd)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)  # (b, KVl, t, hd)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)  # (b, KVl, t, hd)
+        cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # (b, 1, t, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        # k/v caches are views of this micro-batch's rows of the layer cache.
+        k_cache[:, :, pos:pos + t] = k
+        v_cache[:, :, pos:pos + t] = v
+        keys = k_cache[:, :, :pos + t]  # (b, KVl, L, hd)
+        values = v_cache[:, :, :pos + t]  # (b, KVl, L, hd)
+        # enable_gqa: query head j uses kv head j // (Hl / KVl), as HF's repeat_kv, without
+        # materialising repeated keys/values every decode step.
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=True)  # (b, Hl, t, hd)
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * hd)  # (b, t, Hl*hd)
+        partial = self.o_proj(out)  # (b, t, D): this rank's heads' contribution only
+        return self.comm.all_reduce(partial)
+
+
+class MLP(nn.Module):
+    """This rank's slice of the SwiGLU MLP; returns the handle of the all-reduce of its
+    partial down_proj output."""
+
+    def __init__(self, cfg: ModelConfig, comm: AllReducer, tp_size: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.comm = comm
+        d, i = cfg.hidden_size, cfg.intermediate_size // tp_size
+        self.gate_proj = nn.Linear(d, i, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(d, i, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(i, d, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor) -> AllReduceHandle:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (b, t, I/tp)
+        partial = self.down_proj(h)  # (b, t, D): partial sum over this rank's channels
+        return self.comm.all_reduce(partial)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: AllReducer, tp_size: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, comm, tp_size, dtype)
+        self.mlp = MLP(cfg, comm, tp_size, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    # The layer is split in two halves (instead of one forward) so TPLlama can interleave
+    # micro-batches between them while each half's all-reduce is in flight.
+    def attention(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                  k_cache: Tensor, v_cache: Tensor, pos: int) -> AllReduceHandle:
+        return self.self_attn(self.input_layernorm(h), cos, sin, mask, k_cache, v_cache, pos)
+
+    def feed_forward(self, h: Tensor) -> AllReduceHandle:
+        return self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaBody(nn.Module):
+    """Exists only so parameter names carry HF's ``model.`` prefix."""
+
+    def __init__(self, cfg: ModelConfig, comm: AllReducer, tp_size: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, comm, tp_size, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+def split_batch(batch: int, micro_batches: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) row ranges; the first batch % k chunks get one extra row."""
+    if not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
+    if micro_batches > batch:
+        raise ValueError(
+            f"micro_batches={micro_batches} exceeds batch size {batch}: every micro-batch "
+            f"needs at least one sequence")
+    base, extra = divmod(batch, micro_batches)
+    bounds, start = [], 0
+    for i in range(micro_batches):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds

@@ -1,0 +1,292 @@
+"""Llama-family decoder with Megatron-style tensor parallelism and Domino-style
+micro-batch interleaving.
+
+Every rank holds:
+  * a replicated embedding, final norm and lm_head (so no collective is needed at
+    the ends of the network),
+  * a 1/tp_size slice of the attention heads (q/k/v column-parallel, o_proj
+    row-parallel) and of the MLP intermediate dimension (gate/up column-parallel,
+    down_proj row-parallel).
+
+The two row-parallel projections produce partial sums; each is reduced with ONE
+explicit ``comm.all_reduce(partial)`` inside the layer that produces it. An exact
+forward therefore performs exactly ``2 * num_layers * micro_batches`` all-reduces
+and nothing else communicates. The communicator is duck-typed:
+
+    handle = comm.all_reduce(x)   # the caller gives x up
+    y = handle.wait()             # summed tensor (may or may not be x itself)
+
+Parameter names mirror Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.
+self_attn.q_proj.weight`` ...) so a full HF state dict maps onto this module by
+name, and the rotary embedding uses HF's ``rotate_half`` convention so HF
+checkpoints need no q/k permutation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from framework.model.config import ModelConfig
+from framework.model.layers import AllReduceHandle, AllReducer, LlamaBody, rope_tables, split_batch
+from framework.model.sharding import full_param_shapes, param_shard, slice_dim
+
+_INIT_STD = 0.02
+_INIT_BLOCK_ROWS = 1024  # rows generated per RNG stream in init_random
+
+
+def _stream_seed(seed: int, name: str, block: int) -> int:
+    # hashlib, not hash(): Python's str hash is salted per process, and every rank
+    # (separate processes) must derive the same stream for the same weight block.
+    digest = hashlib.sha256(f"{seed}/{name}/{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class TPLlama(nn.Module):
+    """One tensor-parallel rank of a Llama decoder with an internal KV cache.
+
+    Usage (prefill then decode)::
+
+        model = TPLlama(cfg, comm, tp_rank, tp_size); model.init_random(seed=0)
+        model.reset_cache(batch_size, max_len=prompt_len + new_tokens)
+        logits = model(prompt_tokens, prompt_mask, micro_batches=k)   # (B, T, V)
+        logits = model(next_tokens[:, None], micro_batches=k)         # (B, 1, V)
+
+    Weights are uninitialised after __init__; call ``init_random``,
+    ``load_state_dict_full`` or ``framework.model.checkpoint.load_hf_checkpoint`` first.
+    """
+
+    def __init__(self, cfg: ModelConfig, comm: AllReducer, tp_rank: int = 0,
+                 tp_size: int = 1, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        cfg.validate_tp(tp_size)
+        if not isinstance(tp_rank, int) or not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank={tp_rank!r} out of range for tp_size={tp_size}")
+        self.cfg, self.comm = cfg, comm
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        # Build on the meta device and materialise without running nn.Linear's default
+        # init: weights are always overwritten, and kaiming init of a 128k-vocab
+        # embedding would cost seconds for nothing.
+        with torch.device("meta"):
+            self.model = LlamaBody(cfg, comm, tp_size, dtype)
+            self.lm_head = (None if cfg.tie_word_embeddings
+                            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
+                                           dtype=dtype))
+        self.to_empty(device=device)
+        self.requires_grad_(False)
+        cos, sin = rope_tables(cfg, device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (S, hd) float32
+        self.register_buffer("rope_sin", sin, persistent=False)  # (S, hd) float32
+        self._weights_ready = False
+        self._k_cache: list[Tensor] = []
+        self._v_cache: list[Tensor] = []
+        self._mask: Tensor | None = None  # (B, cache_len) bool: real (True) vs pad
+        self.cache_pos = 0  # number of positions already written to the cache
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    # ---------------------------------------------------------------- weights
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0, std: float = _INIT_STD) -> TPLlama:
+        """Deterministic N(0, std) weights (norm weights = 1) that are IDENTICAL as full
+        tensors for every tp_size: each full weight is a stack of row blocks, each block
+        drawn on CPU from its own generator seeded by (seed, name, block index); a rank
+        draws only the blocks overlapping its rows and keeps its slice. Independent
+        generators also let blocks be drawn in parallel threads (CPU RNG is serial, and a
+        replicated 128k-vocab embedding is ~0.5G draws)."""
+        shapes = full_param_shapes(self.cfg)
+
+        def fill(name: str, param: Tensor, shard: tuple[int, int, int] | None,
+                 lo: int, hi: int, block: int) -> None:
+            full = shapes[name]
+            r0, r1 = block * _INIT_BLOCK_ROWS, min((block + 1) * _INIT_BLOCK_ROWS, full[0])
+            gen = torch.Generator().manual_seed(_stream_seed(seed, name, block))
+            values = torch.empty((r1 - r0, *full[1:])).normal_(0.0, std, generator=gen)
+            a, b = max(r0, lo), min(r1, hi)
+            piece = values[a - r0:b - r0]  # rows of this block that this rank keeps
+            if shard is not None and shard[0] == 1:
+                piece = piece[:, shard[1]:shard[2]]
+            param[a - lo:b - lo].copy_(piece)  # disjoint rows per job: thread-safe
+
+        jobs = []
+        for name, param in self.named_parameters():
+            if param.dim() == 1:
+                param.fill_(1.0)  # RMSNorm weights
+                continue
+            shard = param_shard(name, self.cfg, self.tp_rank, self.tp_size)
+            rows = shapes[name][0]
+            lo, hi = (shard[1], shard[2]) if shard is not None and shard[0] == 0 else (0, rows)
+            for block in range(lo // _INIT_BLOCK_ROWS, -(-hi // _INIT_BLOCK_ROWS)):
+                jobs.append((name, param, shard, lo, hi, block))
+        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+            for future in [pool.submit(fill, *job) for job in jobs]:
+                future.result()
+        self._weights_ready = True
+        return self
+
+    @torch.no_grad()
+    def load_sharded(
+        self, fetch: Callable[[str, tuple[int, int, int] | None], Tensor]
+    ) -> TPLlama:
+        """Fill every parameter from ``fetch(hf_name, shard)``, which must return this
+        rank's slice of the full weight (``shard`` as from ``param_shard``; None means the
+        whole tensor). Shared by load_state_dict_full and the safetensors loader."""
+        for name, param in self.named_parameters():
+            shard = param_shard(name, self.cfg, self.tp_rank, self.tp_size)
+            value = fetch(name, shard)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{name}: got shard of shape {tuple(value.shape)}, expected "
+                    f"{tuple(param.shape)} (tp_rank={self.tp_rank}, tp_size={self.tp_size})")
+            param.copy_(value)
+        self._weights_ready = True
+        return self
+
+    def load_state_dict_full(self, state_dict: Mapping[str, Tensor]) -> TPLlama:
+        """Load full (unsharded) HF-named tensors, keeping this rank's slice. Extra keys
+        (e.g. layers beyond cfg.num_layers, lm_head when tied) are ignored."""
+        shapes = full_param_shapes(self.cfg)
+
+        def fetch(name: str, shard: tuple[int, int, int] | None) -> Tensor:
+            if name not in state_dict:
+                raise ValueError(f"state dict has no tensor {name!r}")
+            full = state_dict[name]
+            if tuple(full.shape) != shapes[name]:
+                raise ValueError(f"{name}: shape {tuple(full.shape)} does not match the "
+                                 f"config's {shapes[name]}")
+            return slice_dim(full, shard)
+
+        return self.load_sharded(fetch)
+
+    # ---------------------------------------------------------------- cache
+
+    @torch.no_grad()
+    def reset_cache(self, batch_size: int, max_len: int | None = None) -> None:
+        """(Re)allocate an empty KV cache for ``batch_size`` sequences of up to ``max_len``
+        positions (default cfg.max_seq_len). Shape per layer: (B, local kv heads, max_len,
+        head_dim). Pass the smallest max_len you need: cache memory scales with it."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= self.cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} must be in [1, max_seq_len="
+                             f"{self.cfg.max_seq_len}]")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        kv = self.cfg.num_kv_heads // self.tp_size
+        shape = (batch_size, kv, max_len, self.cfg.hd)
+        opts = {"dtype": self.dtype, "device": self.device}
+        self._k_cache = [torch.zeros(shape, **opts) for _ in range(self.cfg.num_layers)]
+        self._v_cache = [torch.zeros(shape, **opts) for _ in range(self.cfg.num_layers)]
+        self._mask = torch.zeros((batch_size, max_len), dtype=torch.bool, device=self.device)
+        self.cache_pos = 0
+
+    # ---------------------------------------------------------------- forward
+
+    def _lm_head(self, h: Tensor) -> Tensor:
+        if self.lm_head is None:
+            return F.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head(h)
+
+    # no_grad, not inference_mode: tensors handed to comm.all_reduce may be updated in
+    # place by a strategy later, outside this call or from a progress thread, where
+    # inference mode (thread-local) would forbid in-place updates of inference tensors.
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, attn_mask: Tensor | None = None,
+                micro_batches: int = 1, last_only: bool = False) -> Tensor:
+        """Run ``tokens`` (B, T) through the model, appending them to the KV cache.
+
+        Prefill: the first call after ``reset_cache`` (T >= 1). Decode: later calls,
+        usually T == 1. ``attn_mask`` marks real (1) vs left-pad (0) tokens and may be
+        (B, T) for the new tokens only or (B, cache_pos + T) for everything so far (HF
+        style; earlier columns then overwrite what was recorded). None = all real.
+        Position ids are ``cumsum(mask) - 1`` so left padding does not shift positions.
+
+        micro_batches=k splits the batch into k contiguous chunks whose all-reduces are
+        overlapped with the other chunks' compute (see the schedule below).
+
+        Returns logits (B, T, V) in the model dtype, or (B, 1, V) for the last position
+        only when ``last_only`` (skips the lm_head on prefill positions nobody reads).
+        """
+        if not self._weights_ready:
+            raise RuntimeError("weights are uninitialised: call init_random() or load weights")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
+        b, t = tokens.shape
+        mask_all = self._mask
+        if mask_all is None or mask_all.shape[0] != b:
+            raise ValueError(f"KV cache is not allocated for batch size {b}: call "
+                             f"reset_cache({b}, max_len) before the prefill")
+        pos, cache_len = self.cache_pos, mask_all.shape[1]
+        if t < 1 or pos + t > cache_len:
+            raise ValueError(f"cannot append {t} tokens at position {pos}: KV cache holds "
+                             f"{cache_len} positions (reset_cache max_len)")
+        bounds = split_batch(b, micro_batches)
+
+        tokens = tokens.to(self.device)
+        if attn_mask is None:
+            mask_all[:, pos:pos + t] = True
+        elif tuple(attn_mask.shape) == (b, t):
+            mask_all[:, pos:pos + t] = attn_mask.to(self.device, torch.bool)
+        elif tuple(attn_mask.shape) == (b, pos + t):
+            mask_all[:, :pos + t] = attn_mask.to(self.device, torch.bool)
+        else:
+            raise ValueError(f"attn_mask shape {tuple(attn_mask.shape)} must be ({b}, {t}) "
+                             f"or ({b}, {pos + t})")
+        seen = mask_all[:, :pos + t]  # (B, L) key padding mask, L = pos + t
+        pos_ids = (seen.long().cumsum(-1) - 1).clamp(min=0)[:, pos:]  # (B, t)
+        cos, sin = self.rope_cos[pos_ids], self.rope_sin[pos_ids]  # (B, t, hd) float32
+        q_abs = torch.arange(pos, pos + t, device=self.device)  # absolute query positions
+        k_abs = torch.arange(pos + t, device=self.device)
+        causal = k_abs[None, :] <= q_abs[:, None]  # (t, L)
+        # Pad queries (left padding) would see no key at all -> softmax of all -inf = NaN.
+        # Let every query see itself; pad rows then produce finite garbage nobody reads,
+        # and real queries never see pad keys.
+        diag = k_abs[None, :] == q_abs[:, None]  # (t, L)
+        mask = ((causal & seen[:, None, :]) | diag)[:, None]  # (B, 1, t, L) bool
+
+        x = self.model.embed_tokens(tokens)  # (B, t, D)
+        mbs = [slice(s, e) for s, e in bounds]
+        resid = [x[m] for m in mbs]  # residual stream per micro-batch, (b_i, t, D)
+        mlp_pending: list[AllReduceHandle | None] = [None] * len(mbs)
+
+        # Domino-style schedule per layer:
+        #   for each micro-batch i: finish its previous MLP all-reduce, compute attention,
+        #                           ISSUE the attention all-reduce;
+        #   for each micro-batch i: wait its attention all-reduce, compute MLP, ISSUE.
+        # So micro-batch i's all-reduce is in flight while micro-batch i+1 computes, and
+        # an MLP handle is only waited when that micro-batch's hidden state is next needed.
+        for li, layer in enumerate(self.model.layers):
+            k_cache, v_cache = self._k_cache[li], self._v_cache[li]
+            attn_pending: list[AllReduceHandle] = []
+            for i, m in enumerate(mbs):
+                handle = mlp_pending[i]
+                if handle is not None:
+                    resid[i] = resid[i] + handle.wait()
+                    mlp_pending[i] = None
+                attn_pending.append(layer.attention(
+                    resid[i], cos[m], sin[m], mask[m], k_cache[m], v_cache[m], pos))
+            for i in range(len(mbs)):
+                resid[i] = resid[i] + attn_pending[i].wait()
+                mlp_pending[i] = layer.feed_forward(resid[i])
+
+        outs = []
+        for i in range(len(mbs)):
+            handle = mlp_pending[i]
+            h = resid[i] if handle is None else resid[i] + handle.wait()
+            if last_only:
+                h = h[:, -1:]  # (b_i, 1, D)
+            outs.append(self._lm_head(self.model.norm(h)))  # (b_i, t or 1, V)
+        self.cache_pos = pos + t
+        return torch.cat(outs, dim=0)  # (B, t or 1, V)
