@@ -2,13 +2,14 @@
 
 ``python -m experiments.calibrate [--world-sizes 2,3,4] [--out-dir results/calibration]``
 
-1. Measures all-reduce times of ``naive`` (ring), ``tree``, ``shm`` and ``hierarchical`` at
-   sizes 1 KiB - 1 MiB and world sizes 2, 3, 4, with ``experiments.bench``'s timing loop
-   (median over iterations of the slowest rank). ``--runs DIR`` fits bench results already on
+1. Measures all-reduce times of every strategy the cost model has a formula for
+   (``framework.costmodel.ALGORITHMS``: naive, tree, hierarchical, shm) at sizes 1 KiB - 1 MiB
+   and world sizes 2, 3, 4, with the benchmark's timing loop (:func:`framework.run.measure.sweep`:
+   median over iterations of the slowest rank). ``--runs DIR`` fits bench results already on
    disk (``bench.csv`` files of a bench multirun) instead.
 2. Fits per algorithm alpha, beta and a fixed overhead by least squares of relative error
-   (:func:`framework.costmodel.fit`), adds each algorithm's in-situ extra (step 3) and writes
-   ``conf/topology/this_host.yaml``.
+   (:func:`framework.costmodel.fit_host`), adds each algorithm's in-situ extra (step 3,
+   :func:`framework.costmodel.add_insitu`) and writes ``conf/topology/this_host.yaml``.
 3. Validates: predicted against measured all-reduce time for every row, once with the fit on
    all world sizes and once fitted on world sizes 2 and 4 only and predicting 3 (held out);
    and predicted against measured TP decode step time (tiny model, TP 2). The decode step is
@@ -25,39 +26,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from itertools import pairwise
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from experiments.bench import _Done, _memcpy_times, _sweep, bench_sizes
-from experiments.configs import BenchSpec
 from framework.comm.registry import build_communicator
 from framework.costmodel import (
-    STRATEGY_ALGORITHM,
+    ALGORITHMS,
+    COMPUTE,
     TOPOLOGY_DIR,
-    Link,
-    Topology,
-    allreduce_time,
-    fit,
-    insitu_time,
+    add_insitu,
+    allreduce_errors,
+    decode_errors,
+    fit_host,
+    median_error,
     to_yaml,
+)
+from framework.run.measure import (
+    NoComm,
+    SweepSpec,
+    bench_sizes,
+    max_over_ranks,
+    memcpy_times,
+    sweep,
 )
 from framework.run.spec import ParallelSpec
 
-STRATEGIES = ["naive", "tree", "shm", "hierarchical"]
-SIZES = BenchSpec(min_bytes=1024, max_bytes=1 << 20, factor=4, iters=10, warmup=2)
-DECODE_SIZES = BenchSpec(min_bytes=1024, max_bytes=16 << 10, factor=4, iters=10, warmup=2)
+STRATEGIES = list(ALGORITHMS)  # what the cost model can predict, so what is worth fitting
+# the decode check runs at TP 2 on one host, where hierarchical is a tree: not measured twice
+DECODE_STRATEGIES = [s for s in STRATEGIES if s != "hierarchical"]
+CPU = torch.device("cpu")
+SIZES = SweepSpec(sizes=tuple(bench_sizes(1024, 1 << 20, 4, 4)), iters=10, warmup=2)
+DECODE_SIZES = SweepSpec(sizes=tuple(bench_sizes(1024, 16 << 10, 4, 4)), iters=10, warmup=2)
 
 
 # -- on every rank -------------------------------------------------------------------------
-def measure_allreduce(strategies: list[str], bench: BenchSpec = SIZES, rounds: int = 5,
+def measure_allreduce(strategies: list[str], spec: SweepSpec = SIZES, rounds: int = 5,
                       timeout_s: float = 60.0) -> list[dict[str, Any]]:
     """bench's timing loop for each strategy on this rank's group; rows as in bench.csv.
 
@@ -65,33 +74,33 @@ def measure_allreduce(strategies: list[str], bench: BenchSpec = SIZES, rounds: i
     of bench's per-round median: gloo's latency on a shared VM drifts by 2-5x over seconds,
     and interleaving spreads the slow periods over every point instead of a few."""
     torch.set_num_threads(1)
-    fabric = SimpleNamespace(global_rank=dist.get_rank(), world_size=dist.get_world_size(),
-                             device=torch.device("cpu"))
+    rank, world = dist.get_rank(), dist.get_world_size()
     comms = {name: build_communicator(name, timeout_s=timeout_s) for name in strategies}
     try:
         times: dict[tuple[str, int], list[float]] = {}
         for _ in range(rounds):
             for name, comm in comms.items():
-                for r in _sweep(fabric, [comm], bench)["rows"]:
+                for r in sweep([comm], spec, rank, world, CPU)["rows"]:
                     times.setdefault((name, r["size"]), []).append(r["time_us"])
     finally:
         for comm in comms.values():
             comm.close()
-    return [{"strategy": name, "world_size": fabric.world_size, "size": size,
+    return [{"strategy": name, "world_size": world, "size": size,
              "time_us": statistics.median(ts)} for (name, size), ts in times.items()]
 
 
 def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
                    preset: str = "tiny", rounds: int = 5,
-                   bench: BenchSpec = DECODE_SIZES) -> dict[str, Any]:
+                   spec: SweepSpec = DECODE_SIZES) -> dict[str, Any]:
     """Everything the decode-step check needs, measured in the same interleaved rounds.
 
-    Per round and strategy: bench's back-to-back all-reduce sweep (``bench`` sizes), the
+    Per round and strategy: bench's back-to-back all-reduce sweep (``spec`` sizes), the
     in-loop cost at the same sizes (:func:`measure_inloop`, with compute segments as long as
-    the decode's compute per all-reduce), and a decode run of the model; once per round a decode run
-    with no communication at all (:class:`_NoComm`), whose step time is the compute. Gloo on a
-    shared VM drifts by 2-3x over minutes, so constants measured in another phase would not
-    describe the decode runs; interleaving gives every quantity the same slow and fast periods.
+    the decode's compute per all-reduce), and a decode run of the model; once per round a
+    decode run with no communication at all (:class:`~framework.run.measure.NoComm`), whose
+    step time is the compute. Gloo on a shared VM drifts by 2-3x over minutes, so constants
+    measured in another phase would not describe the decode runs; interleaving gives every
+    quantity the same slow and fast periods.
 
     Returns ``{"decode": rows, "allreduce": rows, "inloop": rows}``."""
     from framework.model import TPLlama, get_config
@@ -101,22 +110,21 @@ def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
     cfg = get_config(preset)
     prompts = [[(7 * i + j) % cfg.vocab_size for j in range(8)] for i in range(batch)]
     rank, world = dist.get_rank(), dist.get_world_size()
-    fabric = SimpleNamespace(global_rank=rank, world_size=world, device=torch.device("cpu"))
     n_ar = 2 * cfg.num_layers
     comms: dict[str, Any] = {name: build_communicator(name) for name in strategies}
-    comms[COMPUTE] = _NoComm()
+    comms[COMPUTE] = NoComm()
     try:
         models = {name: TPLlama(cfg, c, rank, world).init_random(seed=0)
                   for name, c in comms.items()}
         steps: dict[str, list[list[float]]] = {name: [] for name in comms}
         times: dict[tuple[str, int], list[float]] = {}
         inloop: dict[tuple[str, int], list[float]] = {}
-        sizes = bench_sizes(bench.min_bytes, bench.max_bytes, bench.factor, 4)
+        sizes = list(spec.sizes)
         segment_s = None
         for _ in range(rounds):
             for name, model in reversed(models.items()):  # compute first: it sizes the segment
                 if name != COMPUTE:
-                    for r in _sweep(fabric, [comms[name]], bench)["rows"]:
+                    for r in sweep([comms[name]], spec, rank, world, CPU)["rows"]:
                         times.setdefault((name, r["size"]), []).append(r["time_us"] * 1e-6)
                     for size, cost in measure_inloop(comms[name], sizes, segment_s).items():
                         inloop.setdefault((name, size), []).append(cost)
@@ -127,7 +135,7 @@ def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
                 generate(model, prompts, new_tokens, on_prefill_end=mark, on_step_end=mark)
                 steps[name] += [[b[0] - a[0], b[1] - a[1]] for a, b in pairwise(stamps)]
                 if name == COMPUTE and segment_s is None:
-                    segment_s = _slowest_median(steps[name]) / n_ar
+                    segment_s = _slowest_rank_step(steps[name]) / n_ar
     finally:
         for c in comms.values():
             c.close()
@@ -135,7 +143,7 @@ def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
     for name in comms:
         if name == COMPUTE:  # ranks not in lockstep: step i of one is not step i of the other
             decode.append({"strategy": name, "world_size": world,
-                           "step_s": _slowest_median(steps[name]),
+                           "step_s": _slowest_rank_step(steps[name]),
                            "exposed_s": 0.0, "allreduces": 0, "message_bytes": 0})
             continue
         t = torch.tensor(steps[name], dtype=torch.float64)
@@ -181,7 +189,7 @@ def measure_inloop(comm: Any, sizes: list[int], segment_s: float, iters: int = 1
                     if reduce:
                         comm.all_reduce(x).wait()
                     loops[i].append(time.perf_counter() - t0)
-        t = _max_over_ranks(torch.tensor(loops, dtype=torch.float64))
+        t = max_over_ranks(torch.tensor(loops, dtype=torch.float64))
         out[size] = statistics.median(t[0].tolist()) - statistics.median(t[1].tolist())
     return out
 
@@ -207,32 +215,9 @@ class _Spin:
             self._op()
 
 
-def _slowest_median(steps: list[list[float]]) -> float:
+def _slowest_rank_step(steps: list[list[float]]) -> float:
     """The slowest rank's median step time (for runs whose ranks are not in lockstep)."""
-    return _max_over_ranks(statistics.median(s for s, _ in steps))
-
-
-def _max_over_ranks(x: Any) -> Any:
-    t = torch.as_tensor(x, dtype=torch.float64).clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t if t.dim() else t.item()
-
-
-COMPUTE = "compute"  # the decode run with no communication
-
-
-class _NoComm:
-    """Returns its input: a decode run through it is the step's compute alone (wrong sums, but
-    the same shapes and kernels; the greedy tokens differ, which the timing does not see)."""
-
-    def __init__(self) -> None:
-        self.stats = SimpleNamespace(wait_s=0.0)
-
-    def all_reduce(self, x: torch.Tensor) -> _Done:
-        return _Done(x)
-
-    def close(self) -> None:
-        pass
+    return max_over_ranks(statistics.median(s for s, _ in steps))
 
 
 def _marker(stamps: list[tuple[float, float]], comm: Any):
@@ -240,76 +225,6 @@ def _marker(stamps: list[tuple[float, float]], comm: Any):
         stamps.append((time.perf_counter(), comm.stats.wait_s))
 
     return mark
-
-
-# -- fitting and validation ----------------------------------------------------------------
-def fit_host(rows: list[dict[str, Any]], world_sizes: set[int] | None = None,
-             copy_gbps: float = 10.0, cores: int | None = None) -> Topology:
-    """A ``this_host`` topology whose per-algorithm constants fit ``rows``."""
-    cores = cores or os.cpu_count()
-    fits = {}
-    for name, algo in STRATEGY_ALGORITHM.items():
-        data = [(r["world_size"], r["size"], r["time_us"] * 1e-6) for r in rows
-                if r["strategy"] == name and r["world_size"] > 1
-                and (world_sizes is None or r["world_size"] in world_sizes)]
-        if data:
-            fits[algo] = fit(data, algo, cores=cores)
-    ring = fits.get("ring", {"alpha_s": 1e-3, "beta_s_per_byte": 1e-9})
-    link = Link(ring["alpha_s"], max(ring["beta_s_per_byte"], 1e-15))
-    return Topology(name="this_host", ranks_per_node=max(r["world_size"] for r in rows),
-                    intra=link, inter=link, copy_gbps=copy_gbps, fits=fits, cores=cores,
-                    sources={"fits": "least squares on measured all-reduce times "
-                                      "(python -m experiments.calibrate)"})
-
-
-def add_insitu(topo: Topology, inloop: list[dict[str, Any]]) -> Topology:
-    """Set each algorithm's ``insitu_s``: the median over sizes of the measured in-loop cost
-    minus the model's back-to-back time for that size."""
-    for name, algo in STRATEGY_ALGORITHM.items():
-        extra = [r["cost_us"] * 1e-6 - allreduce_time(topo, algo, r["world_size"], r["size"])
-                 for r in inloop if r["strategy"] == name]
-        if extra and algo in topo.fits:
-            topo.fits[algo]["insitu_s"] = statistics.median(extra)
-    return topo
-
-
-def allreduce_errors(topo: Topology, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for r in rows:
-        if r["world_size"] < 2 or r["strategy"] not in STRATEGY_ALGORITHM:
-            continue
-        meas = r["time_us"] * 1e-6
-        pred = allreduce_time(topo, STRATEGY_ALGORITHM[r["strategy"]], r["world_size"],
-                              r["size"])
-        out.append({"strategy": r["strategy"], "world_size": r["world_size"],
-                    "size": r["size"], "measured_us": meas * 1e6, "predicted_us": pred * 1e6,
-                    "rel_error": abs(pred - meas) / meas})
-    return out
-
-
-def decode_errors(topo: Topology, decode: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Predicted against measured decode step: measured compute (the run with no
-    communication) plus, per all-reduce, the model's back-to-back time and in-situ extra."""
-    compute = next(d for d in decode if d["strategy"] == COMPUTE)["step_s"]
-    out = []
-    for d in decode:
-        algo = STRATEGY_ALGORITHM.get(d["strategy"])
-        if algo is None:
-            continue
-        insitu = insitu_time(topo, algo, d["world_size"])
-        per_call = allreduce_time(topo, algo, d["world_size"], d["message_bytes"]) + insitu
-        comm = d["allreduces"] * per_call
-        pred = compute + comm
-        out.append({"strategy": d["strategy"], "world_size": d["world_size"],
-                    "measured_s": d["step_s"], "predicted_s": pred, "compute_s": compute,
-                    "predicted_comm_s": comm, "insitu_s": insitu,
-                    "measured_exposed_s": d["exposed_s"],
-                    "rel_error": abs(pred - d["step_s"]) / d["step_s"]})
-    return out
-
-
-def median_error(errors: list[dict[str, Any]]) -> float:
-    return statistics.median(e["rel_error"] for e in errors) if errors else float("nan")
 
 
 # -- entry point ---------------------------------------------------------------------------
@@ -363,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for ws in world_sizes:
             rows += launch_ranks(_rank_measure, ParallelSpec(world_size=ws), STRATEGIES)
-    decode = launch_ranks(_rank_decode, ParallelSpec(world_size=2), ["naive", "tree", "shm"])
+    decode = launch_ranks(_rank_decode, ParallelSpec(world_size=2), DECODE_STRATEGIES)
     copy = _memcpy_gbps()
     topo = add_insitu(fit_host(rows, copy_gbps=copy), decode["inloop"])
     held = fit_host(rows, {min(world_sizes), max(world_sizes)}, copy_gbps=copy)
@@ -400,7 +315,7 @@ def _rank_decode(fabric: Any, strategies: list[str]) -> list[dict[str, Any]]:
 
 
 def _memcpy_gbps(nbytes: int = 16 << 20) -> float:
-    return nbytes / statistics.median(_memcpy_times(nbytes, 10, torch.device("cpu"))) / 1e9
+    return nbytes / statistics.median(memcpy_times(nbytes, 10, CPU)) / 1e9
 
 
 def to_markdown(data: dict[str, Any]) -> str:

@@ -3,15 +3,16 @@
 ``python -m experiments.simulate [--out-dir results/simulate] [--batch 8]``
 
 For each topology preset (``conf/topology``: ``h100_nvlink`` up to 8 GPUs, ``h100_ib`` up to
-1024) and world sizes 2 to 1024, predicts the all-reduce time of ``ring`` (the library's,
-strategy ``naive``), ``tree`` and ``hierarchical`` at the decode message size of Llama-3-8B
-and -70B (batch x hidden x 2 bytes, bf16), and the decode inter-token latency (weights
-streamed from HBM / p plus 2 all-reduces per layer); and the schedules over the ring with two
-micro-batches (``bucketed``: fused pairs; ``async_overlap``: half the compute overlappable),
-whose ``allreduce_us`` is the communication per collective issued. Writes ``simulate.csv``,
-``simulate.md`` and plots that mark the crossovers: the world size where tree overtakes ring, where
-hierarchical overtakes the flat ring, and the message size where fusing two messages stops
-paying. These are model predictions from published constants, not measurements.
+1024) and world sizes 2 to 1024, predicts the all-reduce time of every algorithm the cost model
+has a formula for except ``shm`` (one CPU host only): ``naive`` (the library's ring), ``tree``
+and ``hierarchical``, at the decode message size of Llama-3-8B and -70B (batch x hidden x 2
+bytes, bf16), and the decode inter-token latency (weights streamed from HBM / p plus 2
+all-reduces per layer); and the schedules over ``naive`` with two micro-batches (``bucketed``:
+fused pairs; ``async_overlap``: half the compute overlappable), whose ``allreduce_us`` is the
+communication per collective issued. Writes ``simulate.csv``, ``simulate.md`` and plots that
+mark the crossovers: the world size where tree overtakes naive, where hierarchical overtakes
+naive (the flat ring), and the message size where fusing two messages stops paying. These are
+model predictions from published constants, not measurements.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from framework.costmodel import (
+    ALGORITHMS,
     DecodeShape,
     Topology,
     allreduce_time,
@@ -32,22 +34,14 @@ from framework.costmodel import (
 from framework.model import get_config
 
 PRESETS = {"h100_nvlink": [2, 4, 8], "h100_ib": [2 ** k for k in range(1, 11)]}
-ALGOS = ["ring", "tree", "hierarchical"]
+ALGOS = [a for a in ALGORITHMS if a != "shm"]  # shared memory needs every rank on one host
 MODELS = ["llama3-8b", "llama3-70b"]
-
-
-def param_count(name: str) -> float:
-    c = get_config(name)
-    attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    emb = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return c.num_layers * (attn + mlp) + emb
 
 
 def shape_for(model: str, batch: int, micro_batches: int = 1) -> DecodeShape:
     c = get_config(model)
     return DecodeShape(hidden_size=c.hidden_size, num_layers=c.num_layers,
-                       params=param_count(model), batch=batch, micro_batches=micro_batches)
+                       params=c.num_params, batch=batch, micro_batches=micro_batches)
 
 
 def crossover(xs: list[float], a: list[float], b: list[float]) -> float | None:
@@ -62,7 +56,7 @@ def fusion_limit(topo: Topology, p: int, k: int = 2) -> float | None:
     """Smallest message size (bytes, powers of 2) at which fusing k messages stops paying."""
     for e in range(8, 34):
         n = 2.0 ** e
-        if fused_time(topo, "ring", p, n, k) >= k * allreduce_time(topo, "ring", p, n):
+        if fused_time(topo, "naive", p, n, k) >= k * allreduce_time(topo, "naive", p, n):
             return n
     return None
 
@@ -86,10 +80,10 @@ def simulate(batch: int) -> tuple[list[dict[str, Any]], list[str]]:
                                  "itl_ms": round(d["itl_s"] * 1e3, 4),
                                  "comm_share": round(d["comm_s"] / d["itl_s"], 4)})
                 rows += schedule_rows(topo, tname, model, batch, p)
-            tr = crossover(sizes, series["ring"], series["tree"])
-            hr = crossover(sizes, series["ring"], series["hierarchical"])
-            notes.append(f"{tname}, {model}, {int(n)} B: tree overtakes ring at p = {tr}; "
-                         f"hierarchical overtakes flat ring at p = {hr}")
+            tr = crossover(sizes, series["naive"], series["tree"])
+            hr = crossover(sizes, series["naive"], series["hierarchical"])
+            notes.append(f"{tname}, {model}, {int(n)} B: tree overtakes naive at p = {tr}; "
+                         f"hierarchical overtakes naive at p = {hr}")
         for p in (sizes[-1],):
             lim = fusion_limit(topo, p)
             notes.append(f"{tname}, p = {p}: fusing 2 messages stops paying at "
@@ -99,20 +93,20 @@ def simulate(batch: int) -> tuple[list[dict[str, Any]], list[str]]:
 
 def schedule_rows(topo: Topology, tname: str, model: str, batch: int,
                   p: int) -> list[dict[str, Any]]:
-    """The schedules over the ring, with 2 micro-batches: bucketed fuses the two micro-batches'
+    """The schedules over naive, with 2 micro-batches: bucketed fuses the two micro-batches'
     all-reduces (2L collectives of twice the bytes, plus packing); async_overlap hides them
     behind the other micro-batch's compute (half the step's compute is overlappable)."""
     shape = shape_for(model, batch, micro_batches=2)
-    base = decode_step(topo, "ring", p, shape)
-    fused_comm = 2 * shape.num_layers * fused_time(topo, "ring", p, shape.message_bytes, 2)
-    overlap = decode_step(topo, "ring", p, shape, overlap=0.5)
+    base = decode_step(topo, "naive", p, shape)
+    fused_comm = 2 * shape.num_layers * fused_time(topo, "naive", p, shape.message_bytes, 2)
+    overlap = decode_step(topo, "naive", p, shape, overlap=0.5)
     out = []
     for name, comm, itl in (
         ("bucketed", fused_comm, base["compute_s"] + fused_comm),
         ("async_overlap", overlap["comm_s"], overlap["itl_s"]),
     ):
         out.append({"topology": tname, "model": model, "batch": batch, "world_size": p,
-                    "algorithm": f"{name} (ring, 2 micro-batches)",
+                    "algorithm": f"{name} (naive, 2 micro-batches)",
                     "message_bytes": int(shape.message_bytes),
                     "allreduce_us": round(comm / shape.allreduces * 1e6, 3),
                     "itl_ms": round(itl * 1e3, 4), "comm_share": round(comm / itl, 4)})
@@ -145,8 +139,8 @@ def plot(rows: list[dict[str, Any]], notes: list[str], out: Path) -> list[Path]:
                         marker="o", label=algo)
             for note in notes:  # mark the crossovers
                 if note.startswith(f"{tname}, {model},"):
-                    for part, style in (("tree overtakes ring at p = ", ":"),
-                                        ("hierarchical overtakes flat ring at p = ", "--")):
+                    for part, style in (("tree overtakes naive at p = ", ":"),
+                                        ("hierarchical overtakes naive at p = ", "--")):
                         v = note.split(part)[1].split(";")[0]
                         if v != "None":
                             ax.axvline(float(v), ls=style, c="grey", lw=0.8)

@@ -6,14 +6,14 @@ ranks (Thakur, Rabenseifner and Gropp, "Optimization of collective communication
 in MPICH", IJHPCA 2005; Sanders, Speck and Traeff 2009 for the pipelined tree; NCCL's tuning
 model uses the same latency + bytes / bandwidth form per algorithm and protocol):
 
-* ``ring`` (the library's all-reduce, strategy ``naive``): reduce-scatter + all-gather,
+* ``naive`` (the library's ring all-reduce): reduce-scatter + all-gather,
   ``2(p-1) alpha + 2(p-1)/p n beta + (p-1)/p n gamma``. nccl-tests' busbw = algbw * 2(p-1)/p
   is defined so that busbw equals the link bandwidth ``1/beta`` for a perfect ring.
 * ``tree`` (binary reduce then broadcast, chunk-pipelined, ``k = ceil(n / c)`` chunks of ``c``
   bytes, depth ``d = floor(log2 p)``): ``2 (d + k - 1) alpha + 2 (d + k - 1) c beta * 2 +
   n gamma`` -- each tree step moves a chunk to or from two children.
 * ``hierarchical`` over ``g`` ranks per node and ``m = p/g`` nodes: reduce to the node leader
-  (tree on the intra link), ring all-reduce of the leaders on the inter link, broadcast back.
+  (tree on the intra link), ``naive`` ring of the leaders on the inter link, broadcast back.
 * ``shm`` (shared memory, one host): per chunk two flag barriers, each waiting on ``p - 1``
   peers (``2 (p-1) alpha``; alpha is the flag round trip, or a context switch when there are
   more ranks than cores) and memory traffic of about ``(3 + 1/p) n`` bytes per rank (copy in,
@@ -34,23 +34,25 @@ compute leaves ``max(0, comm - overlappable compute)`` exposed.
 
 The constants live in topology files (``conf/topology/*.yaml``): presets from published figures
 with the source of each number beside it, and ``this_host``, fitted by
-``python -m experiments.calibrate`` from measured all-reduce times (least squares of the
-formula's features per algorithm, so each algorithm gets its own effective alpha and beta).
+``python -m experiments.calibrate`` from measured all-reduce times (:func:`fit_host`: least
+squares of the formula's features per algorithm, so each algorithm gets its own effective alpha
+and beta; :func:`add_insitu` adds the in-situ extra).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ALGORITHMS = ("ring", "tree", "hierarchical", "shm")
-# strategy name -> the algorithm whose formula predicts it
-STRATEGY_ALGORITHM = {"naive": "ring", "tree": "tree", "hierarchical": "hierarchical",
-                      "shm": "shm"}
+# The strategies this model has a formula for, by their registry names; schedules (bucketed,
+# async_overlap, ...) are predicted through the algorithm they send with (fused_time, overlap).
+ALGORITHMS = ("naive", "tree", "hierarchical", "shm")
 TOPOLOGY_DIR = Path(__file__).resolve().parents[1] / "conf" / "topology"
 
 
@@ -87,6 +89,10 @@ def load_topology(name_or_path: str | Path) -> Topology:
     if not path.suffix:
         path = TOPOLOGY_DIR / f"{name_or_path}.yaml"
     d = yaml.safe_load(path.read_text())
+    unknown = sorted(set(d.get("fits") or {}) - set(ALGORITHMS))
+    if unknown:
+        raise ValueError(f"{path}: fits for unknown algorithms {unknown}; the model has "
+                         f"formulas for {list(ALGORITHMS)}")
     return Topology(
         name=d["name"], ranks_per_node=int(d["ranks_per_node"]),
         intra=Link(float(d["intra"]["alpha_s"]), 1e-9 / float(d["intra"]["bandwidth_gbps"])),
@@ -134,7 +140,7 @@ def host_features(algorithm: str, p: int, n: float, chunk: float = 1 << 20,
 def _features(algorithm: str, p: int, n: float, chunk: float) -> tuple[float, float]:
     if p <= 1:
         return 0.0, 0.0
-    if algorithm == "ring":
+    if algorithm == "naive":
         return 2.0 * (p - 1), 2.0 * (p - 1) / p * n
     if algorithm == "tree":
         depth = math.floor(math.log2(p))
@@ -193,8 +199,8 @@ def allreduce_time(topo: Topology, algorithm: str, p: int, n: float, *,
     if algorithm == "hierarchical":
         return _hierarchical(topo, p, n, topo.ranks_per_node, chunk)
     link = topo.intra if p <= topo.ranks_per_node else topo.inter
-    lat, byt = features(algorithm if algorithm != "shm" else "ring", p, n, chunk)
-    reduce = (p - 1) / p * n if algorithm == "ring" else n
+    lat, byt = features(algorithm if algorithm != "shm" else "naive", p, n, chunk)
+    reduce = (p - 1) / p * n if algorithm == "naive" else n
     return (topo.base_s + link.alpha_s * lat + link.beta_s_per_byte * byt
             + topo.gamma_s_per_byte * reduce)
 
@@ -207,7 +213,7 @@ def _hierarchical(topo: Topology, p: int, n: float, g: int, chunk: float) -> flo
         lat, byt = features("tree", g, n, chunk)
         t += topo.intra.alpha_s * lat + topo.intra.beta_s_per_byte * byt
     if m > 1:  # the leaders' ring on the inter-node link
-        lat, byt = features("ring", m, n)
+        lat, byt = features("naive", m, n)
         t += topo.inter.alpha_s * lat + topo.inter.beta_s_per_byte * byt
     return t
 
@@ -229,7 +235,10 @@ def exposed_time(comm_s: float, overlappable_compute_s: float) -> float:
 
 
 def busbw_gbps(p: int, n: float, t: float) -> float:
-    """nccl-tests' bus bandwidth of an all-reduce: n / t * 2(p-1)/p."""
+    """nccl-tests' bus bandwidth of an all-reduce in GB/s: algbw * 2(p-1)/p, algbw = n / t.
+
+    The one definition: the benchmark's busbw column is computed by it too. 0 for one rank
+    (nothing crosses a bus) or a zero time."""
     return n / t * 2 * (p - 1) / p / 1e9 if t > 0 else 0.0
 
 
@@ -274,6 +283,80 @@ def decode_step(topo: Topology, algorithm: str, p: int, shape: DecodeShape, *,
     exposed = exposed_time(comm, overlap * compute_s)
     return {"itl_s": compute_s + exposed, "compute_s": compute_s, "comm_s": comm,
             "exposed_s": exposed}
+
+
+# -- fitting this host's constants (experiments.calibrate measures, these fit) ----------------
+COMPUTE = "compute"  # the strategy label of a measured decode run with no communication
+
+
+def fit_host(rows: list[dict[str, Any]], world_sizes: set[int] | None = None,
+             copy_gbps: float = 10.0, cores: int | None = None) -> Topology:
+    """A ``this_host`` topology whose per-algorithm constants fit measured ``rows``
+    (strategy, world_size, size, time_us), optionally only those of ``world_sizes``."""
+    cores = cores or os.cpu_count()
+    fits = {}
+    for algo in ALGORITHMS:
+        data = [(r["world_size"], r["size"], r["time_us"] * 1e-6) for r in rows
+                if r["strategy"] == algo and r["world_size"] > 1
+                and (world_sizes is None or r["world_size"] in world_sizes)]
+        if data:
+            fits[algo] = fit(data, algo, cores=cores)
+    ring = fits.get("naive", {"alpha_s": 1e-3, "beta_s_per_byte": 1e-9})
+    link = Link(ring["alpha_s"], max(ring["beta_s_per_byte"], 1e-15))
+    return Topology(name="this_host", ranks_per_node=max(r["world_size"] for r in rows),
+                    intra=link, inter=link, copy_gbps=copy_gbps, fits=fits, cores=cores,
+                    sources={"fits": "least squares on measured all-reduce times "
+                                      "(python -m experiments.calibrate)"})
+
+
+def add_insitu(topo: Topology, inloop: list[dict[str, Any]]) -> Topology:
+    """Set each algorithm's ``insitu_s``: the median over sizes of the measured in-loop cost
+    (strategy, world_size, size, cost_us) minus the model's back-to-back time for that size."""
+    for algo in ALGORITHMS:
+        extra = [r["cost_us"] * 1e-6 - allreduce_time(topo, algo, r["world_size"], r["size"])
+                 for r in inloop if r["strategy"] == algo]
+        if extra and algo in topo.fits:
+            topo.fits[algo]["insitu_s"] = statistics.median(extra)
+    return topo
+
+
+def allreduce_errors(topo: Topology, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Predicted against measured time of every multi-rank row the model has a formula for."""
+    out = []
+    for r in rows:
+        if r["world_size"] < 2 or r["strategy"] not in ALGORITHMS:
+            continue
+        meas = r["time_us"] * 1e-6
+        pred = allreduce_time(topo, r["strategy"], r["world_size"], r["size"])
+        out.append({"strategy": r["strategy"], "world_size": r["world_size"],
+                    "size": r["size"], "measured_us": meas * 1e6, "predicted_us": pred * 1e6,
+                    "rel_error": abs(pred - meas) / meas})
+    return out
+
+
+def decode_errors(topo: Topology, decode: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Predicted against measured decode step: measured compute (the :data:`COMPUTE` run)
+    plus, per all-reduce, the model's back-to-back time and in-situ extra."""
+    compute = next(d for d in decode if d["strategy"] == COMPUTE)["step_s"]
+    out = []
+    for d in decode:
+        algo = d["strategy"]
+        if algo not in ALGORITHMS:
+            continue
+        insitu = insitu_time(topo, algo, d["world_size"])
+        per_call = allreduce_time(topo, algo, d["world_size"], d["message_bytes"]) + insitu
+        comm = d["allreduces"] * per_call
+        pred = compute + comm
+        out.append({"strategy": algo, "world_size": d["world_size"],
+                    "measured_s": d["step_s"], "predicted_s": pred, "compute_s": compute,
+                    "predicted_comm_s": comm, "insitu_s": insitu,
+                    "measured_exposed_s": d["exposed_s"],
+                    "rel_error": abs(pred - d["step_s"]) / d["step_s"]})
+    return out
+
+
+def median_error(errors: list[dict[str, Any]]) -> float:
+    return statistics.median(e["rel_error"] for e in errors) if errors else float("nan")
 
 
 def to_yaml(topo: Topology) -> str:

@@ -35,7 +35,7 @@ class DoubleBuffer(Schedule):
     def _all_reduce(self, x: Tensor) -> Handle:
         i, self._next = self._next, (self._next + 1) % self.num_buffers
         if self._in_flight[i] is not None:  # complete the previous owner before reusing
-            self._in_flight[i]._complete()
+            self._in_flight[i]._complete()  # raises if that collective failed
         nbytes = x.numel() * x.element_size()
         buf = self._bufs[i]
         if buf is None or buf.numel() < nbytes:
@@ -51,9 +51,11 @@ class DoubleBuffer(Schedule):
         return h
 
     def _finish(self, i: int, fut: Future, view: Tensor, x: Tensor) -> Tensor:
-        fut.result()
-        x.view(-1).copy_(view)
-        self._in_flight[i] = None
+        try:
+            fut.result()
+            x.view(-1).copy_(view)
+        finally:  # the slot is free again even if the collective failed
+            self._in_flight[i] = None
         return x
 
     def _release(self) -> None:

@@ -1,8 +1,13 @@
-"""Shared fixtures: one long-lived pool of ranks per world size for the whole session."""
+"""Shared fixtures: one long-lived pool of ranks per world size for the whole session, the
+Hydra configs composed in-process, and the runner driven on pool ranks."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,6 +15,9 @@ from framework.testing.rankpool import RankPool
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 
 
 class Pools:
@@ -34,3 +42,56 @@ def pools():
     p = Pools()
     yield p
     p.close()
+
+
+def compose_config(*overrides: str, name: str = "infer", hydra_dir: Path | None = None):
+    """The config a command line would get, composed in-process (no subprocess per check).
+
+    With ``hydra_dir`` the Hydra section is kept and installed as the running job's, with
+    that output directory, so an entry point's ``main(cfg)`` runs in-process."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides),
+                      return_hydra_config=hydra_dir is not None)
+    if hydra_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(hydra_dir)
+        HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@contextmanager
+def as_torchrun_rank() -> Iterator[None]:
+    """On a pool rank: the environment torchrun gives its processes, so that Fabric joins the
+    pool's process group (the launcher's external path) instead of spawning new ranks."""
+    import torch.distributed as dist
+
+    r, w = dist.get_rank(), dist.get_world_size()
+    env = {"TORCHELASTIC_RUN_ID": "commlab-pool", "RANK": str(r), "WORLD_SIZE": str(w),
+           "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(w), "GROUP_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_on_rank(spec: Any) -> dict[str, Any]:
+    """On a pool rank: ``framework.run.runner.launch(spec)`` as under torchrun; an error is
+    returned as its text (every rank's), so the pool stays usable."""
+    from framework.run.runner import launch
+
+    with as_torchrun_rank():
+        try:
+            return launch(spec, progress=False)
+        except Exception as e:
+            return {"status": "raised", "error": f"{type(e).__name__}: {e}"}

@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, as_torchrun_rank, compose_config
+from hydra.errors import MissingConfigException
 
-ROOT = Path(__file__).resolve().parents[1]
+from framework.run.spec import ConfigError
+
 COLUMNS = ["size", "count", "type", "redop", "time_us", "algbw_gbps", "busbw_gbps", "wrong",
            "strategy", "world_size", "mode", "tensors", "baseline", "baseline_time_us",
            "speedup", "memcpy_gbps", "busbw_of_memcpy"]
@@ -73,16 +76,29 @@ def test_naive_sweep(tmp_path: Path) -> None:
             if r["job"] == tmp_path.name} == {("naive", "single")}
 
 
-def test_many_small_bucketed(tmp_path: Path) -> None:
-    p = bench(tmp_path, "strategy=bucketed", "bench.many_small=8", *SMALL)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "mode: many_small:8" in p.stdout
-    cols, rows = read_csv(tmp_path / "bench.csv")
-    assert cols == COLUMNS
-    check_rows(rows, "bucketed", "many_small:8", 8)
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert res["status"] == "ok" and res["options"]["bucket_bytes"] == 1 << 20
-    for st in res["comm_stats"]:  # 8 calls per burst fused into one bucket
+def bench_on_rank(cfg) -> dict:
+    """On a pool rank: bench's own rank function, launched as under torchrun."""
+    from omegaconf import OmegaConf
+
+    from experiments.bench import _rank_bench
+    from experiments.configs import BenchSpec
+    from framework.run.launch import launch_ranks
+    from framework.run.spec import ParallelSpec
+
+    bench = BenchSpec(**OmegaConf.to_container(cfg.bench, resolve=True))
+    parallel = ParallelSpec(**OmegaConf.to_container(cfg.parallel, resolve=True))
+    with as_torchrun_rank():
+        return launch_ranks(_rank_bench, parallel, cfg.strategy.name, {}, bench, parallel)
+
+
+def test_many_small_bucketed(pools) -> None:
+    """The burst mode on the long-lived ranks (the command line is tested above)."""
+    cfg = compose_config("strategy=bucketed", "bench.many_small=8", *SMALL, name="bench")
+    out = pools(2).run(bench_on_rank, cfg)[0]
+    rows = [{**r, "strategy": "bucketed", "world_size": 2, "mode": "many_small:8",
+             "tensors": 8} for r in out["rows"]]
+    check_rows([{k: str(v) for k, v in r.items()} for r in rows], "bucketed", "many_small:8", 8)
+    for st in out["comm_stats"]:  # 8 calls per burst fused into one bucket
         assert st["calls_per_iter"] == 8 and st["collectives_per_iter"] == 1
 
 
@@ -109,14 +125,27 @@ def test_baseline_memcpy_and_profile(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("override", "message"), [
     ("bench.factor=1", "bench.factor must be an integer >= 2"),
-    ("strategy=nope", "Could not find 'strategy/nope'"),
     ("strategy.name=nope", "unknown strategy 'nope'; available: ["),
     ("bench.baseline=nope", "unknown strategy 'nope'; available: ["),
     ("bench.rounds=0", "bench.rounds must be >= 1"),
 ])
-def test_bad_config_fails_before_spawning(tmp_path: Path, override: str, message: str) -> None:
-    p = bench(tmp_path, override, timeout=120)
-    out = p.stdout + p.stderr
-    assert p.returncode != 0
-    assert message in out, out
-    assert "Initializing distributed" not in out  # refused before any rank started
+def test_bad_config_fails_before_spawning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          override: str, message: str) -> None:
+    """bench's main, in-process: refused with our message, recorded, and no rank launched."""
+    import experiments.bench
+
+    def spawned(*args, **kwargs):
+        raise AssertionError("ranks were launched for an invalid configuration")
+
+    monkeypatch.setattr(experiments.bench, "launch_ranks", spawned)
+    cfg = compose_config(override, "logger=none", name="bench", hydra_dir=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        experiments.bench.main(cfg)
+    assert message in str(err.value)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "failed" and message in saved["error"]
+
+
+def test_unknown_strategy_group_option_is_refused_at_compose() -> None:
+    with pytest.raises(MissingConfigException):
+        compose_config("strategy=nope", name="bench")

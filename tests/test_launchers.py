@@ -57,7 +57,9 @@ def test_optuna_tunes_bucket_bytes(tmp_path: Path) -> None:
                 "workload.batch_size=4", "workload.micro_batches=2")
     assert statuses(out) == ["ok", "ok"]
     best = yaml.safe_load((out / "optimization_results.yaml").read_text())
-    measured = [json.loads(p.read_text())["decode_tokens_per_s"]
-                for p in out.glob("*/results.json")]
-    assert best["best_value"] == pytest.approx(max(measured))
-    assert 1024 <= best["best_params"]["strategy.bucket_bytes"] <= 4194304
+    jobs = [json.loads(p.read_text()) for p in out.glob("*/results.json")]
+    fastest = max(jobs, key=lambda j: j["decode_tokens_per_s"])
+    # Optuna's best trial is the job that measured the highest objective, with its options
+    assert best["best_value"] == pytest.approx(fastest["decode_tokens_per_s"])
+    assert best["best_params"]["strategy.bucket_bytes"] == (
+        fastest["strategy_options"]["bucket_bytes"])

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from framework.testing.rankpool import RankPool
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,12 +48,8 @@ def installed_plugin(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_plugin_discovered_and_conformant(installed_plugin: str, world_size: int) -> None:
-    pool = RankPool(world_size)
-    try:
-        passed = pool.run(discover_and_check, installed_plugin, timeout_s=300)
-    finally:
-        pool.close()
+def test_plugin_discovered_and_conformant(pools, installed_plugin: str, world_size: int) -> None:
+    passed = pools(world_size).run(discover_and_check, installed_plugin, timeout_s=300)
     assert len(passed[0]) >= 8
 
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from framework import Schedule, available_strategies, get_strategy
 from framework.testing import run_checks
 
 COMPOSED_CHECKS = ["exact_sums", "handles_in_flight", "flush_semantics", "bounded_loop"]
 
 
-@pytest.mark.parametrize("name", ["bucketed", "async_overlap", "double_buffer",
-                                  "adaptive_threshold"])
+@pytest.mark.parametrize("name", [n for n in available_strategies()
+                                  if issubclass(get_strategy(n), Schedule)])
 def test_schedules_over_shm(pools, name: str) -> None:
     """Every schedule sends its collectives through shm from its progress thread."""
     pools(3).run(run_checks, name, {"inner": "shm"}, COMPOSED_CHECKS)
@@ -43,9 +44,9 @@ def _dead_pid() -> int:
 
 def _segment_lifecycle(stale_pid: int) -> dict:
     from framework import build_communicator
-    from framework.comm.shm import SHM_DIR
+    from framework.comm.shm import SHM_DIR, segment_name
 
-    stale = SHM_DIR / f"commlab-shm-{stale_pid}-stale0000000"
+    stale = SHM_DIR / segment_name(stale_pid)
     if dist.get_rank() == 0:
         stale.write_bytes(b"left by a crashed run")
     dist.barrier()

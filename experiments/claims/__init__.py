@@ -1,1 +1,1 @@
-"""The seed-claims study: ``python -m experiments.claims`` writes ``REPORT.md`` here."""
+"""The seed-claims study: ``python -m experiments.claims`` writes ``results/claims/REPORT.md``."""

@@ -90,18 +90,22 @@ class CommStats:
 
 
 class Handle:
-    """A pending all-reduce. ``wait()`` blocks until the sum is ready and returns it.
+    """A pending collective. ``wait()`` blocks until the result is ready and returns it.
 
     ``finish`` is the strategy's completion step (wait for the wire, copy out of a buffer);
-    it runs at most once. A handle created ready (blocking strategies) costs nothing to wait.
+    it runs at most once. If it raises, the error is kept and raised again by every later
+    ``wait()``: a failed collective never turns into a result. A handle created ready
+    (blocking strategies) costs nothing to wait.
     """
 
-    __slots__ = ("_comm", "_finish", "_result")
+    __slots__ = ("_comm", "_error", "_finish", "_result", "_span")
 
     def __init__(self, comm: Communicator, finish: Callable[[], Tensor] | None, result=None):
         self._comm = comm
         self._finish = finish
         self._result = result
+        self._error: BaseException | None = None
+        self._span: tuple[int, int] | None = None  # the input's bytes while in flight
         if finish is not None:
             comm._pending[id(self)] = self
 
@@ -111,15 +115,28 @@ class Handle:
 
     def wait(self) -> Tensor:
         if self._finish is None:
+            if self._error is not None:
+                raise self._error
             return self._result
+        if self._comm._closed:
+            raise self._comm._error("wait() after close(): the communicator's groups and "
+                                    "buffers are released; wait before closing")
         with self._comm._blocked():
             self._complete()
         return self._result
 
     def _complete(self) -> None:
         finish, self._finish = self._finish, None
+        if finish is None:  # completed earlier (successfully or not)
+            if self._error is not None:
+                raise self._error
+            return
         self._comm._pending.pop(id(self), None)
-        self._result = finish()
+        try:
+            self._result = finish()
+        except BaseException as e:
+            self._error = e
+            raise
 
 
 class Communicator(ABC):
@@ -188,11 +205,28 @@ class Communicator(ABC):
                 self.stats.wait_s += time.perf_counter() - t0
 
     def _issue(self, x: Tensor) -> Handle:
+        lo = x.data_ptr()
+        span = (lo, lo + x.nbytes)
+        if self._pending:
+            self._check_no_overlap(span)
         if self._check_group is not None:
             self._fingerprint(_OP_ALL_REDUCE, x)
         self.stats.calls += 1
         self.stats.bytes += x.nbytes
-        return self._all_reduce(x)
+        h = self._all_reduce(x)
+        if not h.done:
+            h._span = span
+        return h
+
+    def _check_no_overlap(self, span: tuple[int, int]) -> None:
+        """The caller gave a pending input up until its wait(): a new input sharing its bytes
+        would be summed (or overwritten) twice, differently per strategy."""
+        lo, hi = span
+        for h in self._pending.values():
+            if h._span is not None and lo < h._span[1] and h._span[0] < hi and hi > lo:
+                raise self._error(
+                    "input overlaps the memory of an all_reduce still in flight (the caller "
+                    "gives x up until wait()); wait for it first or pass a copy")
 
     def flush(self) -> None:
         """Complete every pending handle (in issue order)."""

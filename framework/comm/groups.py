@@ -9,7 +9,8 @@ plain rank, pick different names and hang; and a destroyed group's name comes ba
 stale rendezvous keys.) Groups are expensive to create (NCCL communicators most of all), so
 closed communicators hand them back here and the next communicator over the same ranks reuses
 one; every rank makes the same acquire/release calls, so every rank picks the same group. The
-cache is dropped when the default group changes (a new ``init_process_group``).
+cache is dropped when the default group changes (a new ``init_process_group``): it is keyed
+on the default group object itself, never on its ``id``, which a new group can reuse.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from datetime import timedelta
 import torch.distributed as dist
 
 _free: dict[tuple, list[dist.ProcessGroup]] = {}
-_world_id: list[int] = [0]
+# The default group the cache belongs to, held (not its id): while it is referenced here no
+# new default group can get its address, so a new init_process_group is always recognised.
+_world: list[dist.ProcessGroup | None] = [None]
 
 
 def _key(ranks: list[int], backend: str, timeout_s: float) -> tuple:
-    world = id(dist.group.WORLD)
-    if _world_id[0] != world:
+    world = dist.group.WORLD
+    if _world[0] is not world:
         _free.clear()
-        _world_id[0] = world
+        _world[0] = world
     return (tuple(ranks), backend, float(timeout_s))
 
 

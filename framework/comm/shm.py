@@ -72,6 +72,26 @@ _SPINS = 64  # polls before the first yield
 _YIELD_S = 1e-3  # after this long, sleep instead of yielding
 _CHECK_S = 5e-3  # how often a waiter checks the clock and its peers' pids
 _created: set[Path] = set()  # named files this process created and has not unlinked yet
+_OP_ALL_REDUCE, _OP_BROADCAST = 1, 2
+_OP_NAMES = {_OP_ALL_REDUCE: "all_reduce", _OP_BROADCAST: "broadcast"}
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
+           torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
+_DTYPE_CODE = {dt: i + 1 for i, dt in enumerate(_DTYPES)}
+
+
+def _fingerprint(op: int, x: Tensor, root: int = 0) -> int:
+    """(op, root, dtype, element count) in one int64, published with each round; the low 8
+    bits are left for the round number (:meth:`ShmSegment._arrive` adds it)."""
+    code = _DTYPE_CODE.get(x.dtype, 0)
+    return (op << 61) | ((root & 0x7F) << 54) | (code << 48) | ((x.numel() & (2**40 - 1)) << 8)
+
+
+def _describe(fp: int) -> str:
+    op, root, code = fp >> 61, (fp >> 54) & 0x7F, (fp >> 48) & 0x3F
+    numel = (fp >> 8) & (2**40 - 1)
+    dtype = str(_DTYPES[code - 1]).removeprefix("torch.") if code else "?"
+    what = _OP_NAMES.get(op, f"op {op}") + (f" from rank {root}" if op == _OP_BROADCAST else "")
+    return f"{what} of {numel} {dtype}"
 
 
 def shm_supported() -> str | None:
@@ -92,28 +112,45 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def segment_name(pid: int | None = None) -> str:
+    """``commlab-shm-<uid>-<pid>-<random>``: whose it is, and which process made it."""
+    pid = os.getpid() if pid is None else pid
+    return f"{PREFIX}{os.getuid()}-{pid}-{uuid.uuid4().hex[:12]}"
+
+
 def remove_stale_segments(directory: Path = SHM_DIR) -> list[Path]:
-    """Unlink ``commlab-shm-<pid>-*`` files whose creating process is gone; return them."""
+    """Unlink this user's segment files whose creating process is gone; return them.
+
+    ``/dev/shm`` is shared by every user of the host (and sticky): another user's files are
+    never touched, and a file that vanishes or cannot be removed meanwhile is skipped."""
     removed = []
-    for path in directory.glob(f"{PREFIX}*"):
+    uid = os.getuid()
+    for path in directory.glob(f"{PREFIX}{uid}-*"):
         try:
-            pid = int(path.name[len(PREFIX):].split("-")[0])
-        except ValueError:
+            pid = int(path.name[len(f"{PREFIX}{uid}-"):].split("-")[0])
+            if path.stat().st_uid != uid or _alive(pid):
+                continue
+            path.unlink()
+        except (ValueError, OSError):
             continue
-        if not _alive(pid):
-            path.unlink(missing_ok=True)
-            removed.append(path)
+        removed.append(path)
     return removed
 
 
 def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped) or a pid that is gone is
+    dead: it will never raise a counter again."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (or it just exited): trust kill()
         return True
-    return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 @atexit.register
@@ -125,6 +162,43 @@ def _unlink_created() -> None:
 
 class ShmError(CommError):
     """A peer died, timed out or the segment is unusable; the message names the ranks."""
+
+
+def _create(size: int, capacity: int, p: int) -> str:
+    """Rank 0: make the segment file and reserve its memory; its path, or ``error:why``.
+
+    ``ftruncate`` alone makes a sparse file: on a ``/dev/shm`` smaller than the segment
+    (containers default to 64 MiB) every rank would die of SIGBUS on first touch. Reserving
+    the pages now turns that into an error at set-up, on every rank, naming the fix."""
+    remove_stale_segments()
+    path = SHM_DIR / segment_name()
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError as e:
+        return f"error:cannot create {path}: {e}"
+    _created.add(path)
+    try:
+        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        _created.discard(path)
+        free = _free_bytes(SHM_DIR)
+        return (f"error:the shared-memory segment needs {size} bytes ({p + 1} x chunk_bytes="
+                f"{capacity} plus flags) but {SHM_DIR} has {free} bytes free ({e.strerror}); "
+                f"lower strategy.chunk_bytes, enlarge {SHM_DIR} (docker --shm-size), or use "
+                f"the library all-reduce (strategy=naive)")
+    finally:
+        os.close(fd)
+    return str(path)
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
 
 
 class ShmSegment:
@@ -143,22 +217,19 @@ class ShmSegment:
         self.capacity = capacity = max(_LINE, -(-capacity // _LINE) * _LINE)
         self.timeout_s = timeout_s
         self._round = 0
+        self._waiting_since: float | None = None  # first slow wait of this collective
         self._broken: str | None = None
         head = 2 * p * _LINE + -(-8 * p // _LINE) * _LINE
         size = head + (p + 1) * capacity
-        name = [None]
+        name: list = [None]
         if self.rank == 0:
-            remove_stale_segments()
-            path = SHM_DIR / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            _created.add(path)
-            os.ftruncate(fd, size)
-            name = [str(path)]
+            name = [_create(size, capacity, p)]
         root = dist.get_global_rank(group, 0)
         dist.broadcast_object_list(name, src=root, group=group)
+        if name[0].startswith("error:"):  # every rank refuses alike, before anyone maps it
+            raise ShmError(f"rank {self.rank}: {name[0][len('error:'):]}")
         path = Path(name[0])
-        if self.rank != 0:
-            fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR)
         try:
             self._mm = mmap.mmap(fd, size)
         finally:
@@ -183,21 +254,23 @@ class ShmSegment:
         if self.world_size == 1:
             self._check()
             return
+        self._waiting_since = None
+        fp = _fingerprint(_OP_ALL_REDUCE, x)
         plan = self._plan(x)
         if plan is not None:  # fits in one chunk: the hot path of TP decode, views cached
             mine, parts, out, result = plan
-            self._round1(x, mine, parts, out, result)
+            self._round1(x, mine, parts, out, result, fp)
             return
         flat = x.view(-1)
         for lo in range(0, flat.numel(), self.capacity // x.element_size()):
             seg = flat[lo:lo + self.capacity // x.element_size()]
-            self._round_large(seg, *self._views(seg.dtype, seg.numel()))
+            self._round_large(seg, *self._views(seg.dtype, seg.numel()), fp)
 
     def _round1(self, x: Tensor, mine: Tensor, parts: list[Tensor], out: Tensor,
-                result: Tensor) -> None:
+                result: Tensor, fp: int) -> None:
         g = self._round = self._round + 1
         mine.copy_(x)
-        self._arrive(_ARRIVED, g)
+        self._arrive(_ARRIVED, g, fp=fp)
         if parts:
             torch.add(parts[0], parts[1], out=out)
             for part in parts[2:]:
@@ -206,24 +279,27 @@ class ShmSegment:
         x.copy_(result)
 
     def _round_large(self, x: Tensor, mine: Tensor, parts: list[Tensor], out: Tensor,
-                     result: Tensor) -> None:
+                     result: Tensor, fp: int) -> None:
         """One chunk of a large message, with a quarter less memory traffic than ``_round1``.
 
-        Only the slices the other ranks reduce are copied in; this rank sums its own slice in
-        place in ``x`` (its own term first, then the others in rank order), publishes it, and
-        copies back only the other slices. Worth the extra calls only when bandwidth, not
-        per-call overhead, sets the time."""
+        Only the slices the other ranks reduce are copied in; this rank reads its own term of
+        its slice straight from ``x``, sums the terms in rank order (the same order, hence the
+        same bits, as ``_round1``: results do not depend on ``chunk_bytes``), and copies back
+        only the other slices. Worth the extra calls only when bandwidth, not per-call
+        overhead, sets the time."""
         p, r, m = self.world_size, self.rank, x.numel()
         a, b = m * r // p, m * (r + 1) // p
         g = self._round = self._round + 1
         mine[:a].copy_(x[:a])
         mine[b:].copy_(x[b:])
-        self._arrive(_ARRIVED, g)
+        self._arrive(_ARRIVED, g, fp=fp)
         own = x[a:b]
-        for j, part in enumerate(parts):
-            if j != r:
-                own.add_(part)
-        out.copy_(own)
+        if parts:
+            terms = [own if j == r else part for j, part in enumerate(parts)]
+            torch.add(terms[0], terms[1], out=out)
+            for term in terms[2:]:
+                out.add_(term)
+            own.copy_(out)
         self._arrive(_REDUCED, g)
         x[:a].copy_(result[:a])
         x[b:].copy_(result[b:])
@@ -258,6 +334,8 @@ class ShmSegment:
         p = self.world_size
         if p == 1:
             return
+        self._waiting_since = None
+        fp = _fingerprint(_OP_BROADCAST, x, root)
         flat = x.view(-1)
         cap = self.capacity // x.element_size()
         result = self._data.view(x.dtype).view(p + 1, cap)[p]
@@ -265,7 +343,7 @@ class ShmSegment:
             m = min(cap, flat.numel() - lo)
             g = self._round = self._round + 1
             # "arrived" doubles as "done reading the previous result": then root may write it
-            self._arrive(_ARRIVED, g)
+            self._arrive(_ARRIVED, g, fp=fp)
             if self.rank == root:
                 result[:m].copy_(flat[lo:lo + m])
             self._arrive(_REDUCED, g, only=root)
@@ -296,10 +374,18 @@ class ShmSegment:
     def _flag(self, phase: int, j: int) -> int:
         return (phase * self.world_size + j) * _STRIDE
 
-    def _arrive(self, phase: int, g: int, only: int | None = None) -> None:
-        """Raise my ``phase`` counter to ``g``; wait until every rank's (or ``only``'s) is."""
+    def _arrive(self, phase: int, g: int, only: int | None = None, fp: int = 0) -> None:
+        """Raise my ``phase`` counter to ``g``; wait until every rank's (or ``only``'s) is.
+
+        With ``fp`` (arrival only) each rank publishes what it is about to do (op, dtype,
+        element count) beside its counter, and after the barrier every rank compares them:
+        a desynchronised program is an error on every rank, never a silent wrong sum."""
         flags = self._flags
-        flags[self._flag(phase, self.rank)] = g
+        me = self._flag(phase, self.rank)
+        if fp:
+            fp |= g & 0xFF
+            flags[me + 1] = fp  # before the counter: a peer that sees g sees this too
+        flags[me] = g
         for j in (range(self.world_size) if only is None else (only,)):
             i = self._flag(phase, j)
             if flags[i] >= g:
@@ -309,10 +395,23 @@ class ShmSegment:
                     break
             else:
                 self._wait_slow(phase, j, i, g)
+        if fp:
+            # A peer whose tag is already the next round's (a broadcast root does not wait
+            # for the others) has moved on after checking this round itself: skip it.
+            seen = [flags[self._flag(phase, j) + 1] for j in range(self.world_size)]
+            if any(f != fp and (f & 0xFF) == (g & 0xFF) for f in seen):
+                desc = "; ".join(f"rank {j}: {_describe(f)}" for j, f in enumerate(seen))
+                self._broken = f"ranks disagree on the collective of round {g}: {desc}"
+                raise ShmError(f"rank {self.rank}: {self._broken}")
 
     def _wait_slow(self, phase: int, j: int, i: int, g: int) -> None:
+        """Yield, then sleep, until the counter reaches ``g``. The timeout runs from the first
+        slow wait of the current collective, not per peer or per phase, so a collective
+        fails within ``timeout_s`` + ``_CHECK_S`` + one sleep step of its first stall."""
         flags = self._flags
         t0 = last = time.perf_counter()
+        if self._waiting_since is None:
+            self._waiting_since = t0
         while flags[i] < g:
             now = time.perf_counter()
             if now - t0 < _YIELD_S:
@@ -321,7 +420,7 @@ class ShmSegment:
                 time.sleep(50e-6)
             if now - last >= _CHECK_S:
                 last = now
-                self._check_peers(phase, g, now - t0)
+                self._check_peers(phase, g, now - self._waiting_since)
 
     def _check_peers(self, phase: int, g: int, waited: float) -> None:
         flags = [self._flags[self._flag(phase, j)] for j in range(self.world_size)]

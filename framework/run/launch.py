@@ -64,10 +64,22 @@ def launch_ranks(fn: Callable[..., Any], parallel: ParallelSpec, *args: Any,
     try:
         return fabric.launch(_and_teardown, fn, *args)
     except ProcessException as e:  # one rank died or raised; the others were terminated
-        detail = str(e).strip()
-        reason = detail.splitlines()[-1] if detail else type(e).__name__
-        raise RankFailure(f"rank {e.error_index} (pid {e.error_pid}) failed: {reason}\n"
-                          f"{detail[-4000:]}") from None
+        raise RankFailure(_failure_message(e)) from None
+
+
+def _failure_message(e: ProcessException) -> str:
+    """Our own words for how the rank ended (a signal, an exit code, an exception), then
+    torch's report; tests and users read the first line, not torch's wording."""
+    detail = str(e).strip()
+    signal_name = getattr(e, "signal_name", None)
+    exit_code = getattr(e, "exit_code", None)
+    if signal_name:
+        how = f"was killed by signal {signal_name}"
+    elif exit_code is not None:
+        how = f"exited with code {exit_code}"
+    else:
+        how = "raised: " + (detail.splitlines()[-1] if detail else type(e).__name__)
+    return f"rank {e.error_index} (pid {e.error_pid}) {how}\n{detail[-4000:]}"
 
 
 def _and_teardown(fabric: Any, fn: Callable[..., Any], *args: Any) -> Any:

@@ -164,8 +164,8 @@ class Runner:
             self.comm.close()
 
     def run(self) -> dict[str, Any]:
-        self.setup()
         try:
+            self.setup()  # inside: a failed load still releases the communicator's groups
             self.fabric.call("on_run_start", runner=self)
             self.warmup()
             mine = self.measure()

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from framework.comm.communicator import CommError, Communicator
 from framework.comm.registry import build_communicator
+from framework.run.inputs import expected_sum, rank_input
 
 EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)
 CHECKS: dict[str, Callable[[str, dict[str, Any]], None]] = {}
@@ -34,17 +35,6 @@ CHECKS: dict[str, Callable[[str, dict[str, Any]], None]] = {}
 def check(fn: Callable[[str, dict[str, Any]], None]):
     CHECKS[fn.__name__] = fn
     return fn
-
-
-def rank_input(seed: int, rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Integer-valued input of ``rank``: small enough that sums over 4 ranks are exact in bf16."""
-    g = torch.Generator().manual_seed(seed * 1009 + rank)
-    return torch.randint(-8, 9, (numel,), generator=g).to(dtype)
-
-
-def expected_sum(seed: int, world: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    total = sum(rank_input(seed, r, numel, torch.float64) for r in range(world))
-    return total.to(dtype)
 
 
 def _me() -> tuple[int, int]:

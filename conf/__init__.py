@@ -1,0 +1,1 @@
+"""Hydra configs of commlab; a package so that an installed commlab finds them."""
