@@ -69,32 +69,52 @@ BENCH_DTYPES = {
     "int32": torch.int32,
     "int64": torch.int64,
 }
-CSV_COLUMNS = ["size", "count", "type", "redop", "time_us", "algbw_gbps", "busbw_gbps", "wrong",
-               "strategy", "world_size", "mode", "tensors", "baseline", "baseline_time_us",
-               "speedup", "memcpy_gbps", "busbw_of_memcpy"]
+CSV_COLUMNS = [
+    "size",
+    "count",
+    "type",
+    "redop",
+    "time_us",
+    "algbw_gbps",
+    "busbw_gbps",
+    "wrong",
+    "strategy",
+    "world_size",
+    "mode",
+    "tensors",
+    "baseline",
+    "baseline_time_us",
+    "speedup",
+    "memcpy_gbps",
+    "busbw_of_memcpy",
+]
 
 
 # -- configuration -------------------------------------------------------------------------
-def validate_bench(name: str, opts: dict[str, Any], bench: BenchSpec,
-                   parallel: ParallelSpec) -> None:
+def validate_bench(
+    name: str, opts: dict[str, Any], bench: BenchSpec, parallel: ParallelSpec
+) -> None:
     """Raise ConfigError listing every problem, before any rank is spawned."""
     problems: list[str] = []
     b = bench
     if b.min_bytes <= 0:
         problems.append(f"bench.min_bytes must be > 0, got {b.min_bytes}")
     if b.max_bytes < b.min_bytes:
-        problems.append(f"bench.max_bytes must be >= bench.min_bytes ({b.min_bytes}), "
-                        f"got {b.max_bytes}")
+        problems.append(
+            f"bench.max_bytes must be >= bench.min_bytes ({b.min_bytes}), got {b.max_bytes}"
+        )
     if not isinstance(b.factor, int) or isinstance(b.factor, bool) or b.factor < 2:
-        problems.append(f"bench.factor must be an integer >= 2 (sizes are multiplied by it), "
-                        f"got {b.factor!r}")
+        problems.append(
+            f"bench.factor must be an integer >= 2 (sizes are multiplied by it), got {b.factor!r}"
+        )
     if b.warmup < 0:
         problems.append(f"bench.warmup must be >= 0, got {b.warmup}")
     if b.iters < 1:
         problems.append(f"bench.iters must be >= 1, got {b.iters}")
     if b.many_small < 0:
-        problems.append(f"bench.many_small must be >= 0 (0: one tensor per iteration), "
-                        f"got {b.many_small}")
+        problems.append(
+            f"bench.many_small must be >= 0 (0: one tensor per iteration), got {b.many_small}"
+        )
     if b.dtype not in BENCH_DTYPES:
         problems.append(f"bench.dtype must be one of {list(BENCH_DTYPES)}, got {b.dtype!r}")
     if b.rounds < 1:
@@ -107,8 +127,9 @@ def validate_bench(name: str, opts: dict[str, Any], bench: BenchSpec,
         supported = get_strategy(name).supported_dtypes
         if dtype not in supported:
             ok = sorted(str(t).removeprefix("torch.") for t in supported)
-            problems.append(f"strategy {name!r} does not support bench.dtype={b.dtype}; it "
-                            f"supports {ok}")
+            problems.append(
+                f"strategy {name!r} does not support bench.dtype={b.dtype}; it supports {ok}"
+            )
     if problems:
         raise ConfigError("invalid bench configuration:\n  - " + "\n  - ".join(problems))
 
@@ -121,10 +142,15 @@ def sweep_spec(bench: BenchSpec) -> SweepSpec:
     """The timing loop's spec for a validated bench config."""
     dtype = BENCH_DTYPES[bench.dtype]
     elem = torch.empty((), dtype=dtype).element_size()
-    return SweepSpec(sizes=tuple(bench_sizes(bench.min_bytes, bench.max_bytes, bench.factor,
-                                             elem)),
-                     dtype=dtype, warmup=bench.warmup, iters=bench.iters,
-                     many_small=bench.many_small, rounds=bench.rounds, memcpy=bench.memcpy)
+    return SweepSpec(
+        sizes=tuple(bench_sizes(bench.min_bytes, bench.max_bytes, bench.factor, elem)),
+        dtype=dtype,
+        warmup=bench.warmup,
+        iters=bench.iters,
+        many_small=bench.many_small,
+        rounds=bench.rounds,
+        memcpy=bench.memcpy,
+    )
 
 
 # -- on every rank ---------------------------------------------------------------------------
@@ -136,16 +162,24 @@ def _build(name: str, opts: dict[str, Any], parallel: ParallelSpec) -> Any:
     return build_communicator(name, **opts)
 
 
-def _rank_bench(fabric: Any, name: str, opts: dict[str, Any], bench: BenchSpec,
-                parallel: ParallelSpec, profile: bool = False, out_dir: str = ".") -> dict:
+def _rank_bench(
+    fabric: Any,
+    name: str,
+    opts: dict[str, Any],
+    bench: BenchSpec,
+    parallel: ParallelSpec,
+    profile: bool = False,
+    out_dir: str = ".",
+) -> dict:
     torch.set_num_threads(parallel.threads_per_rank)
     comms = [_build(name, opts, parallel)]
     try:
         if bench.baseline:
             comms.append(_build(bench.baseline, {}, parallel))
         with profiled(profile, out_dir, fabric.global_rank, fabric.device.type == "cuda"):
-            return sweep(comms, sweep_spec(bench), fabric.global_rank, fabric.world_size,
-                         fabric.device)
+            return sweep(
+                comms, sweep_spec(bench), fabric.global_rank, fabric.world_size, fabric.device
+            )
     finally:
         for c in comms:
             c.close()
@@ -154,20 +188,24 @@ def _rank_bench(fabric: Any, name: str, opts: dict[str, Any], bench: BenchSpec,
 # -- the job process -------------------------------------------------------------------------
 def format_table(rows: list[dict[str, Any]], title: str) -> str:
     """nccl-tests' layout (without the root column)."""
-    lines = [f"# {title}",
-             "#",
-             f"# {'size':>10}  {'count':>12}  {'type':>8}  {'redop':>6}  {'time':>7}  "
-             f"{'algbw':>6}  {'busbw':>6}  {'#wrong':>6}",
-             f"# {'(B)':>10}  {'(elements)':>12}  {'':>8}  {'':>6}  {'(us)':>7}  "
-             f"{'(GB/s)':>6}  {'(GB/s)':>6}  {'':>6}"]
+    lines = [
+        f"# {title}",
+        "#",
+        f"# {'size':>10}  {'count':>12}  {'type':>8}  {'redop':>6}  {'time':>7}  "
+        f"{'algbw':>6}  {'busbw':>6}  {'#wrong':>6}",
+        f"# {'(B)':>10}  {'(elements)':>12}  {'':>8}  {'':>6}  {'(us)':>7}  "
+        f"{'(GB/s)':>6}  {'(GB/s)':>6}  {'':>6}",
+    ]
     extra = [(key, head, unit) for key, head, unit in _EXTRA_COLUMNS if rows and key in rows[0]]
     for _, head, unit in extra:
         lines[2] += f"  {head:>9}"
         lines[3] += f"  {unit:>9}"
     for r in rows:
-        line = (f"{r['size']:12d}  {r['count']:12d}  {r['type']:>8}  {r['redop']:>6}  "
-                f"{_time(r['time_us'])}  {r['algbw_gbps']:6.2f}  {r['busbw_gbps']:6.2f}  "
-                f"{r['wrong']:6d}")
+        line = (
+            f"{r['size']:12d}  {r['count']:12d}  {r['type']:>8}  {r['redop']:>6}  "
+            f"{_time(r['time_us'])}  {r['algbw_gbps']:6.2f}  {r['busbw_gbps']:6.2f}  "
+            f"{r['wrong']:6d}"
+        )
         for key, _, _ in extra:
             v = r[key]
             line += f"  {_time(v, 9) if key.endswith('_us') else f'{v:9.3g}'}"
@@ -175,8 +213,12 @@ def format_table(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines)
 
 
-_EXTRA_COLUMNS = [("baseline_time_us", "base time", "(us)"), ("speedup", "speedup", "(x)"),
-                  ("memcpy_gbps", "memcpy", "(GB/s)"), ("busbw_of_memcpy", "bus/memcpy", "")]
+_EXTRA_COLUMNS = [
+    ("baseline_time_us", "base time", "(us)"),
+    ("speedup", "speedup", "(x)"),
+    ("memcpy_gbps", "memcpy", "(GB/s)"),
+    ("busbw_of_memcpy", "bus/memcpy", ""),
+]
 
 
 def _time(t: float, width: int = 7) -> str:
@@ -198,18 +240,32 @@ def main(cfg: DictConfig) -> float:
         bench = BenchSpec(**OmegaConf.to_container(cfg.bench, resolve=True))
         parallel = ParallelSpec(**OmegaConf.to_container(cfg.parallel, resolve=True))
         validate_bench(name, opts, bench, parallel)
-        out = launch_ranks(_rank_bench, parallel, name, opts, bench, parallel,
-                           bool(cfg.profile), out_dir)
+        out = launch_ranks(
+            _rank_bench, parallel, name, opts, bench, parallel, bool(cfg.profile), out_dir
+        )
         mode, tensors = mode_name(bench.many_small), bench.many_small
-        rows = [{**r, "strategy": name, "world_size": parallel.world_size, "mode": mode,
-                 "tensors": tensors, "baseline": bench.baseline or ""} for r in out["rows"]]
+        rows = [
+            {
+                **r,
+                "strategy": name,
+                "world_size": parallel.world_size,
+                "mode": mode,
+                "tensors": tensors,
+                "baseline": bench.baseline or "",
+            }
+            for r in out["rows"]
+        ]
         backend = resolve_backend(parallel)
-        title = (f"all_reduce  strategy: {name}  world_size: {parallel.world_size}  "
-                 f"backend: {backend}  dtype: {bench.dtype}  mode: {mode}  "
-                 f"iters: {bench.iters}  warmup: {bench.warmup}")
+        title = (
+            f"all_reduce  strategy: {name}  world_size: {parallel.world_size}  "
+            f"backend: {backend}  dtype: {bench.dtype}  mode: {mode}  "
+            f"iters: {bench.iters}  warmup: {bench.warmup}"
+        )
         if bench.baseline:
-            title += (f"\n# baseline: {bench.baseline} (same run, {bench.rounds} interleaved "
-                      f"rounds; speedup = baseline time / time)")
+            title += (
+                f"\n# baseline: {bench.baseline} (same run, {bench.rounds} interleaved "
+                f"rounds; speedup = baseline time / time)"
+            )
         print(format_table(rows, title), flush=True)
         write_csv(csv_path, rows)
         tracker.log_table("allreduce", rows)

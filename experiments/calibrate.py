@@ -66,8 +66,9 @@ DECODE_SIZES = SweepSpec(sizes=tuple(bench_sizes(1024, 16 << 10, 4, 4)), iters=1
 
 
 # -- on every rank -------------------------------------------------------------------------
-def measure_allreduce(strategies: list[str], spec: SweepSpec = SIZES, rounds: int = 5,
-                      timeout_s: float = 60.0) -> list[dict[str, Any]]:
+def measure_allreduce(
+    strategies: list[str], spec: SweepSpec = SIZES, rounds: int = 5, timeout_s: float = 60.0
+) -> list[dict[str, Any]]:
     """bench's timing loop for each strategy on this rank's group; rows as in bench.csv.
 
     ``rounds`` passes over every strategy and size, interleaved, and the median over rounds
@@ -85,13 +86,20 @@ def measure_allreduce(strategies: list[str], spec: SweepSpec = SIZES, rounds: in
     finally:
         for comm in comms.values():
             comm.close()
-    return [{"strategy": name, "world_size": world, "size": size,
-             "time_us": statistics.median(ts)} for (name, size), ts in times.items()]
+    return [
+        {"strategy": name, "world_size": world, "size": size, "time_us": statistics.median(ts)}
+        for (name, size), ts in times.items()
+    ]
 
 
-def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
-                   preset: str = "tiny", rounds: int = 5,
-                   spec: SweepSpec = DECODE_SIZES) -> dict[str, Any]:
+def measure_decode(
+    strategies: list[str],
+    new_tokens: int = 24,
+    batch: int = 4,
+    preset: str = "tiny",
+    rounds: int = 5,
+    spec: SweepSpec = DECODE_SIZES,
+) -> dict[str, Any]:
     """Everything the decode-step check needs, measured in the same interleaved rounds.
 
     Per round and strategy: bench's back-to-back all-reduce sweep (``spec`` sizes), the
@@ -114,8 +122,9 @@ def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
     comms: dict[str, Any] = {name: build_communicator(name) for name in strategies}
     comms[COMPUTE] = NoComm()
     try:
-        models = {name: TPLlama(cfg, c, rank, world).init_random(seed=0)
-                  for name, c in comms.items()}
+        models = {
+            name: TPLlama(cfg, c, rank, world).init_random(seed=0) for name, c in comms.items()
+        }
         steps: dict[str, list[list[float]]] = {name: [] for name in comms}
         times: dict[tuple[str, int], list[float]] = {}
         inloop: dict[tuple[str, int], list[float]] = {}
@@ -142,9 +151,16 @@ def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
     decode = []
     for name in comms:
         if name == COMPUTE:  # ranks not in lockstep: step i of one is not step i of the other
-            decode.append({"strategy": name, "world_size": world,
-                           "step_s": _slowest_rank_step(steps[name]),
-                           "exposed_s": 0.0, "allreduces": 0, "message_bytes": 0})
+            decode.append(
+                {
+                    "strategy": name,
+                    "world_size": world,
+                    "step_s": _slowest_rank_step(steps[name]),
+                    "exposed_s": 0.0,
+                    "allreduces": 0,
+                    "message_bytes": 0,
+                }
+            )
             continue
         t = torch.tensor(steps[name], dtype=torch.float64)
         step, wait = t[:, 0].clone(), t[:, 1].clone()
@@ -152,22 +168,42 @@ def measure_decode(strategies: list[str], new_tokens: int = 24, batch: int = 4,
         # The rank that waits least is the one on the critical path: its wait is the
         # transport; the others' extra wait is skew (waiting for its compute), not comm.
         dist.all_reduce(wait, op=dist.ReduceOp.MIN)
-        decode.append({"strategy": name, "world_size": world,
-                       "step_s": statistics.median(step.tolist()),
-                       "exposed_s": statistics.median(wait.tolist()),
-                       "allreduces": n_ar,
-                       "message_bytes": batch * cfg.hidden_size * 4})
-    return {"decode": decode,
-            "allreduce": [{"strategy": name, "world_size": world, "size": size,
-                           "time_us": statistics.median(ts) * 1e6}
-                          for (name, size), ts in times.items()],
-            "inloop": [{"strategy": name, "world_size": world, "size": size,
-                        "cost_us": statistics.median(cs) * 1e6}
-                       for (name, size), cs in inloop.items()]}
+        decode.append(
+            {
+                "strategy": name,
+                "world_size": world,
+                "step_s": statistics.median(step.tolist()),
+                "exposed_s": statistics.median(wait.tolist()),
+                "allreduces": n_ar,
+                "message_bytes": batch * cfg.hidden_size * 4,
+            }
+        )
+    return {
+        "decode": decode,
+        "allreduce": [
+            {
+                "strategy": name,
+                "world_size": world,
+                "size": size,
+                "time_us": statistics.median(ts) * 1e6,
+            }
+            for (name, size), ts in times.items()
+        ],
+        "inloop": [
+            {
+                "strategy": name,
+                "world_size": world,
+                "size": size,
+                "cost_us": statistics.median(cs) * 1e6,
+            }
+            for (name, size), cs in inloop.items()
+        ],
+    }
 
 
-def measure_inloop(comm: Any, sizes: list[int], segment_s: float, iters: int = 10,
-                   blocks: int = 4) -> dict[int, float]:
+def measure_inloop(
+    comm: Any, sizes: list[int], segment_s: float, iters: int = 10, blocks: int = 4
+) -> dict[int, float]:
     """Seconds an all-reduce adds to a loop where each one follows ``segment_s`` of compute.
 
     Alternates blocks of (compute segment, all-reduce) iterations with blocks of the compute
@@ -234,9 +270,16 @@ def _read_runs(paths: list[str]) -> list[dict[str, Any]]:
     rows = []
     for p in paths:
         _, bench_rows = collect(Path(p))
-        rows += [{"strategy": r["strategy"], "world_size": int(r["world_size"]),
-                  "size": int(r["size"]), "time_us": float(r["time_us"])} for r in bench_rows
-                 if r.get("mode", "single") == "single"]
+        rows += [
+            {
+                "strategy": r["strategy"],
+                "world_size": int(r["world_size"]),
+                "size": int(r["size"]),
+                "time_us": float(r["time_us"]),
+            }
+            for r in bench_rows
+            if r.get("mode", "single") == "single"
+        ]
     return rows
 
 
@@ -249,13 +292,19 @@ def _plot(errors: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 5))
     for name in sorted({e["strategy"] for e in errors}):
         es = [e for e in errors if e["strategy"] == name]
-        ax.scatter([e["measured_us"] for e in es], [e["predicted_us"] for e in es], label=name,
-                   s=14)
+        ax.scatter(
+            [e["measured_us"] for e in es], [e["predicted_us"] for e in es], label=name, s=14
+        )
     lo = min(min(e["measured_us"], e["predicted_us"]) for e in errors)
     hi = max(max(e["measured_us"], e["predicted_us"]) for e in errors)
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.set(xscale="log", yscale="log", xlabel="measured all-reduce time (us)",
-           ylabel="predicted (us)", title="cost model vs measurement, this host")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="measured all-reduce time (us)",
+        ylabel="predicted (us)",
+        title="cost model vs measurement, this host",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -283,22 +332,34 @@ def main(argv: list[str] | None = None) -> None:
     topo = add_insitu(fit_host(rows, copy_gbps=copy), decode["inloop"])
     held = fit_host(rows, {min(world_sizes), max(world_sizes)}, copy_gbps=copy)
     err_all = allreduce_errors(topo, rows)
-    err_held = [e for e in allreduce_errors(held, rows)
-                if e["world_size"] not in (min(world_sizes), max(world_sizes))]
+    err_held = [
+        e
+        for e in allreduce_errors(held, rows)
+        if e["world_size"] not in (min(world_sizes), max(world_sizes))
+    ]
     # the decode check's constants come from its own interleaved rounds (see measure_decode)
     dec_topo = add_insitu(fit_host(decode["allreduce"], copy_gbps=copy), decode["inloop"])
     err_dec = decode_errors(dec_topo, decode["decode"])
     Path(a.topology).write_text(
         "# Fitted on this host by `python -m experiments.calibrate`; regenerate to refit.\n"
-        + to_yaml(topo))
+        + to_yaml(topo)
+    )
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"allreduce": err_all, "held_out": err_held, "decode": err_dec,
-            "decode_fits": dec_topo.fits, "inloop": decode["inloop"],
-            "median_rel_error": {"allreduce": median_error(err_all),
-                                 "held_out_world_size": median_error(err_held),
-                                 "decode_step": median_error(err_dec)},
-            "fits": topo.fits, "copy_gbps": copy}
+    data = {
+        "allreduce": err_all,
+        "held_out": err_held,
+        "decode": err_dec,
+        "decode_fits": dec_topo.fits,
+        "inloop": decode["inloop"],
+        "median_rel_error": {
+            "allreduce": median_error(err_all),
+            "held_out_world_size": median_error(err_held),
+            "decode_step": median_error(err_dec),
+        },
+        "fits": topo.fits,
+        "copy_gbps": copy,
+    }
     (out / "validation.json").write_text(json.dumps(data, indent=2) + "\n")
     _plot(err_all, out / "validation.png")
     md = to_markdown(data)
@@ -320,40 +381,65 @@ def _memcpy_gbps(nbytes: int = 16 << 20) -> float:
 
 def to_markdown(data: dict[str, Any]) -> str:
     m = data["median_rel_error"]
-    lines = ["# Cost model against measurement on this host", "",
-             f"Median relative error: all-reduce {m['allreduce']:.1%} (fit on every world "
-             f"size), {m['held_out_world_size']:.1%} (fit on the smallest and largest world "
-             f"size, predicting the others); decode step {m['decode_step']:.1%}.", "",
-             "| algorithm | alpha (us) | alpha_over (us) | beta (ns/B) | overhead (us) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "# Cost model against measurement on this host",
+        "",
+        f"Median relative error: all-reduce {m['allreduce']:.1%} (fit on every world "
+        f"size), {m['held_out_world_size']:.1%} (fit on the smallest and largest world "
+        f"size, predicting the others); decode step {m['decode_step']:.1%}.",
+        "",
+        "| algorithm | alpha (us) | alpha_over (us) | beta (ns/B) | overhead (us) |",
+        "|---|---|---|---|---|",
+    ]
     for algo, f in data["fits"].items():
-        lines.append(f"| {algo} | {f['alpha_s'] * 1e6:.2f} | {f['alpha_over_s'] * 1e6:.2f} | "
-                     f"{f['beta_s_per_byte'] * 1e9:.3f} | {f['overhead_s'] * 1e6:.1f} |")
-    lines += ["", "| strategy | p | size (B) | measured (us) | predicted (us) | error |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {algo} | {f['alpha_s'] * 1e6:.2f} | {f['alpha_over_s'] * 1e6:.2f} | "
+            f"{f['beta_s_per_byte'] * 1e9:.3f} | {f['overhead_s'] * 1e6:.1f} |"
+        )
+    lines += [
+        "",
+        "| strategy | p | size (B) | measured (us) | predicted (us) | error |",
+        "|---|---|---|---|---|---|",
+    ]
     for e in data["allreduce"]:
-        lines.append(f"| {e['strategy']} | {e['world_size']} | {e['size']} | "
-                     f"{e['measured_us']:.1f} | {e['predicted_us']:.1f} | {e['rel_error']:.0%} |")
-    lines += ["", "In-situ extra per all-reduce (`insitu_s`: in-loop cost minus back-to-back "
-              "time, all-reduces after compute segments as long as the decode's):", "",
-              "| algorithm | written to this_host (us) | in the decode check (us) |",
-              "|---|---|---|"]
+        lines.append(
+            f"| {e['strategy']} | {e['world_size']} | {e['size']} | "
+            f"{e['measured_us']:.1f} | {e['predicted_us']:.1f} | {e['rel_error']:.0%} |"
+        )
+    lines += [
+        "",
+        "In-situ extra per all-reduce (`insitu_s`: in-loop cost minus back-to-back "
+        "time, all-reduces after compute segments as long as the decode's):",
+        "",
+        "| algorithm | written to this_host (us) | in the decode check (us) |",
+        "|---|---|---|",
+    ]
     for algo, f in data["fits"].items():
         if "insitu_s" in f:
             dec = data["decode_fits"].get(algo, {}).get("insitu_s", float("nan"))
             lines.append(f"| {algo} | {f['insitu_s'] * 1e6:.0f} | {dec * 1e6:.0f} |")
-    lines += ["", "Each is relative to the back-to-back time of its own fit: this_host's fit on "
-              "every world size, the decode check's on the world-size-2 all-reduces measured "
-              "in its rounds."]
-    lines += ["", "Decode step, tiny model, TP 2, batch 4. Predicted = compute (a decode run with "
-              "no communication) + all-reduces x (back-to-back model time + in-situ extra), "
-              "with constants fitted on all-reduces measured in the same interleaved rounds:",
-              "", "| strategy | measured (ms) | compute (ms) | predicted comm (ms) | "
-              "predicted (ms) | error |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Each is relative to the back-to-back time of its own fit: this_host's fit on "
+        "every world size, the decode check's on the world-size-2 all-reduces measured "
+        "in its rounds.",
+    ]
+    lines += [
+        "",
+        "Decode step, tiny model, TP 2, batch 4. Predicted = compute (a decode run with "
+        "no communication) + all-reduces x (back-to-back model time + in-situ extra), "
+        "with constants fitted on all-reduces measured in the same interleaved rounds:",
+        "",
+        "| strategy | measured (ms) | compute (ms) | predicted comm (ms) | "
+        "predicted (ms) | error |",
+        "|---|---|---|---|---|---|",
+    ]
     for e in data["decode"]:
-        lines.append(f"| {e['strategy']} | {e['measured_s'] * 1e3:.2f} | "
-                     f"{e['compute_s'] * 1e3:.2f} | {e['predicted_comm_s'] * 1e3:.2f} | "
-                     f"{e['predicted_s'] * 1e3:.2f} | {e['rel_error']:.0%} |")
+        lines.append(
+            f"| {e['strategy']} | {e['measured_s'] * 1e3:.2f} | "
+            f"{e['compute_s'] * 1e3:.2f} | {e['predicted_comm_s'] * 1e3:.2f} | "
+            f"{e['predicted_s'] * 1e3:.2f} | {e['rel_error']:.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 

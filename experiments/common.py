@@ -113,8 +113,9 @@ class WandbTracker(NullTracker):
     def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
         if rows:
             cols = list(rows[0])
-            self.run.log({key: self.wandb.Table(columns=cols,
-                                                data=[[r[c] for c in cols] for r in rows])})
+            self.run.log(
+                {key: self.wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])}
+            )
 
     def attach(self, path: str | Path) -> None:
         self.run.save(str(path), base_path=self.out_dir, policy="now")
@@ -137,8 +138,12 @@ def is_rank_zero() -> bool:
     return not launched_externally() or rank == 0
 
 
-def run_job(cfg: DictConfig, job_type: str, body: Callable[[str, NullTracker], dict[str, Any]],
-            result_file: str) -> dict[str, Any]:
+def run_job(
+    cfg: DictConfig,
+    job_type: str,
+    body: Callable[[str, NullTracker], dict[str, Any]],
+    result_file: str,
+) -> dict[str, Any]:
     """Run ``body`` and always leave a results file and a finished tracker run behind.
 
     A failure is recorded as ``status: failed`` with the error, the W&B run is marked failed,
@@ -155,9 +160,14 @@ def run_job(cfg: DictConfig, job_type: str, body: Callable[[str, NullTracker], d
     try:
         results = {"job_type": job_type, **body(out_dir, tracker)}
     except BaseException as e:
-        failed = {"job_type": job_type, "status": "failed", "error": f"{type(e).__name__}: {e}",
-                  "traceback": traceback.format_exc(), "strategy": cfg.strategy.name,
-                  "world_size": cfg.parallel.world_size}
+        failed = {
+            "job_type": job_type,
+            "status": "failed",
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(),
+            "strategy": cfg.strategy.name,
+            "world_size": cfg.parallel.world_size,
+        }
         write_json_atomic(path, failed)
         tracker.log(failed)
         tracker.attach(path)

@@ -21,17 +21,31 @@ from experiments.common import is_rank_zero, run_job, run_spec
 from experiments.report import plot_job_steps
 from framework.run.runner import launch
 
-KEYS = ["strategy", "inner", "world_size", "micro_batches", "ttft_s", "itl_p50_s", "itl_p99_s",
-        "decode_tokens_per_s", "allreduce_calls_per_token", "collectives_per_token",
-        "exposed_comm_s", "exposed_comm_share", "buffer_allocs", "buffer_reuses"]
+KEYS = [
+    "strategy",
+    "inner",
+    "world_size",
+    "micro_batches",
+    "ttft_s",
+    "itl_p50_s",
+    "itl_p99_s",
+    "decode_tokens_per_s",
+    "allreduce_calls_per_token",
+    "collectives_per_token",
+    "exposed_comm_s",
+    "exposed_comm_share",
+    "buffer_allocs",
+    "buffer_reuses",
+]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
 def main(cfg: DictConfig) -> float:
     def body(out_dir: str, tracker) -> dict:
         spec = run_spec(cfg, out_dir)
-        results = launch(spec, loggers=[CSVLogger(out_dir, name="steps", version="")],
-                         progress=cfg.progress)
+        results = launch(
+            spec, loggers=[CSVLogger(out_dir, name="steps", version="")], progress=cfg.progress
+        )
         if is_rank_zero():
             print("  ".join(f"{k}={_fmt(results.get(k))}" for k in KEYS), flush=True)
             png = plot_job_steps(out_dir, f"{spec.strategy}, TP={spec.parallel.world_size}")

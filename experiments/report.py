@@ -18,12 +18,38 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-INFER_COLS = ["job", "status", "strategy", "inner", "world_size", "micro_batches",
-              "decode_tokens_per_s", "ttft_s", "itl_p50_s", "itl_p99_s",
-              "allreduce_calls_per_token", "collectives_per_token", "exposed_comm_s",
-              "exposed_comm_share", "buffer_allocs", "buffer_reuses", "error"]
-BENCH_COLS = ["job", "strategy", "world_size", "mode", "size", "count", "type", "time_us",
-              "algbw_gbps", "busbw_gbps", "wrong"]
+INFER_COLS = [
+    "job",
+    "status",
+    "strategy",
+    "inner",
+    "world_size",
+    "micro_batches",
+    "decode_tokens_per_s",
+    "ttft_s",
+    "itl_p50_s",
+    "itl_p99_s",
+    "allreduce_calls_per_token",
+    "collectives_per_token",
+    "exposed_comm_s",
+    "exposed_comm_share",
+    "buffer_allocs",
+    "buffer_reuses",
+    "error",
+]
+BENCH_COLS = [
+    "job",
+    "strategy",
+    "world_size",
+    "mode",
+    "size",
+    "count",
+    "type",
+    "time_us",
+    "algbw_gbps",
+    "busbw_gbps",
+    "wrong",
+]
 
 
 def _job_name(path: Path, root: Path) -> str:
@@ -34,8 +60,9 @@ def _results(root: Path, name: str) -> list[Path]:
     """Job result files, not the copies W&B keeps inside its run directories."""
     files = [f for f in root.rglob(name) if "wandb" not in f.relative_to(root).parts]
     # job directories are numbered: 2 before 10
-    return sorted(files, key=lambda f: [int(p) if p.isdigit() else p
-                                        for p in f.relative_to(root).parts])
+    return sorted(
+        files, key=lambda f: [int(p) if p.isdigit() else p for p in f.relative_to(root).parts]
+    )
 
 
 def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -47,8 +74,14 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             r = {"status": "failed", "error": f"unreadable results.json: {e}"}
         if r.get("job_type") == "bench":
             if r.get("status") == "failed":
-                bench.append({"job": _job_name(f, root), "strategy": r.get("strategy"),
-                              "world_size": r.get("world_size"), "mode": "failed"})
+                bench.append(
+                    {
+                        "job": _job_name(f, root),
+                        "strategy": r.get("strategy"),
+                        "world_size": r.get("world_size"),
+                        "mode": "failed",
+                    }
+                )
             continue
         infer.append({"job": _job_name(f, root), **{c: r.get(c) for c in INFER_COLS[1:]}})
     for f in _results(root, "bench.csv"):
@@ -95,16 +128,26 @@ def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
     strategies = sorted({r["strategy"] for r in ok})
     sizes = sorted({r["world_size"] for r in ok})
     paths = []
-    for key, label in [("decode_tokens_per_s", "decode tokens/s"),
-                       ("itl_p50_s", "inter-token latency p50 (s)"),
-                       ("exposed_comm_share", "exposed communication share of decode")]:
+    for key, label in [
+        ("decode_tokens_per_s", "decode tokens/s"),
+        ("itl_p50_s", "inter-token latency p50 (s)"),
+        ("exposed_comm_share", "exposed communication share of decode"),
+    ]:
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(strategies)), 4))
         width = 0.8 / len(sizes)
         for i, ws in enumerate(sizes):
-            vals = [next((r[key] for r in ok if r["strategy"] == s and r["world_size"] == ws
-                          and r[key] is not None), 0.0) for s in strategies]
-            ax.bar([j + i * width for j in range(len(strategies))], vals, width,
-                   label=f"TP={ws}")
+            vals = [
+                next(
+                    (
+                        r[key]
+                        for r in ok
+                        if r["strategy"] == s and r["world_size"] == ws and r[key] is not None
+                    ),
+                    0.0,
+                )
+                for s in strategies
+            ]
+            ax.bar([j + i * width for j in range(len(strategies))], vals, width, label=f"TP={ws}")
         ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(strategies))])
         ax.set_xticklabels(strategies, rotation=30, ha="right")
         ax.set_ylabel(label)
@@ -122,10 +165,14 @@ def plot_bench(rows: list[dict[str, Any]], root: Path) -> list[Path]:
     for key, label in [("time_us", "all-reduce time (us)"), ("busbw_gbps", "busbw (GB/s)")]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for series in sorted({(r["strategy"], r["world_size"], r["mode"]) for r in ok}):
-            pts = sorted((int(r["size"]), float(r[key])) for r in ok
-                         if (r["strategy"], r["world_size"], r["mode"]) == series)
-            name = f"{series[0]} TP={series[1]}" + ("" if series[2] == "single" else
-                                                   f" ({series[2]})")
+            pts = sorted(
+                (int(r["size"]), float(r[key]))
+                for r in ok
+                if (r["strategy"], r["world_size"], r["mode"]) == series
+            )
+            name = f"{series[0]} TP={series[1]}" + (
+                "" if series[2] == "single" else f" ({series[2]})"
+            )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -144,8 +191,9 @@ def plot_job_steps(job_dir: str | Path, title: str) -> Path | None:
     if not path.exists():
         return None
     with open(path, newline="") as f:
-        pts = [(int(r["step"]), float(r["itl_s"]) * 1e3) for r in csv.DictReader(f)
-               if r.get("itl_s")]
+        pts = [
+            (int(r["step"]), float(r["itl_s"]) * 1e3) for r in csv.DictReader(f) if r.get("itl_s")
+        ]
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -156,15 +204,22 @@ def plot_job_steps(job_dir: str | Path, title: str) -> Path | None:
     return _save(fig, Path(job_dir) / "itl_per_step.png")
 
 
-def _section(root: Path, title: str, rows: list[dict[str, Any]], cols: list[str],
-             plot, csv_name: str) -> list[str]:
+def _section(
+    root: Path, title: str, rows: list[dict[str, Any]], cols: list[str], plot, csv_name: str
+) -> list[str]:
     """A markdown table plus plots for ``rows``; the same rows go to ``csv_name``."""
     with open(root / csv_name, "w", newline="") as f:
         w = csv.DictWriter(f, cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    return [f"## {title}", "", markdown(rows, cols), "",
-            *[f"![{p.stem}]({p.name})" for p in plot(rows, root)], ""]
+    return [
+        f"## {title}",
+        "",
+        markdown(rows, cols),
+        "",
+        *[f"![{p.stem}]({p.name})" for p in plot(rows, root)],
+        "",
+    ]
 
 
 def write_report(root: str | Path) -> Path:
@@ -174,8 +229,9 @@ def write_report(root: str | Path) -> Path:
     if infer:
         parts += _section(root, "TP inference", infer, INFER_COLS, _plot_infer, "report.csv")
     if bench:
-        parts += _section(root, "All-reduce benchmark", bench, BENCH_COLS, plot_bench,
-                          "bench_report.csv")
+        parts += _section(
+            root, "All-reduce benchmark", bench, BENCH_COLS, plot_bench, "bench_report.csv"
+        )
     if not (infer or bench):
         parts.append("No results.json or bench.csv found.")
     out = root / "report.md"
@@ -204,8 +260,11 @@ class ReportCallback(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="commlab-report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="commlab-report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("sweep_dir")
     args = ap.parse_args(argv)
     if not Path(args.sweep_dir).is_dir():

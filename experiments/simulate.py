@@ -33,15 +33,20 @@ from framework.costmodel import (
 )
 from framework.model import get_config
 
-PRESETS = {"h100_nvlink": [2, 4, 8], "h100_ib": [2 ** k for k in range(1, 11)]}
+PRESETS = {"h100_nvlink": [2, 4, 8], "h100_ib": [2**k for k in range(1, 11)]}
 ALGOS = [a for a in ALGORITHMS if a != "shm"]  # shared memory needs every rank on one host
 MODELS = ["llama3-8b", "llama3-70b"]
 
 
 def shape_for(model: str, batch: int, micro_batches: int = 1) -> DecodeShape:
     c = get_config(model)
-    return DecodeShape(hidden_size=c.hidden_size, num_layers=c.num_layers,
-                       params=c.num_params, batch=batch, micro_batches=micro_batches)
+    return DecodeShape(
+        hidden_size=c.hidden_size,
+        num_layers=c.num_layers,
+        params=c.num_params,
+        batch=batch,
+        micro_batches=micro_batches,
+    )
 
 
 def crossover(xs: list[float], a: list[float], b: list[float]) -> float | None:
@@ -55,7 +60,7 @@ def crossover(xs: list[float], a: list[float], b: list[float]) -> float | None:
 def fusion_limit(topo: Topology, p: int, k: int = 2) -> float | None:
     """Smallest message size (bytes, powers of 2) at which fusing k messages stops paying."""
     for e in range(8, 34):
-        n = 2.0 ** e
+        n = 2.0**e
         if fused_time(topo, "naive", p, n, k) >= k * allreduce_time(topo, "naive", p, n):
             return n
     return None
@@ -74,25 +79,37 @@ def simulate(batch: int) -> tuple[list[dict[str, Any]], list[str]]:
                     t = allreduce_time(topo, algo, p, n)
                     d = decode_step(topo, algo, p, shape)
                     series[algo].append(t)
-                    rows.append({"topology": tname, "model": model, "batch": batch,
-                                 "world_size": p, "algorithm": algo, "message_bytes": int(n),
-                                 "allreduce_us": round(t * 1e6, 3),
-                                 "itl_ms": round(d["itl_s"] * 1e3, 4),
-                                 "comm_share": round(d["comm_s"] / d["itl_s"], 4)})
+                    rows.append(
+                        {
+                            "topology": tname,
+                            "model": model,
+                            "batch": batch,
+                            "world_size": p,
+                            "algorithm": algo,
+                            "message_bytes": int(n),
+                            "allreduce_us": round(t * 1e6, 3),
+                            "itl_ms": round(d["itl_s"] * 1e3, 4),
+                            "comm_share": round(d["comm_s"] / d["itl_s"], 4),
+                        }
+                    )
                 rows += schedule_rows(topo, tname, model, batch, p)
             tr = crossover(sizes, series["naive"], series["tree"])
             hr = crossover(sizes, series["naive"], series["hierarchical"])
-            notes.append(f"{tname}, {model}, {int(n)} B: tree overtakes naive at p = {tr}; "
-                         f"hierarchical overtakes naive at p = {hr}")
+            notes.append(
+                f"{tname}, {model}, {int(n)} B: tree overtakes naive at p = {tr}; "
+                f"hierarchical overtakes naive at p = {hr}"
+            )
         for p in (sizes[-1],):
             lim = fusion_limit(topo, p)
-            notes.append(f"{tname}, p = {p}: fusing 2 messages stops paying at "
-                         f"{_size(lim)} per message")
+            notes.append(
+                f"{tname}, p = {p}: fusing 2 messages stops paying at {_size(lim)} per message"
+            )
     return rows, notes
 
 
-def schedule_rows(topo: Topology, tname: str, model: str, batch: int,
-                  p: int) -> list[dict[str, Any]]:
+def schedule_rows(
+    topo: Topology, tname: str, model: str, batch: int, p: int
+) -> list[dict[str, Any]]:
     """The schedules over naive, with 2 micro-batches: bucketed fuses the two micro-batches'
     all-reduces (2L collectives of twice the bytes, plus packing); async_overlap hides them
     behind the other micro-batch's compute (half the step's compute is overlappable)."""
@@ -105,18 +122,26 @@ def schedule_rows(topo: Topology, tname: str, model: str, batch: int,
         ("bucketed", fused_comm, base["compute_s"] + fused_comm),
         ("async_overlap", overlap["comm_s"], overlap["itl_s"]),
     ):
-        out.append({"topology": tname, "model": model, "batch": batch, "world_size": p,
-                    "algorithm": f"{name} (naive, 2 micro-batches)",
-                    "message_bytes": int(shape.message_bytes),
-                    "allreduce_us": round(comm / shape.allreduces * 1e6, 3),
-                    "itl_ms": round(itl * 1e3, 4), "comm_share": round(comm / itl, 4)})
+        out.append(
+            {
+                "topology": tname,
+                "model": model,
+                "batch": batch,
+                "world_size": p,
+                "algorithm": f"{name} (naive, 2 micro-batches)",
+                "message_bytes": int(shape.message_bytes),
+                "allreduce_us": round(comm / shape.allreduces * 1e6, 3),
+                "itl_ms": round(itl * 1e3, 4),
+                "comm_share": round(comm / itl, 4),
+            }
+        )
     return out
 
 
 def _size(n: float | None) -> str:
     if n is None:
         return "never (within 16 GiB)"
-    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= div:
             return f"{n / div:g} {unit}"
     return f"{n:g} B"
@@ -133,19 +158,33 @@ def plot(rows: list[dict[str, Any]], notes: list[str], out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, model in zip(axes, MODELS):
             for algo in ALGOS:
-                rs = [r for r in rows if r["topology"] == tname and r["model"] == model
-                      and r["algorithm"] == algo]
-                ax.plot([r["world_size"] for r in rs], [r["allreduce_us"] for r in rs],
-                        marker="o", label=algo)
+                rs = [
+                    r
+                    for r in rows
+                    if r["topology"] == tname and r["model"] == model and r["algorithm"] == algo
+                ]
+                ax.plot(
+                    [r["world_size"] for r in rs],
+                    [r["allreduce_us"] for r in rs],
+                    marker="o",
+                    label=algo,
+                )
             for note in notes:  # mark the crossovers
                 if note.startswith(f"{tname}, {model},"):
-                    for part, style in (("tree overtakes naive at p = ", ":"),
-                                        ("hierarchical overtakes naive at p = ", "--")):
+                    for part, style in (
+                        ("tree overtakes naive at p = ", ":"),
+                        ("hierarchical overtakes naive at p = ", "--"),
+                    ):
                         v = note.split(part)[1].split(";")[0]
                         if v != "None":
                             ax.axvline(float(v), ls=style, c="grey", lw=0.8)
-            ax.set(xscale="log", yscale="log", xlabel="world size", ylabel="all-reduce (us)",
-                   title=f"{tname}: {model} decode message")
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="world size",
+                ylabel="all-reduce (us)",
+                title=f"{tname}: {model} decode message",
+            )
             ax.legend()
         fig.tight_layout()
         path = out / f"allreduce_{tname}.png"
@@ -168,16 +207,25 @@ def main(argv: list[str] | None = None) -> None:
         w.writeheader()
         w.writerows(rows)
     plot(rows, notes, out)
-    lines = ["# Simulated all-reduce and decode ITL (cost model, published constants)", "",
-             f"Decode batch {a.batch}, bf16. Model predictions, not measurements.", ""]
+    lines = [
+        "# Simulated all-reduce and decode ITL (cost model, published constants)",
+        "",
+        f"Decode batch {a.batch}, bf16. Model predictions, not measurements.",
+        "",
+    ]
     lines += [f"- {n}" for n in notes]
-    lines += ["", "| topology | model | p | algorithm | all-reduce (us) | ITL (ms) | comm share |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['topology']} | {r['model']} | {r['world_size']} | {r['algorithm']} | "
-              f"{r['allreduce_us']:.1f} | {r['itl_ms']:.3f} | {r['comm_share']:.0%} |"
-              for r in rows]
+    lines += [
+        "",
+        "| topology | model | p | algorithm | all-reduce (us) | ITL (ms) | comm share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['topology']} | {r['model']} | {r['world_size']} | {r['algorithm']} | "
+        f"{r['allreduce_us']:.1f} | {r['itl_ms']:.3f} | {r['comm_share']:.0%} |"
+        for r in rows
+    ]
     (out / "simulate.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:4 + len(notes)]))
+    print("\n".join(lines[: 4 + len(notes)]))
 
 
 if __name__ == "__main__":

@@ -47,13 +47,20 @@ def soak_allreduce(strategies: list[str], calls: int, nbytes: int) -> list[dict[
     out = []
     for name in strategies:
         row = _soak_one(name, calls, nbytes)
-        t = torch.tensor([row["rss_growth"], row["allocs_after_warmup"], row["pending_max"],
-                          row["pending_end"]], dtype=torch.float64)
+        t = torch.tensor(
+            [row["rss_growth"], row["allocs_after_warmup"], row["pending_max"], row["pending_end"]],
+            dtype=torch.float64,
+        )
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the worst rank
-        row.update(rss_growth=t[0].item(), allocs_after_warmup=int(t[1].item()),
-                   pending_max=int(t[2].item()), pending_end=int(t[3].item()))
-        row["ok"] = (row["rss_growth"] < GROWTH_LIMIT and row["pending_max"] <= 2
-                     and row["pending_end"] == 0)
+        row.update(
+            rss_growth=t[0].item(),
+            allocs_after_warmup=int(t[1].item()),
+            pending_max=int(t[2].item()),
+            pending_end=int(t[3].item()),
+        )
+        row["ok"] = (
+            row["rss_growth"] < GROWTH_LIMIT and row["pending_max"] <= 2 and row["pending_end"] == 0
+        )
         out.append(row)
     return out
 
@@ -79,9 +86,14 @@ def _soak_one(name: str, calls: int, nbytes: int) -> dict[str, Any]:
         rss0, allocs0 = _rss_bytes(), comm.stats.buffer_allocs
         most = _burst(comm, xs, calls)
         comm.flush()
-        return {"strategy": name, "calls": calls, "rss_growth": _rss_bytes() / rss0 - 1,
-                "allocs_after_warmup": comm.stats.buffer_allocs - allocs0,
-                "pending_max": most, "pending_end": comm.pending}
+        return {
+            "strategy": name,
+            "calls": calls,
+            "rss_growth": _rss_bytes() / rss0 - 1,
+            "allocs_after_warmup": comm.stats.buffer_allocs - allocs0,
+            "pending_max": most,
+            "pending_end": comm.pending,
+        }
     finally:
         comm.close()
 
@@ -92,21 +104,38 @@ def _rank_soak(fabric: Any, strategies: list[str], calls: int, nbytes: int) -> l
 
 def soak_decode(strategy: str, steps: int, world_size: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="commlab-soak-") as tmp:
-        cmd = [sys.executable, "-m", "experiments.infer", f"strategy={strategy}", "model=tiny",
-               f"model.max_seq_len={steps + 64}", f"workload.new_tokens={steps}",
-               f"workload.warmup_tokens={steps}",
-               f"parallel.world_size={world_size}", "logger=none", "progress=false",
-               f"hydra.run.dir={tmp}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.infer",
+            f"strategy={strategy}",
+            "model=tiny",
+            f"model.max_seq_len={steps + 64}",
+            f"workload.new_tokens={steps}",
+            f"workload.warmup_tokens={steps}",
+            f"parallel.world_size={world_size}",
+            "logger=none",
+            "progress=false",
+            f"hydra.run.dir={tmp}",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=3600)
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
         if p.returncode != 0:
-            return {"strategy": strategy, "steps": steps, "ok": False,
-                    "error": (p.stdout + p.stderr)[-1500:]}
+            return {
+                "strategy": strategy,
+                "steps": steps,
+                "ok": False,
+                "error": (p.stdout + p.stderr)[-1500:],
+            }
         r = json.loads((Path(tmp) / "results.json").read_text())
-    return {"strategy": strategy, "steps": steps, "rss_growth": r["rss_growth"],
-            "pending_max": r["pending_max"], "decode_tokens_per_s": r["decode_tokens_per_s"],
-            "ok": r["rss_growth"] < GROWTH_LIMIT and r["pending_max"] <= 8}
+    return {
+        "strategy": strategy,
+        "steps": steps,
+        "rss_growth": r["rss_growth"],
+        "pending_max": r["pending_max"],
+        "decode_tokens_per_s": r["decode_tokens_per_s"],
+        "ok": r["rss_growth"] < GROWTH_LIMIT and r["pending_max"] <= 8,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,22 +150,37 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from framework.run.launch import launch_ranks
 
-    rows = launch_ranks(_rank_soak, ParallelSpec(world_size=a.world_size, timeout_s=120),
-                        a.strategies.split(","), a.calls, a.bytes)
+    rows = launch_ranks(
+        _rank_soak,
+        ParallelSpec(world_size=a.world_size, timeout_s=120),
+        a.strategies.split(","),
+        a.calls,
+        a.bytes,
+    )
     print(f"# all-reduce soak: {a.calls} calls of {a.bytes} B, world size {a.world_size}")
     for r in rows:
-        print(f"{r['strategy']:>20}  rss {r['rss_growth']:+.2%}  allocs after warm-up "
-              f"{r['allocs_after_warmup']}  pending max {r['pending_max']}  "
-              f"{'ok' if r['ok'] else 'FAILED'}", flush=True)
+        print(
+            f"{r['strategy']:>20}  rss {r['rss_growth']:+.2%}  allocs after warm-up "
+            f"{r['allocs_after_warmup']}  pending max {r['pending_max']}  "
+            f"{'ok' if r['ok'] else 'FAILED'}",
+            flush=True,
+        )
     dec = []
     if a.decode_steps > 0:
         print(f"# decode soak: {a.decode_steps} steps, tiny model, TP {a.world_size}")
         for s in a.infer_strategies.split(","):
             d = soak_decode(s, a.decode_steps, a.world_size)
             dec.append(d)
-            print(f"{s:>20}  " + (f"rss {d['rss_growth']:+.2%}  pending max "
-                                  f"{d['pending_max']}  {'ok' if d['ok'] else 'FAILED'}"
-                                  if "error" not in d else f"FAILED: {d['error']}"), flush=True)
+            print(
+                f"{s:>20}  "
+                + (
+                    f"rss {d['rss_growth']:+.2%}  pending max "
+                    f"{d['pending_max']}  {'ok' if d['ok'] else 'FAILED'}"
+                    if "error" not in d
+                    else f"FAILED: {d['error']}"
+                ),
+                flush=True,
+            )
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps({"allreduce": rows, "decode": dec}, indent=2))

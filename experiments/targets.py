@@ -29,24 +29,38 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ["logger=none", "bench.rounds=5", "bench.iters=20", "bench.warmup=5"]
-INFER = ["logger=none", "progress=false", "model=small", "parallel.world_size=2",
-         "workload.new_tokens=32"]
+INFER = [
+    "logger=none",
+    "progress=false",
+    "model=small",
+    "parallel.world_size=2",
+    "workload.new_tokens=32",
+]
 
 
 def machine() -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in
-                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     mem = ""
     try:
         kb = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f"{kb / 2**20:.1f} GiB"
     except (OSError, ValueError, IndexError):
         pass
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "memory": mem,
-            "os": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "memory": mem,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def _run(module: str, overrides: list[str], work: Path) -> dict[str, Any]:
@@ -61,8 +75,10 @@ def _run(module: str, overrides: list[str], work: Path) -> dict[str, Any]:
 
 def _median_rows(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
     sizes = [r["size"] for r in runs[0]["size_results"]]
-    return {s: statistics.median(run["size_results"][i][key] for run in runs)
-            for i, s in enumerate(sizes)}
+    return {
+        s: statistics.median(run["size_results"][i][key] for run in runs)
+        for i, s in enumerate(sizes)
+    }
 
 
 def bench_targets(repeats: int, work: Path) -> list[dict[str, Any]]:
@@ -72,32 +88,91 @@ def bench_targets(repeats: int, work: Path) -> list[dict[str, Any]]:
         return [_run("experiments.bench", [*args, *BENCH], work) for _ in range(repeats)]
 
     for ws, need in ((2, 20.0), (4, 5.0)):
-        args = ["strategy=shm", "bench.baseline=naive", f"parallel.world_size={ws}",
-                "bench.min_bytes=4096", "bench.max_bytes=65536", "bench.factor=4"]
+        args = [
+            "strategy=shm",
+            "bench.baseline=naive",
+            f"parallel.world_size={ws}",
+            "bench.min_bytes=4096",
+            "bench.max_bytes=65536",
+            "bench.factor=4",
+        ]
         sp = _median_rows(bench(args), "speedup")
         for size, v in sp.items():
-            out.append(_target(f"shm vs naive, {size // 1024} KiB, world size {ws}",
-                               "speedup (x)", v, need, args))
-    args = ["strategy=shm", "bench.baseline=naive", "bench.min_bytes=16777216",
-            "bench.max_bytes=16777216", "bench.memcpy=true", "bench.iters=5"]
+            out.append(
+                _target(
+                    f"shm vs naive, {size // 1024} KiB, world size {ws}",
+                    "speedup (x)",
+                    v,
+                    need,
+                    args,
+                )
+            )
+    args = [
+        "strategy=shm",
+        "bench.baseline=naive",
+        "bench.min_bytes=16777216",
+        "bench.max_bytes=16777216",
+        "bench.memcpy=true",
+        "bench.iters=5",
+    ]
     runs = bench(args)
     size = 16 << 20
-    out.append(_target("shm vs naive, 16 MiB, world size 2", "speedup (x)",
-                       _median_rows(runs, "speedup")[size], 2.0, args))
-    out.append(_target("shm busbw / single-core memcpy bandwidth, 16 MiB", "fraction",
-                       _median_rows(runs, "busbw_of_memcpy")[size], 0.40, args,
-                       detail=f"busbw {_median_rows(runs, 'busbw_gbps')[size]:.2f} GB/s, "
-                              f"memcpy {_median_rows(runs, 'memcpy_gbps')[size]:.2f} GB/s"))
-    args = ["strategy=naive", "bench.baseline=raw", "bench.min_bytes=4096",
-            "bench.max_bytes=4096", "bench.iters=50", "bench.rounds=10"]
+    out.append(
+        _target(
+            "shm vs naive, 16 MiB, world size 2",
+            "speedup (x)",
+            _median_rows(runs, "speedup")[size],
+            2.0,
+            args,
+        )
+    )
+    out.append(
+        _target(
+            "shm busbw / single-core memcpy bandwidth, 16 MiB",
+            "fraction",
+            _median_rows(runs, "busbw_of_memcpy")[size],
+            0.40,
+            args,
+            detail=f"busbw {_median_rows(runs, 'busbw_gbps')[size]:.2f} GB/s, "
+            f"memcpy {_median_rows(runs, 'memcpy_gbps')[size]:.2f} GB/s",
+        )
+    )
+    args = [
+        "strategy=naive",
+        "bench.baseline=raw",
+        "bench.min_bytes=4096",
+        "bench.max_bytes=4096",
+        "bench.iters=50",
+        "bench.rounds=10",
+    ]
     runs = bench(args)
     overhead = 1.0 / _median_rows(runs, "speedup")[4096] - 1.0
-    out.append(_target("naive over raw torch.distributed.all_reduce, 4 KiB", "overhead",
-                       overhead, 0.05, args, lower_is_better=True))
-    args = ["strategy=bucketed", "bench.baseline=naive", "bench.many_small=64",
-            "bench.min_bytes=1024", "bench.max_bytes=1024"]
-    out.append(_target("bucketed vs naive, 64 x 1 KiB issued before any wait", "speedup (x)",
-                       _median_rows(bench(args), "speedup")[1024], 10.0, args))
+    out.append(
+        _target(
+            "naive over raw torch.distributed.all_reduce, 4 KiB",
+            "overhead",
+            overhead,
+            0.05,
+            args,
+            lower_is_better=True,
+        )
+    )
+    args = [
+        "strategy=bucketed",
+        "bench.baseline=naive",
+        "bench.many_small=64",
+        "bench.min_bytes=1024",
+        "bench.max_bytes=1024",
+    ]
+    out.append(
+        _target(
+            "bucketed vs naive, 64 x 1 KiB issued before any wait",
+            "speedup (x)",
+            _median_rows(bench(args), "speedup")[1024],
+            10.0,
+            args,
+        )
+    )
     return out
 
 
@@ -115,8 +190,7 @@ def infer_targets(repeats: int, work: Path) -> list[dict[str, Any]]:
     for _ in range(repeats):  # interleaved: drift on a shared host hits every config alike
         for mb in (1, 2):
             for name, args in configs.items():
-                r = _run("experiments.infer", [*args, *INFER, f"workload.micro_batches={mb}"],
-                         work)
+                r = _run("experiments.infer", [*args, *INFER, f"workload.micro_batches={mb}"], work)
                 res.setdefault((name, mb), []).append(r)
 
     def med(name: str, mb: int, key: str) -> float:
@@ -125,33 +199,57 @@ def infer_targets(repeats: int, work: Path) -> list[dict[str, Any]]:
     out = []
     for sched in ("async_overlap", "double_buffer"):
         for inner in ("naive", "shm"):
-            base, it = med(inner, 2, "exposed_comm_s"), med(f"{sched}/{inner}", 2,
-                                                             "exposed_comm_s")
-            tps_b, tps = med(inner, 2, "decode_tokens_per_s"), med(f"{sched}/{inner}", 2,
-                                                                     "decode_tokens_per_s")
-            out.append(_target(
-                f"{sched} (inner {inner}) vs {inner}: exposed comm cut, small, TP 2, mb 2",
-                "fraction cut", 1 - it / base, 0.40, [*configs[f"{sched}/{inner}"], *INFER,
-                                                      "workload.micro_batches=2"],
-                detail=f"exposed {base:.3f} s -> {it:.3f} s; decode tok/s {tps_b:.1f} -> "
-                       f"{tps:.1f} ({'not lower' if tps >= tps_b else 'LOWER'})"))
+            base, it = med(inner, 2, "exposed_comm_s"), med(f"{sched}/{inner}", 2, "exposed_comm_s")
+            tps_b, tps = (
+                med(inner, 2, "decode_tokens_per_s"),
+                med(f"{sched}/{inner}", 2, "decode_tokens_per_s"),
+            )
+            out.append(
+                _target(
+                    f"{sched} (inner {inner}) vs {inner}: exposed comm cut, small, TP 2, mb 2",
+                    "fraction cut",
+                    1 - it / base,
+                    0.40,
+                    [*configs[f"{sched}/{inner}"], *INFER, "workload.micro_batches=2"],
+                    detail=f"exposed {base:.3f} s -> {it:.3f} s; decode tok/s {tps_b:.1f} -> "
+                    f"{tps:.1f} ({'not lower' if tps >= tps_b else 'LOWER'})",
+                )
+            )
     for mb in (1, 2):
         naive = med("naive", mb, "decode_tokens_per_s")
-        best = max((n for n in configs if n != "naive"),
-                   key=lambda n: med(n, mb, "decode_tokens_per_s"))
-        out.append(_target(
-            f"best strategy ({best}) vs naive over gloo: decode tok/s, small, TP 2, mb {mb}",
-            "speedup (x)", med(best, mb, "decode_tokens_per_s") / naive, 3.0,
-            [*configs[best], *INFER, f"workload.micro_batches={mb}"],
-            detail=f"naive {naive:.1f} tok/s (exposed {med('naive', mb, 'exposed_comm_s'):.2f}"
-                   f" s), {best} {med(best, mb, 'decode_tokens_per_s'):.1f} tok/s (exposed "
-                   f"{med(best, mb, 'exposed_comm_s'):.2f} s); decode time without any "
-                   f"exposed comm bounds the speedup at "
-                   f"{_bound(res[('naive', mb)]):.2f}x"))
-    out.append({"table": {f"{n} mb{mb}": {k: round(med(n, mb, k), 4) for k in
-                                         ("decode_tokens_per_s", "itl_p50_s", "exposed_comm_s",
-                                          "exposed_comm_share")}
-                          for (n, mb) in res}})
+        best = max(
+            (n for n in configs if n != "naive"), key=lambda n: med(n, mb, "decode_tokens_per_s")
+        )
+        out.append(
+            _target(
+                f"best strategy ({best}) vs naive over gloo: decode tok/s, small, TP 2, mb {mb}",
+                "speedup (x)",
+                med(best, mb, "decode_tokens_per_s") / naive,
+                3.0,
+                [*configs[best], *INFER, f"workload.micro_batches={mb}"],
+                detail=f"naive {naive:.1f} tok/s (exposed {med('naive', mb, 'exposed_comm_s'):.2f}"
+                f" s), {best} {med(best, mb, 'decode_tokens_per_s'):.1f} tok/s (exposed "
+                f"{med(best, mb, 'exposed_comm_s'):.2f} s); decode time without any "
+                f"exposed comm bounds the speedup at "
+                f"{_bound(res[('naive', mb)]):.2f}x",
+            )
+        )
+    out.append(
+        {
+            "table": {
+                f"{n} mb{mb}": {
+                    k: round(med(n, mb, k), 4)
+                    for k in (
+                        "decode_tokens_per_s",
+                        "itl_p50_s",
+                        "exposed_comm_s",
+                        "exposed_comm_share",
+                    )
+                }
+                for (n, mb) in res
+            }
+        }
+    )
     return out
 
 
@@ -161,44 +259,73 @@ def _bound(runs: list[dict[str, Any]]) -> float:
     return 1 / (1 - r)
 
 
-def _target(what: str, unit: str, value: float, need: float, args: list[str], *,
-            lower_is_better: bool = False, detail: str = "") -> dict[str, Any]:
+def _target(
+    what: str,
+    unit: str,
+    value: float,
+    need: float,
+    args: list[str],
+    *,
+    lower_is_better: bool = False,
+    detail: str = "",
+) -> dict[str, Any]:
     met = value <= need if lower_is_better else value >= need
     module = "infer" if any(a.startswith("model=") for a in args) else "bench"
-    return {"target": what, "unit": unit, "measured": round(value, 4),
-            "required": f"{'<=' if lower_is_better else '>='} {need}", "met": met,
-            "detail": detail, "command": f"python -m experiments.{module} {' '.join(args)}"}
+    return {
+        "target": what,
+        "unit": unit,
+        "measured": round(value, 4),
+        "required": f"{'<=' if lower_is_better else '>='} {need}",
+        "met": met,
+        "detail": detail,
+        "command": f"python -m experiments.{module} {' '.join(args)}",
+    }
 
 
 def to_markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
-    lines = ["# CPU-host performance targets (issue 5)", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; {m['os']}; Python "
-             f"{m['python']}, torch {m['torch']}; measured {m['date']}.", "",
-             f"Each value is the median of {data['repeats']} runs; each bench ratio is measured"
-             " inside one run (strategy and baseline interleaved). Regenerate with "
-             "`python -m experiments.targets`.", "",
-             "| target | measured | required | met | detail |", "|---|---|---|---|---|"]
+    lines = [
+        "# CPU-host performance targets (issue 5)",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; {m['os']}; Python "
+        f"{m['python']}, torch {m['torch']}; measured {m['date']}.",
+        "",
+        f"Each value is the median of {data['repeats']} runs; each bench ratio is measured"
+        " inside one run (strategy and baseline interleaved). Regenerate with "
+        "`python -m experiments.targets`.",
+        "",
+        "| target | measured | required | met | detail |",
+        "|---|---|---|---|---|",
+    ]
     table = None
     for t in data["targets"]:
         if "table" in t:
             table = t["table"]
             continue
-        lines.append(f"| {t['target']} | {t['measured']:.3g} {t['unit']} | {t['required']} | "
-                     f"{'yes' if t['met'] else '**no**'} | {t['detail']} |")
+        lines.append(
+            f"| {t['target']} | {t['measured']:.3g} {t['unit']} | {t['required']} | "
+            f"{'yes' if t['met'] else '**no**'} | {t['detail']} |"
+        )
     if data.get("analysis"):
         lines += ["", "## What limits the targets not met", ""]
         lines += [f"- {a}" for a in data["analysis"]]
     lines += ["", "Commands:", ""]
-    lines += [f"- `{c}`" for c in dict.fromkeys(t["command"] for t in data["targets"]
-                                                 if "command" in t)]
+    lines += [
+        f"- `{c}`" for c in dict.fromkeys(t["command"] for t in data["targets"] if "command" in t)
+    ]
     if table:
-        lines += ["", "TP runner, small preset, TP 2, 32 new tokens (medians):", "",
-                  "| config | decode tok/s | ITL p50 (s) | exposed comm (s) | share |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "TP runner, small preset, TP 2, 32 new tokens (medians):",
+            "",
+            "| config | decode tok/s | ITL p50 (s) | exposed comm (s) | share |",
+            "|---|---|---|---|---|",
+        ]
         for k, v in table.items():
-            lines.append(f"| {k} | {v['decode_tokens_per_s']:.1f} | {v['itl_p50_s']:.4f} | "
-                         f"{v['exposed_comm_s']:.3f} | {v['exposed_comm_share']:.3f} |")
+            lines.append(
+                f"| {k} | {v['decode_tokens_per_s']:.1f} | {v['itl_p50_s']:.4f} | "
+                f"{v['exposed_comm_s']:.3f} | {v['exposed_comm_share']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -91,24 +91,29 @@ def load_topology(name_or_path: str | Path) -> Topology:
     d = yaml.safe_load(path.read_text())
     unknown = sorted(set(d.get("fits") or {}) - set(ALGORITHMS))
     if unknown:
-        raise ValueError(f"{path}: fits for unknown algorithms {unknown}; the model has "
-                         f"formulas for {list(ALGORITHMS)}")
+        raise ValueError(
+            f"{path}: fits for unknown algorithms {unknown}; the model has "
+            f"formulas for {list(ALGORITHMS)}"
+        )
     return Topology(
-        name=d["name"], ranks_per_node=int(d["ranks_per_node"]),
+        name=d["name"],
+        ranks_per_node=int(d["ranks_per_node"]),
         intra=Link(float(d["intra"]["alpha_s"]), 1e-9 / float(d["intra"]["bandwidth_gbps"])),
         inter=Link(float(d["inter"]["alpha_s"]), 1e-9 / float(d["inter"]["bandwidth_gbps"])),
         base_s=float(d.get("base_s", 0.0)),
         cores=int(d["cores"]) if d.get("cores") else None,
         gamma_s_per_byte=float(d.get("gamma_s_per_byte", 0.0)),
-        copy_gbps=float(d.get("copy_gbps", 100.0)), hbm_gbps=float(d.get("hbm_gbps", 0.0)),
-        fits={k: {kk: float(vv) for kk, vv in v.items()} for k, v in
-              (d.get("fits") or {}).items()},
-        sources=dict(d.get("sources") or {}))
+        copy_gbps=float(d.get("copy_gbps", 100.0)),
+        hbm_gbps=float(d.get("hbm_gbps", 0.0)),
+        fits={k: {kk: float(vv) for kk, vv in v.items()} for k, v in (d.get("fits") or {}).items()},
+        sources=dict(d.get("sources") or {}),
+    )
 
 
 # -- features: time = alpha * latency_terms + beta * byte_terms (+ gamma * reduce_bytes) ------
-def features(algorithm: str, p: int, n: float, chunk: float = 1 << 20,
-             cores: int | None = None) -> tuple[float, float]:
+def features(
+    algorithm: str, p: int, n: float, chunk: float = 1 << 20, cores: int | None = None
+) -> tuple[float, float]:
     """(number of latency terms, bytes on the critical path) of one all-reduce of ``n`` bytes.
 
     Linear in alpha and beta, so calibration is ordinary least squares on these features.
@@ -122,8 +127,9 @@ def features(algorithm: str, p: int, n: float, chunk: float = 1 << 20,
     return lat, byt
 
 
-def host_features(algorithm: str, p: int, n: float, chunk: float = 1 << 20,
-                  cores: int | None = None) -> tuple[float, float, float]:
+def host_features(
+    algorithm: str, p: int, n: float, chunk: float = 1 << 20, cores: int | None = None
+) -> tuple[float, float, float]:
     """(latency terms, latency terms paid oversubscribed, bytes) for a fitted host model.
 
     When ranks outnumber cores, a latency step usually waits for a peer that is not running
@@ -157,8 +163,12 @@ def _features(algorithm: str, p: int, n: float, chunk: float) -> tuple[float, fl
     raise ValueError(f"unknown algorithm {algorithm!r}; known: {ALGORITHMS}")
 
 
-def fit(rows: list[tuple[int, float, float]], algorithm: str, chunk: float = 1 << 20,
-        cores: int | None = None) -> dict[str, float]:
+def fit(
+    rows: list[tuple[int, float, float]],
+    algorithm: str,
+    chunk: float = 1 << 20,
+    cores: int | None = None,
+) -> dict[str, float]:
     """Least-squares alpha, alpha_over, beta and a fixed per-call overhead from (p, bytes,
     seconds) rows (:func:`host_features`).
 
@@ -169,8 +179,10 @@ def fit(rows: list[tuple[int, float, float]], algorithm: str, chunk: float = 1 <
     import torch
 
     names = ["alpha_s", "alpha_over_s", "beta_s_per_byte", "overhead_s"]
-    x = torch.tensor([[*host_features(algorithm, p, n, chunk, cores), 1.0] for p, n, _ in rows],
-                     dtype=torch.float64)
+    x = torch.tensor(
+        [[*host_features(algorithm, p, n, chunk, cores), 1.0] for p, n, _ in rows],
+        dtype=torch.float64,
+    )
     t = torch.tensor([r[2] for r in rows], dtype=torch.float64)
     # a column of zeros (no oversubscribed rows, say) has no constant to fit
     keep = [i for i in range(len(names)) if x[:, i].abs().sum() > 0]
@@ -186,23 +198,32 @@ def fit(rows: list[tuple[int, float, float]], algorithm: str, chunk: float = 1 <
     return out
 
 
-def allreduce_time(topo: Topology, algorithm: str, p: int, n: float, *,
-                   chunk: float = 1 << 20) -> float:
+def allreduce_time(
+    topo: Topology, algorithm: str, p: int, n: float, *, chunk: float = 1 << 20
+) -> float:
     """Predicted seconds for one all-reduce of ``n`` bytes over ``p`` ranks."""
     if p <= 1:
         return 0.0
     if algorithm in topo.fits:  # calibrated on this machine: the algorithm's own constants
         f = topo.fits[algorithm]
         lat, over, byt = host_features(algorithm, p, n, chunk, topo.cores)
-        return (f["alpha_s"] * lat + f.get("alpha_over_s", 0.0) * over
-                + f["beta_s_per_byte"] * byt + f.get("overhead_s", 0.0))
+        return (
+            f["alpha_s"] * lat
+            + f.get("alpha_over_s", 0.0) * over
+            + f["beta_s_per_byte"] * byt
+            + f.get("overhead_s", 0.0)
+        )
     if algorithm == "hierarchical":
         return _hierarchical(topo, p, n, topo.ranks_per_node, chunk)
     link = topo.intra if p <= topo.ranks_per_node else topo.inter
     lat, byt = features(algorithm if algorithm != "shm" else "naive", p, n, chunk)
     reduce = (p - 1) / p * n if algorithm == "naive" else n
-    return (topo.base_s + link.alpha_s * lat + link.beta_s_per_byte * byt
-            + topo.gamma_s_per_byte * reduce)
+    return (
+        topo.base_s
+        + link.alpha_s * lat
+        + link.beta_s_per_byte * byt
+        + topo.gamma_s_per_byte * reduce
+    )
 
 
 def _hierarchical(topo: Topology, p: int, n: float, g: int, chunk: float) -> float:
@@ -263,8 +284,15 @@ class DecodeShape:
         return 2 * self.num_layers * self.micro_batches
 
 
-def decode_step(topo: Topology, algorithm: str, p: int, shape: DecodeShape, *,
-                compute_s: float | None = None, overlap: float = 0.0) -> dict[str, float]:
+def decode_step(
+    topo: Topology,
+    algorithm: str,
+    p: int,
+    shape: DecodeShape,
+    *,
+    compute_s: float | None = None,
+    overlap: float = 0.0,
+) -> dict[str, float]:
     """Predicted decode inter-token latency: compute + exposed all-reduce time.
 
     Every all-reduce costs its back-to-back time plus the topology's in-situ extra.
@@ -276,45 +304,69 @@ def decode_step(topo: Topology, algorithm: str, p: int, shape: DecodeShape, *,
     if compute_s is None:
         if topo.hbm_gbps <= 0:
             raise ValueError(f"topology {topo.name!r} has no hbm_gbps; pass compute_s")
-        compute_s = shape.micro_batches * shape.params * shape.dtype_bytes / p / (
-            topo.hbm_gbps * 1e9)
+        compute_s = (
+            shape.micro_batches * shape.params * shape.dtype_bytes / p / (topo.hbm_gbps * 1e9)
+        )
     per_call = allreduce_time(topo, algorithm, p, shape.message_bytes)
     comm = shape.allreduces * (per_call + insitu_time(topo, algorithm, p))
     exposed = exposed_time(comm, overlap * compute_s)
-    return {"itl_s": compute_s + exposed, "compute_s": compute_s, "comm_s": comm,
-            "exposed_s": exposed}
+    return {
+        "itl_s": compute_s + exposed,
+        "compute_s": compute_s,
+        "comm_s": comm,
+        "exposed_s": exposed,
+    }
 
 
 # -- fitting this host's constants (experiments.calibrate measures, these fit) ----------------
 COMPUTE = "compute"  # the strategy label of a measured decode run with no communication
 
 
-def fit_host(rows: list[dict[str, Any]], world_sizes: set[int] | None = None,
-             copy_gbps: float = 10.0, cores: int | None = None) -> Topology:
+def fit_host(
+    rows: list[dict[str, Any]],
+    world_sizes: set[int] | None = None,
+    copy_gbps: float = 10.0,
+    cores: int | None = None,
+) -> Topology:
     """A ``this_host`` topology whose per-algorithm constants fit measured ``rows``
     (strategy, world_size, size, time_us), optionally only those of ``world_sizes``."""
     cores = cores or os.cpu_count()
     fits = {}
     for algo in ALGORITHMS:
-        data = [(r["world_size"], r["size"], r["time_us"] * 1e-6) for r in rows
-                if r["strategy"] == algo and r["world_size"] > 1
-                and (world_sizes is None or r["world_size"] in world_sizes)]
+        data = [
+            (r["world_size"], r["size"], r["time_us"] * 1e-6)
+            for r in rows
+            if r["strategy"] == algo
+            and r["world_size"] > 1
+            and (world_sizes is None or r["world_size"] in world_sizes)
+        ]
         if data:
             fits[algo] = fit(data, algo, cores=cores)
     ring = fits.get("naive", {"alpha_s": 1e-3, "beta_s_per_byte": 1e-9})
     link = Link(ring["alpha_s"], max(ring["beta_s_per_byte"], 1e-15))
-    return Topology(name="this_host", ranks_per_node=max(r["world_size"] for r in rows),
-                    intra=link, inter=link, copy_gbps=copy_gbps, fits=fits, cores=cores,
-                    sources={"fits": "least squares on measured all-reduce times "
-                                      "(python -m experiments.calibrate)"})
+    return Topology(
+        name="this_host",
+        ranks_per_node=max(r["world_size"] for r in rows),
+        intra=link,
+        inter=link,
+        copy_gbps=copy_gbps,
+        fits=fits,
+        cores=cores,
+        sources={
+            "fits": "least squares on measured all-reduce times (python -m experiments.calibrate)"
+        },
+    )
 
 
 def add_insitu(topo: Topology, inloop: list[dict[str, Any]]) -> Topology:
     """Set each algorithm's ``insitu_s``: the median over sizes of the measured in-loop cost
     (strategy, world_size, size, cost_us) minus the model's back-to-back time for that size."""
     for algo in ALGORITHMS:
-        extra = [r["cost_us"] * 1e-6 - allreduce_time(topo, algo, r["world_size"], r["size"])
-                 for r in inloop if r["strategy"] == algo]
+        extra = [
+            r["cost_us"] * 1e-6 - allreduce_time(topo, algo, r["world_size"], r["size"])
+            for r in inloop
+            if r["strategy"] == algo
+        ]
         if extra and algo in topo.fits:
             topo.fits[algo]["insitu_s"] = statistics.median(extra)
     return topo
@@ -328,9 +380,16 @@ def allreduce_errors(topo: Topology, rows: list[dict[str, Any]]) -> list[dict[st
             continue
         meas = r["time_us"] * 1e-6
         pred = allreduce_time(topo, r["strategy"], r["world_size"], r["size"])
-        out.append({"strategy": r["strategy"], "world_size": r["world_size"],
-                    "size": r["size"], "measured_us": meas * 1e6, "predicted_us": pred * 1e6,
-                    "rel_error": abs(pred - meas) / meas})
+        out.append(
+            {
+                "strategy": r["strategy"],
+                "world_size": r["world_size"],
+                "size": r["size"],
+                "measured_us": meas * 1e6,
+                "predicted_us": pred * 1e6,
+                "rel_error": abs(pred - meas) / meas,
+            }
+        )
     return out
 
 
@@ -347,11 +406,19 @@ def decode_errors(topo: Topology, decode: list[dict[str, Any]]) -> list[dict[str
         per_call = allreduce_time(topo, algo, d["world_size"], d["message_bytes"]) + insitu
         comm = d["allreduces"] * per_call
         pred = compute + comm
-        out.append({"strategy": algo, "world_size": d["world_size"],
-                    "measured_s": d["step_s"], "predicted_s": pred, "compute_s": compute,
-                    "predicted_comm_s": comm, "insitu_s": insitu,
-                    "measured_exposed_s": d["exposed_s"],
-                    "rel_error": abs(pred - d["step_s"]) / d["step_s"]})
+        out.append(
+            {
+                "strategy": algo,
+                "world_size": d["world_size"],
+                "measured_s": d["step_s"],
+                "predicted_s": pred,
+                "compute_s": compute,
+                "predicted_comm_s": comm,
+                "insitu_s": insitu,
+                "measured_exposed_s": d["exposed_s"],
+                "rel_error": abs(pred - d["step_s"]) / d["step_s"],
+            }
+        )
     return out
 
 
@@ -361,11 +428,16 @@ def median_error(errors: list[dict[str, Any]]) -> float:
 
 def to_yaml(topo: Topology) -> str:
     d: dict[str, Any] = {
-        "name": topo.name, "ranks_per_node": topo.ranks_per_node,
+        "name": topo.name,
+        "ranks_per_node": topo.ranks_per_node,
         "intra": {"alpha_s": topo.intra.alpha_s, "bandwidth_gbps": topo.intra.bandwidth_gbps},
         "inter": {"alpha_s": topo.inter.alpha_s, "bandwidth_gbps": topo.inter.bandwidth_gbps},
-        "base_s": topo.base_s, "cores": topo.cores, "gamma_s_per_byte": topo.gamma_s_per_byte,
-        "copy_gbps": topo.copy_gbps, "hbm_gbps": topo.hbm_gbps, "fits": topo.fits,
+        "base_s": topo.base_s,
+        "cores": topo.cores,
+        "gamma_s_per_byte": topo.gamma_s_per_byte,
+        "copy_gbps": topo.copy_gbps,
+        "hbm_gbps": topo.hbm_gbps,
+        "fits": topo.fits,
         "sources": topo.sources,
     }
     return yaml.safe_dump(d, sort_keys=False)

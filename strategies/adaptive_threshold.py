@@ -53,9 +53,11 @@ class AdaptiveThreshold(Bucketed):
         **rest: Any,
     ) -> None:
         if not 0 < min_bytes <= initial_bytes <= max_bytes:
-            raise ValueError(f"strategy 'adaptive_threshold': need 0 < min_bytes <= "
-                             f"initial_bytes <= max_bytes, got {min_bytes}, {initial_bytes}, "
-                             f"{max_bytes}")
+            raise ValueError(
+                f"strategy 'adaptive_threshold': need 0 < min_bytes <= "
+                f"initial_bytes <= max_bytes, got {min_bytes}, {initial_bytes}, "
+                f"{max_bytes}"
+            )
         self.require_positive(amortize=amortize)
         self.require_at_least(1, refit_every=refit_every)
         super().__init__(group, bucket_bytes=initial_bytes, **rest)
@@ -95,8 +97,11 @@ class AdaptiveThreshold(Bucketed):
         self._publish()
 
     def _publish(self) -> None:
-        self.stats.extra.update(alpha_s=self.alpha_s, beta_s_per_byte=self.beta_s_per_byte,
-                                threshold_bytes=float(self.bucket_bytes))
+        self.stats.extra.update(
+            alpha_s=self.alpha_s,
+            beta_s_per_byte=self.beta_s_per_byte,
+            threshold_bytes=float(self.bucket_bytes),
+        )
 
     def reset_stats(self) -> None:
         super().reset_stats()

@@ -91,7 +91,7 @@ class Bucketed(Schedule):
             if b.buf is not None:
                 flat, off = view_as(b.buf, b.numel, b.dtype), 0
                 for t in b.tensors:
-                    t.view(-1).copy_(flat[off:off + t.numel()])
+                    t.view(-1).copy_(flat[off : off + t.numel()])
                     off += t.numel()
                 self._pool.release(b.buf)
                 b.buf = None

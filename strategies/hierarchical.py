@@ -31,8 +31,15 @@ INTRA = ("library", "shm")
 
 @register_strategy("hierarchical")
 class Hierarchical(Algorithm):
-    def __init__(self, group=None, *, ranks_per_node: int | None = None, intra: str = "library",
-                 chunk_bytes: int = 1 << 20, **common: Any) -> None:
+    def __init__(
+        self,
+        group=None,
+        *,
+        ranks_per_node: int | None = None,
+        intra: str = "library",
+        chunk_bytes: int = 1 << 20,
+        **common: Any,
+    ) -> None:
         self.require_at_least(1, ranks_per_node=ranks_per_node)
         self.require_one_of("intra", intra, INTRA)
         self.require_positive(chunk_bytes=chunk_bytes)
@@ -40,7 +47,7 @@ class Hierarchical(Algorithm):
         p = self.world_size
         self.ranks_per_node = min(ranks_per_node or ranks_per_node_from_env() or p, p)
         k, r = self.ranks_per_node, self.rank
-        nodes = [self.ranks[i:i + k] for i in range(0, p, k)]  # global ranks, node by node
+        nodes = [self.ranks[i : i + k] for i in range(0, p, k)]  # global ranks, node by node
         self.num_nodes = len(nodes)
         self.node_ranks = nodes[r // k]
         self.leader = self.node_ranks[0]
@@ -48,16 +55,20 @@ class Hierarchical(Algorithm):
         leaders = [n[0] for n in nodes]
         # Every rank creates every multi-rank group in the same order (new_group's contract),
         # keeping the two it belongs to: its node's and, for leaders, the leaders'.
-        self._groups = [(g, acquire_group(g, self.backend, self.timeout_s))
-                        for g in [*nodes, leaders] if len(g) > 1]
+        self._groups = [
+            (g, acquire_group(g, self.backend, self.timeout_s))
+            for g in [*nodes, leaders]
+            if len(g) > 1
+        ]
         mine = {tuple(g): pg for g, pg in self._groups}
         self.stats.extra.update(num_nodes=self.num_nodes, ranks_per_node=k)
         self.node_group = mine.get(tuple(self.node_ranks))
         self.leader_group = mine.get(tuple(leaders)) if self.is_leader else None
         self.segment = None
         if intra == "shm" and self.node_group is not None:  # only a node's members set it up
-            self.segment = shm_segment_for(self.node_group, self.backend, chunk_bytes,
-                                           self.timeout_s)
+            self.segment = shm_segment_for(
+                self.node_group, self.backend, chunk_bytes, self.timeout_s
+            )
         self.stats.extra["shm"] = float(self.segment is not None)
 
     def wire_bytes(self, nbytes: int) -> int:

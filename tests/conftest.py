@@ -54,8 +54,9 @@ def compose_config(*overrides: str, name: str = "infer", hydra_dir: Path | None 
     from omegaconf import open_dict
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=list(overrides),
-                      return_hydra_config=hydra_dir is not None)
+        cfg = compose(
+            config_name=name, overrides=list(overrides), return_hydra_config=hydra_dir is not None
+        )
     if hydra_dir is not None:
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(hydra_dir)
@@ -70,9 +71,16 @@ def as_torchrun_rank() -> Iterator[None]:
     import torch.distributed as dist
 
     r, w = dist.get_rank(), dist.get_world_size()
-    env = {"TORCHELASTIC_RUN_ID": "commlab-pool", "RANK": str(r), "WORLD_SIZE": str(w),
-           "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(w), "GROUP_RANK": "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    env = {
+        "TORCHELASTIC_RUN_ID": "commlab-pool",
+        "RANK": str(r),
+        "WORLD_SIZE": str(w),
+        "LOCAL_RANK": str(r),
+        "LOCAL_WORLD_SIZE": str(w),
+        "GROUP_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

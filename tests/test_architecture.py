@@ -63,16 +63,20 @@ def test_framework_imports_neither_experiments_nor_strategies(path: Path) -> Non
 
 def test_costmodel_is_pure() -> None:
     mods = imported_modules(ROOT / "framework/costmodel.py")
-    assert not {m for m in mods if m.startswith(("torch.distributed", "framework.run",
-                                                 "framework.comm", "lightning"))}, mods
+    assert not {
+        m
+        for m in mods
+        if m.startswith(("torch.distributed", "framework.run", "framework.comm", "lightning"))
+    }, mods
 
 
 @pytest.mark.parametrize("path", files("strategies"), ids=lambda p: p.name)
 def test_strategies_import_only_the_plugin_api(path: Path) -> None:
     # a strategy may extend another built-in one (adaptive_threshold extends bucketed)
     allowed = ("framework.comm", "strategies")
-    bad = {m for m in ours(imported_modules(path)) if m != "framework"
-           and not m.startswith(allowed)}
+    bad = {
+        m for m in ours(imported_modules(path)) if m != "framework" and not m.startswith(allowed)
+    }
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
@@ -85,8 +89,14 @@ print(json.dumps(sorted(m for m in sys.modules
 
 
 def loaded_after(stmt: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", _PROBE.format(stmt=stmt)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(stmt=stmt)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     return set(json.loads(out))
 
 
@@ -94,12 +104,16 @@ def test_import_weights() -> None:
     """framework and framework.comm stay light; framework.model loads no comm and no run."""
     light = loaded_after("import framework, framework.comm")
     assert "framework.comm.communicator" in light  # the probe sees what it loads
-    assert not {m for m in light if m.startswith(("framework.model", "framework.run",
-                                                  "lightning", "hydra", "strategies"))}, light
+    assert not {
+        m
+        for m in light
+        if m.startswith(("framework.model", "framework.run", "lightning", "hydra", "strategies"))
+    }, light
     model = loaded_after("import framework.model")
     assert "framework.model.llama" in model
-    assert not {m for m in model if m.startswith(("framework.comm", "framework.run",
-                                                  "lightning"))}, model
+    assert not {
+        m for m in model if m.startswith(("framework.comm", "framework.run", "lightning"))
+    }, model
     lazy = loaded_after("from framework import get_strategy; get_strategy('tree')")
     assert {m for m in lazy if m.startswith("strategies.")} == {"strategies.tree"}, lazy
 
@@ -107,8 +121,11 @@ def test_import_weights() -> None:
 def test_entry_points_files_and_configs_name_the_same_strategies() -> None:
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
     declared = set(declared["commlab.strategies"])
-    installed = {ep.name for ep in entry_points(group=registry.ENTRY_POINT_GROUP)
-                 if ep.value.startswith("strategies.")}
+    installed = {
+        ep.name
+        for ep in entry_points(group=registry.ENTRY_POINT_GROUP)
+        if ep.value.startswith("strategies.")
+    }
     modules = {p.stem for p in (ROOT / "strategies").glob("*.py")} - {"__init__"}
     configs = {p.stem for p in (ROOT / "conf/strategy").glob("*.yaml")}
     assert declared == modules == configs, (declared, modules, configs)
@@ -117,8 +134,9 @@ def test_entry_points_files_and_configs_name_the_same_strategies() -> None:
 
 def test_a_broken_plugin_is_named_and_hides_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     registry.discover()
-    broken = EntryPoint(name="broken_plugin", value="commlab_no_such_module",
-                        group=registry.ENTRY_POINT_GROUP)
+    broken = EntryPoint(
+        name="broken_plugin", value="commlab_no_such_module", group=registry.ENTRY_POINT_GROUP
+    )
     monkeypatch.setitem(registry._EPS, "broken_plugin", broken)
     monkeypatch.setattr(registry, "_FAILED", {})
     with warnings.catch_warnings(record=True) as seen:
@@ -127,7 +145,10 @@ def test_a_broken_plugin_is_named_and_hides_nothing(monkeypatch: pytest.MonkeyPa
     assert "broken_plugin" not in names
     assert set(names) >= set(registry._EPS) - {"broken_plugin"}
     assert any("broken_plugin" in str(w.message) for w in seen)
-    with pytest.raises(ValueError, match=r"broken_plugin \(commlab_no_such_module: "
-                                         r"ModuleNotFoundError"):
+    with pytest.raises(
+        ValueError,
+        match=r"broken_plugin \(commlab_no_such_module: "
+        r"ModuleNotFoundError",
+    ):
         registry.get_strategy("no_such_strategy")
     assert registry.get_strategy("naive").name == "naive"  # the others still load

@@ -16,19 +16,51 @@ from hydra.errors import MissingConfigException
 
 from framework.run.spec import ConfigError
 
-COLUMNS = ["size", "count", "type", "redop", "time_us", "algbw_gbps", "busbw_gbps", "wrong",
-           "strategy", "world_size", "mode", "tensors", "baseline", "baseline_time_us",
-           "speedup", "memcpy_gbps", "busbw_of_memcpy"]
-SMALL = ["parallel.world_size=2", "bench.min_bytes=1024", "bench.max_bytes=16384",
-         "bench.factor=4", "bench.iters=3", "bench.warmup=1"]
+COLUMNS = [
+    "size",
+    "count",
+    "type",
+    "redop",
+    "time_us",
+    "algbw_gbps",
+    "busbw_gbps",
+    "wrong",
+    "strategy",
+    "world_size",
+    "mode",
+    "tensors",
+    "baseline",
+    "baseline_time_us",
+    "speedup",
+    "memcpy_gbps",
+    "busbw_of_memcpy",
+]
+SMALL = [
+    "parallel.world_size=2",
+    "bench.min_bytes=1024",
+    "bench.max_bytes=16384",
+    "bench.factor=4",
+    "bench.iters=3",
+    "bench.warmup=1",
+]
 
 
 def bench(tmp_path: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     return subprocess.run(
-        [sys.executable, "-m", "experiments.bench", *overrides, "logger=none",
-         f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "-m",
+            "experiments.bench",
+            *overrides,
+            "logger=none",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -52,7 +84,11 @@ def check_rows(rows: list[dict[str, str]], strategy: str, mode: str, tensors: in
         assert algbw == pytest.approx(max(tensors, 1) * size / time_us / 1e3, rel=1e-4)
         assert busbw == pytest.approx(algbw * 2 * (n - 1) / n, rel=1e-4)
         assert (r["strategy"], int(r["world_size"]), r["mode"], int(r["tensors"])) == (
-            strategy, n, mode, tensors)
+            strategy,
+            n,
+            mode,
+            tensors,
+        )
 
 
 def test_naive_sweep(tmp_path: Path) -> None:
@@ -72,8 +108,9 @@ def test_naive_sweep(tmp_path: Path) -> None:
     from experiments.report import collect
 
     _, bench_rows = collect(tmp_path.parent)
-    assert {(r["strategy"], r["mode"]) for r in bench_rows
-            if r["job"] == tmp_path.name} == {("naive", "single")}
+    assert {(r["strategy"], r["mode"]) for r in bench_rows if r["job"] == tmp_path.name} == {
+        ("naive", "single")
+    }
 
 
 def bench_on_rank(cfg) -> dict:
@@ -95,8 +132,10 @@ def test_many_small_bucketed(pools) -> None:
     """The burst mode on the long-lived ranks (the command line is tested above)."""
     cfg = compose_config("strategy=bucketed", "bench.many_small=8", *SMALL, name="bench")
     out = pools(2).run(bench_on_rank, cfg)[0]
-    rows = [{**r, "strategy": "bucketed", "world_size": 2, "mode": "many_small:8",
-             "tensors": 8} for r in out["rows"]]
+    rows = [
+        {**r, "strategy": "bucketed", "world_size": 2, "mode": "many_small:8", "tensors": 8}
+        for r in out["rows"]
+    ]
     check_rows([{k: str(v) for k, v in r.items()} for r in rows], "bucketed", "many_small:8", 8)
     for st in out["comm_stats"]:  # 8 calls per burst fused into one bucket
         assert st["calls_per_iter"] == 8 and st["collectives_per_iter"] == 1
@@ -104,8 +143,15 @@ def test_many_small_bucketed(pools) -> None:
 
 def test_baseline_memcpy_and_profile(tmp_path: Path) -> None:
     """shm against the raw library call in one run, the copy limit beside it, and a trace."""
-    p = bench(tmp_path, "strategy=shm", "bench.baseline=raw", "bench.rounds=2",
-              "bench.memcpy=true", "profile=true", *SMALL)
+    p = bench(
+        tmp_path,
+        "strategy=shm",
+        "bench.baseline=raw",
+        "bench.rounds=2",
+        "bench.memcpy=true",
+        "profile=true",
+        *SMALL,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "baseline: raw (same run, 2 interleaved rounds" in p.stdout
     _, rows = read_csv(tmp_path / "bench.csv")
@@ -113,24 +159,30 @@ def test_baseline_memcpy_and_profile(tmp_path: Path) -> None:
     for r in rows:
         assert r["baseline"] == "raw"
         assert float(r["speedup"]) == pytest.approx(
-            float(r["baseline_time_us"]) / float(r["time_us"]), rel=1e-3)
+            float(r["baseline_time_us"]) / float(r["time_us"]), rel=1e-3
+        )
         assert float(r["memcpy_gbps"]) > 0
         assert float(r["busbw_of_memcpy"]) == pytest.approx(
-            float(r["busbw_gbps"]) / float(r["memcpy_gbps"]), rel=1e-3)
+            float(r["busbw_gbps"]) / float(r["memcpy_gbps"]), rel=1e-3
+        )
     for rank in (0, 1):  # Chrome traces with commlab's spans next to the aten ops
         trace = json.loads((tmp_path / f"trace-rank{rank}.json").read_text())
         names = {e.get("name") for e in trace["traceEvents"]}
         assert {"commlab.shm.blocked", "commlab.shm.reduce", "aten::copy_"} <= names
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("bench.factor=1", "bench.factor must be an integer >= 2"),
-    ("strategy.name=nope", "unknown strategy 'nope'; available: ["),
-    ("bench.baseline=nope", "unknown strategy 'nope'; available: ["),
-    ("bench.rounds=0", "bench.rounds must be >= 1"),
-])
-def test_bad_config_fails_before_spawning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          override: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("bench.factor=1", "bench.factor must be an integer >= 2"),
+        ("strategy.name=nope", "unknown strategy 'nope'; available: ["),
+        ("bench.baseline=nope", "unknown strategy 'nope'; available: ["),
+        ("bench.rounds=0", "bench.rounds must be >= 1"),
+    ],
+)
+def test_bad_config_fails_before_spawning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, override: str, message: str
+) -> None:
     """bench's main, in-process: refused with our message, recorded, and no rank launched."""
     import experiments.bench
 

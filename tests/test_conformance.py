@@ -11,8 +11,9 @@ STRATEGIES = available_strategies()
 SCHEDULES = [n for n in STRATEGIES if issubclass(get_strategy(n), Schedule)]
 # every algorithm a schedule can send through, except the library call (the schedules' default
 # inner, already covered by test_kit) and shm (crossed with every schedule in test_shm)
-INNER = [n for n in STRATEGIES if issubclass(get_strategy(n), Algorithm)
-         and n not in ("naive", "shm")]
+INNER = [
+    n for n in STRATEGIES if issubclass(get_strategy(n), Algorithm) and n not in ("naive", "shm")
+]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -39,8 +40,12 @@ def test_schedules_over_inner_algorithms(pools, name: str, inner: str) -> None:
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_hierarchical_node_maps(pools, world_size: int, ranks_per_node: int) -> None:
     """Emulated nodes of every shape, including a last node smaller than the others."""
-    pools(world_size).run(run_checks, "hierarchical", {"ranks_per_node": ranks_per_node},
-                          ["exact_sums", "float_order", "handles_in_flight"])
+    pools(world_size).run(
+        run_checks,
+        "hierarchical",
+        {"ranks_per_node": ranks_per_node},
+        ["exact_sums", "float_order", "handles_in_flight"],
+    )
 
 
 def test_small_chunks_pipeline_tree(pools) -> None:
@@ -50,5 +55,6 @@ def test_small_chunks_pipeline_tree(pools) -> None:
 
 def test_small_buckets_split(pools) -> None:
     """Buckets smaller than the burst force several buckets per wait, launched in order."""
-    pools(3).run(run_checks, "bucketed", {"bucket_bytes": 64}, ["handles_in_flight",
-                                                                "bounded_loop"])
+    pools(3).run(
+        run_checks, "bucketed", {"bucket_bytes": 64}, ["handles_in_flight", "bounded_loop"]
+    )

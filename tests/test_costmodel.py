@@ -129,9 +129,11 @@ def test_model_matches_measurement_on_this_host(pools) -> None:
         rows += pools(ws).run(measure_allreduce, STRATEGIES, SIZES)[0]
     held = fit_host(rows, {2, 4})
     errors = allreduce_errors(held, rows)
-    report = "\n".join(f"{e['strategy']} p={e['world_size']} {e['size']} B: measured "
-                       f"{e['measured_us']:.0f} us, predicted {e['predicted_us']:.0f} us"
-                       for e in errors)
+    report = "\n".join(
+        f"{e['strategy']} p={e['world_size']} {e['size']} B: measured "
+        f"{e['measured_us']:.0f} us, predicted {e['predicted_us']:.0f} us"
+        for e in errors
+    )
     assert median_error(errors) <= 0.25, report
 
 
@@ -142,9 +144,11 @@ def test_decode_step_model_matches_measurement_on_this_host(pools) -> None:
     topo = add_insitu(fit_host(d["allreduce"]), d["inloop"])
     dec = decode_errors(topo, d["decode"])
     assert {e["strategy"] for e in dec} == set(STRATEGIES)
-    report = "\n".join(f"{e['strategy']}: measured {e['measured_s'] * 1e3:.2f} ms, predicted "
-                       f"{e['predicted_s'] * 1e3:.2f} ms (compute {e['compute_s'] * 1e3:.2f})"
-                       for e in dec)
+    report = "\n".join(
+        f"{e['strategy']}: measured {e['measured_s'] * 1e3:.2f} ms, predicted "
+        f"{e['predicted_s'] * 1e3:.2f} ms (compute {e['compute_s'] * 1e3:.2f})"
+        for e in dec
+    )
     assert median_error(dec) <= 0.30, report
 
 
@@ -162,11 +166,21 @@ def test_simulator_writes_tables_plots_and_crossovers(tmp_path) -> None:
 
 
 def _run(strategy: str, mb: int, **kw) -> dict:
-    base = {"status": "ok", "strategy": strategy, "micro_batches": mb, "model": "small",
-            "collectives_per_token": 24.0 * mb, "exposed_comm_s": 1.0,
-            "decode_tokens_per_s": 20.0, "ttft_s": 0.3, "itl_p50_s": 0.2,
-            "buffer_allocs": 0, "buffer_reuses": 0, "peak_mem_bytes": 100,
-            "exposed_comm_share": 0.5}
+    base = {
+        "status": "ok",
+        "strategy": strategy,
+        "micro_batches": mb,
+        "model": "small",
+        "collectives_per_token": 24.0 * mb,
+        "exposed_comm_s": 1.0,
+        "decode_tokens_per_s": 20.0,
+        "ttft_s": 0.3,
+        "itl_p50_s": 0.2,
+        "buffer_allocs": 0,
+        "buffer_reuses": 0,
+        "peak_mem_bytes": 100,
+        "exposed_comm_share": 0.5,
+    }
     return {**base, **kw}
 
 
@@ -179,17 +193,21 @@ def test_claim_verdicts_follow_the_numbers() -> None:
         table,
     )
 
-    runs = [_run(s, mb) for s in ("naive", "async_overlap", "double_buffer", "bucketed")
-            for mb in (1, 2, 4)]
-    runs = [r if r["strategy"] != "bucketed" else {**r, "collectives_per_token": 24.0}
-            for r in runs]
+    runs = [
+        _run(s, mb)
+        for s in ("naive", "async_overlap", "double_buffer", "bucketed")
+        for mb in (1, 2, 4)
+    ]
+    runs = [
+        r if r["strategy"] != "bucketed" else {**r, "collectives_per_token": 24.0} for r in runs
+    ]
     v = {r["claim"][:2]: r["verdict"] for r in claims(table(runs), None, None, 12)}
     assert v["1."] == "refuted"  # 2 per layer per step is the floor of every exact strategy
     assert v["2."] == "holds only under stated conditions"  # nothing hidden here, 50% simulated
     assert claim_allreduce_count(table(runs), 12)["verdict"] == "refuted"
-    hidden = [{**r, "exposed_comm_s": 0.3} if r["strategy"] == "async_overlap" else r
-              for r in runs]
+    hidden = [{**r, "exposed_comm_s": 0.3} if r["strategy"] == "async_overlap" else r for r in runs]
     assert claim_overlap(table(hidden))["verdict"] == "holds"
-    fewer = [{**r, "collectives_per_token": 6.0} if r["strategy"] == "bucketed" else r
-             for r in runs]
+    fewer = [
+        {**r, "collectives_per_token": 6.0} if r["strategy"] == "bucketed" else r for r in runs
+    ]
     assert claim_allreduce_count(table(fewer), 12)["verdict"] == "holds"

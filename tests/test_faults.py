@@ -21,18 +21,34 @@ TIMEOUT_S = 10
 
 def spawned_ranks() -> set[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return {int(line.split()[0]) for line in out.splitlines()[1:]
-            if "multiprocessing.spawn" in line and "experiments" not in line}
+    return {
+        int(line.split()[0])
+        for line in out.splitlines()[1:]
+        if "multiprocessing.spawn" in line and "experiments" not in line
+    }
 
 
 def run_fault(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict, float]:
     before = spawned_ranks()
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "experiments.infer", *overrides,
-                        f"parallel.timeout_s={TIMEOUT_S}", "workload.new_tokens=6",
-                        "logger=none", "progress=false", f"hydra.run.dir={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.infer",
+            *overrides,
+            f"parallel.timeout_s={TIMEOUT_S}",
+            "workload.new_tokens=6",
+            "logger=none",
+            "progress=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     elapsed = time.monotonic() - t0
     time.sleep(0.5)
     assert not (spawned_ranks() - before), "rank processes left behind"
@@ -47,8 +63,7 @@ def shm_files() -> set[str]:
 @pytest.mark.parametrize("strategy", ["naive", "shm"])
 def test_killed_rank_fails_fast_and_is_named(tmp_path: Path, strategy: str) -> None:
     segments = shm_files()
-    r, res, elapsed = run_fault(tmp_path, f"strategy={strategy}", "fault.kind=kill",
-                                "fault.rank=1")
+    r, res, elapsed = run_fault(tmp_path, f"strategy={strategy}", "fault.kind=kill", "fault.rank=1")
     assert r.returncode != 0
     assert res["status"] == "failed" and "rank 1 (pid" in res["error"]
     assert "was killed by signal SIGKILL" in res["error"]  # our wording, from the signal
@@ -68,8 +83,9 @@ def test_raising_rank_reports_its_exception(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("validate", [True, False])
 def test_desynchronised_ranks_fail_instead_of_hanging(tmp_path: Path, validate: bool) -> None:
-    r, res, elapsed = run_fault(tmp_path, "fault.kind=extra_allreduce",
-                                f"strategy.validate={str(validate).lower()}")
+    r, res, elapsed = run_fault(
+        tmp_path, "fault.kind=extra_allreduce", f"strategy.validate={str(validate).lower()}"
+    )
     assert r.returncode != 0 and res["status"] == "failed"
     if validate:  # every rank raises, naming the ranks and sequence numbers
         assert "disagree on the next collective" in res["error"] and "#" in res["error"]
@@ -89,15 +105,43 @@ def test_two_torchrun_nodes_with_hierarchical(tmp_path: Path) -> None:
     """Two torchrun launches on this host act as two nodes of 2 ranks: the node map comes
     from the launcher (LOCAL_WORLD_SIZE), and the tokens equal a single-launch run's."""
     port = free_port()
-    common = ["-m", "experiments.infer", "strategy=hierarchical", "parallel.world_size=4",
-              "workload.new_tokens=4", "logger=none", "progress=false",
-              f"hydra.run.dir={tmp_path / 'nodes'}"]
+    common = [
+        "-m",
+        "experiments.infer",
+        "strategy=hierarchical",
+        "parallel.world_size=4",
+        "workload.new_tokens=4",
+        "logger=none",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'nodes'}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-                               "--nproc-per-node", "2", "--node-rank", str(n),
-                               "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               *common], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "2",
+                "--node-rank",
+                str(n),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                *common,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
     try:
         outs = [p.communicate(timeout=240)[0] for p in nodes]
     finally:
@@ -107,9 +151,23 @@ def test_two_torchrun_nodes_with_hierarchical(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "nodes" / "results.json").read_text())
     assert res["comm_extra"]["num_nodes"] == 2 and res["comm_extra"]["ranks_per_node"] == 2
     single = tmp_path / "single"
-    r = subprocess.run([sys.executable, "-m", "experiments.infer", "strategy=naive",
-                        "parallel.world_size=4", "workload.new_tokens=4", "logger=none",
-                        "progress=false", f"hydra.run.dir={single}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.infer",
+            "strategy=naive",
+            "parallel.world_size=4",
+            "workload.new_tokens=4",
+            "logger=none",
+            "progress=false",
+            f"hydra.run.dir={single}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((single / "results.json").read_text())["tokens"] == res["tokens"]

@@ -25,9 +25,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def infer(*overrides: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.infer", *overrides,
-                           "progress=false"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=_env(**env))
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.infer", *overrides, "progress=false"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(**env),
+    )
 
 
 def cfg_for(*overrides: str, name: str = "infer"):
@@ -71,23 +76,27 @@ def test_structured_config_rejects_bad_types() -> None:
         cfg_for("strategy=nope")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.world_size=5"], "num_heads"),
-    (["parallel.world_size=0"], "world_size must be > 0"),
-    (["workload.micro_batches=8"], "larger than"),
-    (["workload.prompt_len=200"], "exceeds the model context"),
-    (["strategy=bucketed", "strategy.bucket_bytes=-1"], "bucket_bytes must be > 0"),
-    (["parallel.backend=nccl"], "CUDA devices"),
-    (["model=hf", "model.checkpoint=/nonexistent/dir"], "not a directory"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.world_size=5"], "num_heads"),
+        (["parallel.world_size=0"], "world_size must be > 0"),
+        (["workload.micro_batches=8"], "larger than"),
+        (["workload.prompt_len=200"], "exceeds the model context"),
+        (["strategy=bucketed", "strategy.bucket_bytes=-1"], "bucket_bytes must be > 0"),
+        (["parallel.backend=nccl"], "CUDA devices"),
+        (["model=hf", "model.checkpoint=/nonexistent/dir"], "not a directory"),
+    ],
+)
 def test_bad_config_is_refused_before_spawning(overrides: list[str], message: str) -> None:
     cfg = cfg_for(*overrides)
     with pytest.raises(ConfigError, match=message):
         validate_run(run_spec(cfg, "."))
 
 
-def test_entry_point_records_a_bad_config_before_spawning(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_entry_point_records_a_bad_config_before_spawning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """infer's main, in-process: the job is refused, recorded as failed, and no rank starts."""
     import experiments.infer
     import framework.run.runner
@@ -96,8 +105,9 @@ def test_entry_point_records_a_bad_config_before_spawning(tmp_path: Path,
         raise AssertionError("ranks were launched for an invalid configuration")
 
     monkeypatch.setattr(framework.run.runner, "launch_ranks", spawned)
-    cfg = compose_config("parallel.world_size=0", "logger=none", "progress=false",
-                         hydra_dir=tmp_path)
+    cfg = compose_config(
+        "parallel.world_size=0", "logger=none", "progress=false", hydra_dir=tmp_path
+    )
     with pytest.raises(ConfigError, match="world_size must be > 0"):
         experiments.infer.main(cfg)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -107,10 +117,22 @@ def test_entry_point_records_a_bad_config_before_spawning(tmp_path: Path,
 def test_corrupt_checkpoint_fails_on_every_rank(pools, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "hidden_act": "silu"}))
+    (ckpt / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 64,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 64,
+                "rms_norm_eps": 1e-5,
+                "hidden_act": "silu",
+            }
+        )
+    )
     (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
     spec = run_spec(cfg_for("model=hf", f"model.checkpoint={ckpt}"), str(tmp_path))
     for rank, res in enumerate(pools(2).run(run_on_rank, spec)):
@@ -125,34 +147,71 @@ def test_infer_runs_and_strategies_agree(pools, tmp_path: Path) -> None:
     on the long-lived ranks as under torchrun, and a real torchrun launch closes the loop."""
     results = {}
     run_dir = tmp_path / "naive"
-    r = infer("strategy=naive", "workload.micro_batches=2", "workload.new_tokens=4",
-              "logger=none", f"hydra.run.dir={run_dir}")
+    r = infer(
+        "strategy=naive",
+        "workload.micro_batches=2",
+        "workload.new_tokens=4",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     results["naive"] = json.loads((run_dir / "results.json").read_text())
     assert (run_dir / "steps" / "metrics.csv").exists()
-    spec = run_spec(cfg_for("strategy=bucketed", "workload.micro_batches=2",
-                            "workload.new_tokens=4"), str(tmp_path / "bucketed"))
+    spec = run_spec(
+        cfg_for("strategy=bucketed", "workload.micro_batches=2", "workload.new_tokens=4"),
+        str(tmp_path / "bucketed"),
+    )
     results["bucketed"] = pools(2).run(run_on_rank, spec)[0]
     for res in results.values():
-        for key in ("strategy", "inner", "world_size", "micro_batches", "ttft_s", "itl_p50_s",
-                    "itl_p99_s", "decode_tokens_per_s", "allreduce_calls_per_token",
-                    "collectives_per_token", "exposed_comm_s", "exposed_comm_share", "tokens",
-                    "status"):
+        for key in (
+            "strategy",
+            "inner",
+            "world_size",
+            "micro_batches",
+            "ttft_s",
+            "itl_p50_s",
+            "itl_p99_s",
+            "decode_tokens_per_s",
+            "allreduce_calls_per_token",
+            "collectives_per_token",
+            "exposed_comm_s",
+            "exposed_comm_share",
+            "tokens",
+            "status",
+        ):
             assert key in res, key
         assert res["status"] == "ok" and res["tokens_agree_across_ranks"]
         assert res["allreduce_calls_per_token"] == 2 * 2 * 2  # layers x blocks x micro-batches
     assert results["naive"]["tokens"] == results["bucketed"]["tokens"]
     # under torchrun the launcher's processes are used (no spawning): same tokens
     run_dir = tmp_path / "torchrun"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "-m", "experiments.infer", "strategy=naive", "workload.micro_batches=2",
-                        "workload.new_tokens=4", "logger=none", "progress=false",
-                        f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=_env())
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "experiments.infer",
+            "strategy=naive",
+            "workload.micro_batches=2",
+            "workload.new_tokens=4",
+            "logger=none",
+            "progress=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("decode_tokens_per_s=") == 1  # rank 0 reports, rank 1 does not
-    assert json.loads((run_dir / "results.json").read_text())["tokens"] == \
-        results["naive"]["tokens"]
+    assert (
+        json.loads((run_dir / "results.json").read_text())["tokens"] == results["naive"]["tokens"]
+    )
     assert results["bucketed"]["collectives_per_token"] == 4  # the two micro-batches fused
     assert results["naive"]["collectives_per_token"] == 8
 
@@ -162,9 +221,16 @@ def test_infer_runs_and_strategies_agree(pools, tmp_path: Path) -> None:
 def test_multirun_with_a_failing_job_reports_and_tracks(tmp_path: Path) -> None:
     """2 strategies x (a good and a bad micro-batch count): every job runs, failures marked."""
     sweep = tmp_path / "sweep"
-    r = infer("-m", "strategy=naive,async_overlap", "workload.micro_batches=2,9",
-              "workload.new_tokens=3", "logger=wandb", f"hydra.sweep.dir={sweep}",
-              timeout=600, WANDB_MODE="offline")
+    r = infer(
+        "-m",
+        "strategy=naive,async_overlap",
+        "workload.micro_batches=2,9",
+        "workload.new_tokens=3",
+        "logger=wandb",
+        f"hydra.sweep.dir={sweep}",
+        timeout=600,
+        WANDB_MODE="offline",
+    )
     assert r.returncode != 0  # a job failed, so the sweep exits non-zero...
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 4  # ...but every job ran
@@ -204,8 +270,15 @@ def test_prompts_from_a_file(tmp_path: Path) -> None:
 def test_same_seed_same_tokens_and_flat_memory(pools, tmp_path: Path) -> None:
     """Determinism across repeated runs, and a short soak: resident memory stays flat after
     prefill (no per-step leak) and pending handles stay bounded (issue: soak)."""
-    spec = run_spec(cfg_for("strategy=double_buffer", "workload.micro_batches=2",
-                            "workload.new_tokens=200", "model.max_seq_len=256"), str(tmp_path))
+    spec = run_spec(
+        cfg_for(
+            "strategy=double_buffer",
+            "workload.micro_batches=2",
+            "workload.new_tokens=200",
+            "model.max_seq_len=256",
+        ),
+        str(tmp_path),
+    )
     runs = [pools(2).run(run_on_rank, spec)[0] for _ in range(2)]
     assert all(res["status"] == "ok" for res in runs), runs
     assert runs[0]["tokens"] == runs[1]["tokens"]

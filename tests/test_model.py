@@ -84,7 +84,8 @@ class ThreadGroup:
             def wait(self) -> Tensor:
                 with group.cond:
                     ok = group.cond.wait_for(
-                        lambda: all(p is not None for p in group.parts[self.key]), timeout=60)
+                        lambda: all(p is not None for p in group.parts[self.key]), timeout=60
+                    )
                     if not ok:
                         raise TimeoutError(f"all-reduce {self.key} never completed")
                     if self.key not in group.sums:
@@ -180,11 +181,24 @@ def test_domino_schedule_order() -> None:
     model.reset_cache(2, 8)
     model(torch.randint(0, 256, (2, 5)), micro_batches=2)
     # ids: layer L issues attn(mb0)=4L, attn(mb1)=4L+1, mlp(mb0)=4L+2, mlp(mb1)=4L+3
-    expected = [("issue", 0), ("issue", 1), ("wait", 0), ("issue", 2), ("wait", 1),
-                ("issue", 3),
-                ("wait", 2), ("issue", 4), ("wait", 3), ("issue", 5),
-                ("wait", 4), ("issue", 6), ("wait", 5), ("issue", 7),
-                ("wait", 6), ("wait", 7)]
+    expected = [
+        ("issue", 0),
+        ("issue", 1),
+        ("wait", 0),
+        ("issue", 2),
+        ("wait", 1),
+        ("issue", 3),
+        ("wait", 2),
+        ("issue", 4),
+        ("wait", 3),
+        ("issue", 5),
+        ("wait", 4),
+        ("issue", 6),
+        ("wait", 5),
+        ("issue", 7),
+        ("wait", 6),
+        ("wait", 7),
+    ]
     assert comm.log == expected
 
 
@@ -214,7 +228,7 @@ def test_kv_cache_decode_matches_full_recompute() -> None:
     full = model(seq)  # (2, 14, V) without reuse of cached keys
     model.reset_cache(2, 14)
     steps = [model(seq[:, :9], micro_batches=2)]
-    steps += [model(seq[:, i:i + 1], micro_batches=2) for i in range(9, 14)]
+    steps += [model(seq[:, i : i + 1], micro_batches=2) for i in range(9, 14)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     assert model.cache_pos == 14
     with pytest.raises(ValueError, match="KV cache"):
@@ -246,8 +260,9 @@ def test_left_padding_matches_prompt_alone() -> None:
         assert batched.tokens[row] == alone.tokens[0]
         assert batched.logits is not None and alone.logits is not None
         for step in range(8):
-            torch.testing.assert_close(batched.logits[step][row], alone.logits[step][0],
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                batched.logits[step][row], alone.logits[step][0], rtol=1e-4, atol=1e-5
+            )
         assert all(not torch.isnan(lg).any() for lg in batched.logits)
 
 
@@ -259,15 +274,22 @@ def test_sampling_is_seeded() -> None:
     c = generate(model, prompts, 10, temperature=1.0, top_k=20, seed=8).tokens
     assert a == b and a != c
     # top_k=1 leaves one candidate: sampling must collapse to greedy.
-    assert generate(model, prompts, 10, temperature=0.7, top_k=1).tokens == \
-        generate(model, prompts, 10).tokens
+    assert (
+        generate(model, prompts, 10, temperature=0.7, top_k=1).tokens
+        == generate(model, prompts, 10).tokens
+    )
 
 
 def test_callbacks() -> None:
     model, _ = tiny_model()
     events: list[object] = []
-    generate(model, random_prompts([3]), 4, on_prefill_end=lambda: events.append("prefill"),
-             on_step_end=events.append)
+    generate(
+        model,
+        random_prompts([3]),
+        4,
+        on_prefill_end=lambda: events.append("prefill"),
+        on_step_end=events.append,
+    )
     assert events == ["prefill", 1, 2, 3]
 
 
@@ -279,8 +301,10 @@ def test_callbacks() -> None:
 def test_init_random_identical_for_any_tp(tp: int) -> None:
     full, _ = tiny_model(seed=5)
     full_sd = dict(full.named_parameters())
-    shards = [dict(TPLlama(TINY, CountingComm(), r, tp).init_random(5).named_parameters())
-              for r in range(tp)]
+    shards = [
+        dict(TPLlama(TINY, CountingComm(), r, tp).init_random(5).named_parameters())
+        for r in range(tp)
+    ]
     for name, ref in full_sd.items():
         shard = param_shard(name, TINY, 0, tp)
         if shard is None:
@@ -317,8 +341,7 @@ def test_load_state_dict_full_slices_per_rank() -> None:
     state = {k: v.clone() for k, v in full.named_parameters()}
     other = TPLlama(TINY, CountingComm(), 1, 2).load_state_dict_full(state)
     ref = TPLlama(TINY, CountingComm(), 1, 2).init_random(4)
-    for (name, a), (_, b) in zip(other.named_parameters(), ref.named_parameters(),
-                                 strict=True):
+    for (name, a), (_, b) in zip(other.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(a, b), name
     del state["model.norm.weight"]
     with pytest.raises(ValueError, match=r"model\.norm\.weight"):
@@ -350,9 +373,16 @@ def test_bad_inputs() -> None:
 # Hugging Face checkpoints
 
 
-HF_SHAPE = {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
-            "max_position_embeddings": 128, "tie_word_embeddings": False}
+HF_SHAPE = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -381,8 +411,13 @@ def test_hf_parity(hf_checkpoints: tuple[Any, Path, Path], layout: str) -> None:
     ids = torch.tensor(prompts)
     with torch.no_grad():
         hf_logits = hf_model(ids).logits
-        hf_out = hf_model.generate(ids, attention_mask=torch.ones_like(ids),
-                                   max_new_tokens=8, do_sample=False, pad_token_id=0)
+        hf_out = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=0,
+        )
     model.reset_cache(2, 7)
     # float32 both sides; the only differences are summation order inside matmuls and
     # attention kernels (~1e-6 relative), so 1e-4 is loose but catches any real bug.
@@ -397,8 +432,9 @@ def test_hf_parity_left_padded(hf_checkpoints: tuple[Any, Path, Path]) -> None:
     prompts = random_prompts([3, 8, 5], seed=9)
     ids, mask = left_pad(prompts, pad_id=0)
     with torch.no_grad():
-        hf_out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=8,
-                                   do_sample=False, pad_token_id=0)
+        hf_out = hf_model.generate(
+            ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0
+        )
     assert generate(model, prompts, 8, micro_batches=2).tokens == hf_out[:, 8:].tolist()
 
 
@@ -494,8 +530,11 @@ def test_checkpoint_errors(tmp_path: Path, hf_checkpoints: tuple[Any, Path, Path
 
 
 def test_config_from_hf_rejects_unsupported(tmp_path: Path) -> None:
-    cfg = {**HF_SHAPE, "model_type": "llama",
-           "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}
+    cfg = {
+        **HF_SHAPE,
+        "model_type": "llama",
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0},
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="llama3"):
         config_from_hf(tmp_path)

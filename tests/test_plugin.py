@@ -40,9 +40,22 @@ def installed_plugin(tmp_path_factory) -> str:
     for name, body in files.items():
         (pkg / name).write_text(body)
     site = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--target", str(site), str(pkg)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(pkg),
+        ],
+        check=True,
+        timeout=300,
+    )
     assert list(site.glob("commlab_gather_sum-*.dist-info/entry_points.txt"))
     return str(site)
 
@@ -58,6 +71,7 @@ def test_duplicate_name_is_an_error() -> None:
 
     assert "naive" in available_strategies()
     with pytest.raises(ValueError, match="already registered"):
+
         @register_strategy("naive")
         class Other(Algorithm):
             def reduce_(self, x):
@@ -69,15 +83,33 @@ def test_plugin_ships_its_own_config_and_runs_by_name(installed_plugin: str, tmp
     conf = tmp_path / "plugin_conf" / "strategy"
     conf.mkdir(parents=True)
     (conf / "gather_sum.yaml").write_text(
-        "name: gather_sum\nvalidate: false\ntimeout_s: ${parallel.timeout_s}\nmax_bytes: 65536\n")
+        "name: gather_sum\nvalidate: false\ntimeout_s: ${parallel.timeout_s}\nmax_bytes: 65536\n"
+    )
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": installed_plugin, "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "disabled"}
-    r = subprocess.run([sys.executable, "-m", "experiments.infer", "strategy=gather_sum",
-                        f"hydra.searchpath=[file://{tmp_path / 'plugin_conf'}]",
-                        "workload.new_tokens=3", "logger=none", "progress=false",
-                        f"hydra.run.dir={run}"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": installed_plugin,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+    }
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.infer",
+            "strategy=gather_sum",
+            f"hydra.searchpath=[file://{tmp_path / 'plugin_conf'}]",
+            "workload.new_tokens=3",
+            "logger=none",
+            "progress=false",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((run / "results.json").read_text())
     assert res["strategy"] == "gather_sum" and res["status"] == "ok"

@@ -7,8 +7,15 @@ import pytest
 from framework import available_strategies, build_communicator, strategy_options
 from framework.comm.registry import inner_algorithms
 
-SEVEN = {"naive", "bucketed", "async_overlap", "double_buffer", "tree", "hierarchical",
-         "adaptive_threshold"}
+SEVEN = {
+    "naive",
+    "bucketed",
+    "async_overlap",
+    "double_buffer",
+    "tree",
+    "hierarchical",
+    "adaptive_threshold",
+}
 
 
 def test_the_seven_are_registered_under_their_file_names() -> None:
@@ -37,11 +44,14 @@ def test_options_are_keyword_only_with_defaults() -> None:
 
 
 def test_bad_option_values_fail_before_touching_the_wire() -> None:
-    for name, opts in [("bucketed", {"bucket_bytes": 0}), ("tree", {"chunk_bytes": -1}),
-                       ("double_buffer", {"num_buffers": 0}),
-                       ("hierarchical", {"ranks_per_node": 0}),
-                       ("adaptive_threshold", {"min_bytes": 10, "initial_bytes": 5}),
-                       ("async_overlap", {"inner": "bucketed"})]:
+    for name, opts in [
+        ("bucketed", {"bucket_bytes": 0}),
+        ("tree", {"chunk_bytes": -1}),
+        ("double_buffer", {"num_buffers": 0}),
+        ("hierarchical", {"ranks_per_node": 0}),
+        ("adaptive_threshold", {"min_bytes": 10, "initial_bytes": 5}),
+        ("async_overlap", {"inner": "bucketed"}),
+    ]:
         with pytest.raises(ValueError, match=name):
             build_communicator(name, **opts)
 

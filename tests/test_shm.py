@@ -17,8 +17,9 @@ from framework.testing import run_checks
 COMPOSED_CHECKS = ["exact_sums", "handles_in_flight", "flush_semantics", "bounded_loop"]
 
 
-@pytest.mark.parametrize("name", [n for n in available_strategies()
-                                  if issubclass(get_strategy(n), Schedule)])
+@pytest.mark.parametrize(
+    "name", [n for n in available_strategies() if issubclass(get_strategy(n), Schedule)]
+)
 def test_schedules_over_shm(pools, name: str) -> None:
     """Every schedule sends its collectives through shm from its progress thread."""
     pools(3).run(run_checks, name, {"inner": "shm"}, COMPOSED_CHECKS)
@@ -26,9 +27,12 @@ def test_schedules_over_shm(pools, name: str) -> None:
 
 @pytest.mark.parametrize(("world_size", "ranks_per_node"), [(4, 2), (3, 2), (4, 4)])
 def test_hierarchical_with_shm_inside_nodes(pools, world_size: int, ranks_per_node: int) -> None:
-    pools(world_size).run(run_checks, "hierarchical",
-                          {"intra": "shm", "ranks_per_node": ranks_per_node},
-                          ["exact_sums", "float_order", "handles_in_flight"])
+    pools(world_size).run(
+        run_checks,
+        "hierarchical",
+        {"intra": "shm", "ranks_per_node": ranks_per_node},
+        ["exact_sums", "float_order", "handles_in_flight"],
+    )
 
 
 def test_chunked_messages(pools) -> None:
@@ -55,9 +59,12 @@ def _segment_lifecycle(stale_pid: int) -> dict:
         path = comm.segment.path
         x = torch.full((1000,), float(dist.get_rank() + 1))
         y = comm.all_reduce(x).wait()
-        return {"stale_exists": stale.exists(), "segment_named": path.exists(),
-                "sum_ok": bool((y == sum(range(1, dist.get_world_size() + 1))).all()),
-                "shm_used": comm.stats.extra["shm"]}
+        return {
+            "stale_exists": stale.exists(),
+            "segment_named": path.exists(),
+            "sum_ok": bool((y == sum(range(1, dist.get_world_size() + 1))).all()),
+            "shm_used": comm.stats.extra["shm"],
+        }
     finally:
         comm.close()
 
@@ -65,8 +72,10 @@ def _segment_lifecycle(stale_pid: int) -> dict:
 def test_stale_segment_removed_and_live_segment_unnamed(pools) -> None:
     """A stale file from a dead process is removed; a live segment has no name to leak."""
     got = pools(2).run(_segment_lifecycle, _dead_pid())
-    assert got == [{"stale_exists": False, "segment_named": False, "sum_ok": True,
-                    "shm_used": 1.0}] * 2
+    assert (
+        got
+        == [{"stale_exists": False, "segment_named": False, "sum_ok": True, "shm_used": 1.0}] * 2
+    )
 
 
 def _peer_failure(kind: str) -> str:
@@ -90,10 +99,13 @@ def _peer_failure(kind: str) -> str:
         seg.close()
 
 
-@pytest.mark.parametrize(("kind", "message"), [
-    ("dead", "rank 0: rank(s) [1] (pid ["),
-    ("slow", "rank 0: timed out after"),
-])
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("dead", "rank 0: rank(s) [1] (pid ["),
+        ("slow", "rank 0: timed out after"),
+    ],
+)
 def test_missing_peer_is_an_error_naming_it(pools, kind: str, message: str) -> None:
     err = pools(2).run(_peer_failure, kind)[0]
     assert message in err and "round 1" in err, err
@@ -110,7 +122,13 @@ def test_no_segment_left_after_a_process_exits(tmp_path: Path) -> None:
         "c = build_communicator('shm'); print(c.stats.extra['shm'])\n"
         "os._exit(0)\n"  # no close(), no atexit: the hardest exit short of a crash
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                       capture_output=True, text=True, timeout=120, env=os.environ)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ,
+    )
     assert r.returncode == 0, r.stderr
     assert {p.name for p in Path("/dev/shm").glob("commlab-shm-*")} <= before

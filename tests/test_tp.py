@@ -27,8 +27,7 @@ def tp_generate(strategy: str, options: dict, micro_batches: int, new_tokens: in
     comm = build_communicator(strategy, **options)
     try:
         model = TPLlama(get_config("tiny"), comm, rank, world).init_random(seed=3)
-        out = generate(model, PROMPTS, new_tokens, micro_batches=micro_batches,
-                       return_logits=True)
+        out = generate(model, PROMPTS, new_tokens, micro_batches=micro_batches, return_logits=True)
         calls, collectives = comm.stats.calls, comm.stats.collectives
     finally:
         comm.close()
@@ -81,17 +80,27 @@ def hf_tp_generate(path: str, prompt: list[int], new_tokens: int) -> list[int]:
 
 def test_hf_checkpoint_tp2_matches_transformers(pools, tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
     prompt = [3, 14, 15, 92, 65, 35]
     with torch.no_grad():
-        want = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                           pad_token_id=0)[0, len(prompt):].tolist()
+        want = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=8,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     outs = pools(2).run(hf_tp_generate, str(tmp_path), prompt, 8)
     assert outs[0] == want and outs[1] == want

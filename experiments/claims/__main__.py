@@ -40,8 +40,14 @@ def strategies() -> list[str]:
 
 
 def run_sweep(out: Path) -> Path:
-    cmd = [sys.executable, "-m", "experiments.infer", "-m", "experiment=seed_claims",
-           f"hydra.sweep.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.infer",
+        "-m",
+        "experiment=seed_claims",
+        f"hydra.sweep.dir={out}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=3600)
     return out
@@ -49,18 +55,28 @@ def run_sweep(out: Path) -> Path:
 
 def table(runs: list[dict[str, Any]]) -> Runs:
     known = set(available_strategies())
-    return {(r["strategy"], int(r["micro_batches"])): r for r in runs
-            if r.get("status") == "ok" and r.get("strategy") in known}
+    return {
+        (r["strategy"], int(r["micro_batches"])): r
+        for r in runs
+        if r.get("status") == "ok" and r.get("strategy") in known
+    }
 
 
 def _pct(x: float) -> str:
     return f"{x:+.0%}"
 
 
-def _row(claim: str, measured: str, sim_8xh100: str, sim_multinode: str, verdict: str,
-         rule: str) -> dict[str, str]:
-    return {"claim": claim, "measured": measured, "sim_8xh100": sim_8xh100,
-            "sim_multinode": sim_multinode, "verdict": verdict, "rule": rule}
+def _row(
+    claim: str, measured: str, sim_8xh100: str, sim_multinode: str, verdict: str, rule: str
+) -> dict[str, str]:
+    return {
+        "claim": claim,
+        "measured": measured,
+        "sim_8xh100": sim_8xh100,
+        "sim_multinode": sim_multinode,
+        "verdict": verdict,
+        "rule": rule,
+    }
 
 
 def _decode_message() -> float:
@@ -84,31 +100,43 @@ def claim_allreduce_count(t: Runs, layers: int) -> dict[str, str]:
         f"collectives per layer per decode step: naive {naive} at 1/2/4 micro-batches; "
         f"bucketed {fused} (fusion across micro-batches); fewest of any exact strategy "
         f"{fewest:.2f}",
-        "same count: it is set by the model's data dependencies, not the link", "same",
+        "same count: it is set by the model's data dependencies, not the link",
+        "same",
         "refuted" if fewest >= 2 - 1e-9 else "holds",
-        "refuted if no exact strategy goes below 2 collectives per layer per step")
+        "refuted if no exact strategy goes below 2 collectives per layer per step",
+    )
 
 
 def claim_overlap(t: Runs) -> dict[str, str]:
     """2. overlap hides 50-70% of communication latency."""
-    hidden = {s: 1 - t[(s, 2)]["exposed_comm_s"] / t[("naive", 2)]["exposed_comm_s"]
-              for s in ("async_overlap", "double_buffer") if (s, 2) in t and ("naive", 2) in t}
-    ov = decode_step(load_topology("h100_nvlink"), "naive", 8, shape_for("llama3-70b", 8, 2),
-                     overlap=0.5)
+    hidden = {
+        s: 1 - t[(s, 2)]["exposed_comm_s"] / t[("naive", 2)]["exposed_comm_s"]
+        for s in ("async_overlap", "double_buffer")
+        if (s, 2) in t and ("naive", 2) in t
+    }
+    ov = decode_step(
+        load_topology("h100_nvlink"), "naive", 8, shape_for("llama3-70b", 8, 2), overlap=0.5
+    )
     sim_hidden = 1 - ov["exposed_s"] / ov["comm_s"] if ov["comm_s"] else 0.0
     best = max(hidden.values(), default=NAN)
     return _row(
         "2. overlap hides 50-70% of perceived communication latency",
-        "; ".join(f"{k}: {v:.0%} of naive's exposed comm hidden (TP 2, 2 micro-batches)"
-                  for k, v in hidden.items()),
+        "; ".join(
+            f"{k}: {v:.0%} of naive's exposed comm hidden (TP 2, 2 micro-batches)"
+            for k, v in hidden.items()
+        ),
         f"Llama-3-70B TP 8, batch 8, 2 micro-batches: comm {ov['comm_s'] * 1e3:.2f} ms vs "
         f"compute {ov['compute_s'] * 1e3:.2f} ms per step; if half the compute can overlap, "
         f"{sim_hidden:.0%} is hidden (an upper bound: the model ignores SM and memory "
         f"contention)",
         "as 8xH100 within a node; across nodes comm grows and the hidden share falls",
-        "holds" if best >= 0.5 else
-        "holds only under stated conditions" if sim_hidden >= 0.5 else "refuted",
-        "holds if measured >= 50%; conditional if only the simulator reaches 50%")
+        "holds"
+        if best >= 0.5
+        else "holds only under stated conditions"
+        if sim_hidden >= 0.5
+        else "refuted",
+        "holds if measured >= 50%; conditional if only the simulator reaches 50%",
+    )
 
 
 def claim_bandwidth(targets: dict[str, Any] | None) -> dict[str, str]:
@@ -116,8 +144,10 @@ def claim_bandwidth(targets: dict[str, Any] | None) -> dict[str, str]:
     host = ""
     for x in (targets or {}).get("targets", []):
         if x.get("target", "").startswith("shm busbw / single-core memcpy"):
-            host = (f"shm busbw at 16 MiB = {x['measured']:.0%} of one core's copy bandwidth "
-                    f"({x['detail']})")
+            host = (
+                f"shm busbw at 16 MiB = {x['measured']:.0%} of one core's copy bandwidth "
+                f"({x['detail']})"
+            )
     nv, ib, msg = load_topology("h100_nvlink"), load_topology("h100_ib"), _decode_message()
     util_small = busbw_gbps(8, msg, allreduce_time(nv, "naive", 8, msg)) / 450
     util_large = busbw_gbps(8, 1 << 30, allreduce_time(nv, "naive", 8, 1 << 30)) / 450
@@ -128,16 +158,17 @@ def claim_bandwidth(targets: dict[str, Any] | None) -> dict[str, str]:
         f"decode message {int(msg)} B: busbw {util_small:.0%} of the 450 GB/s line rate "
         f"(latency-bound); 1 GiB: {util_large:.0%} (NCCL's ceiling, any strategy)",
         f"p = 64: decode message busbw {util_64:.0%} of the 50 GB/s NIC",
-        "refuted" if util_small < 0.6 and util_large < 0.85 else
-        "holds only under stated conditions",
-        "refuted if neither decode-size nor large messages can exceed 85% of line rate")
+        "refuted"
+        if util_small < 0.6 and util_large < 0.85
+        else "holds only under stated conditions",
+        "refuted if neither decode-size nor large messages can exceed 85% of line rate",
+    )
 
 
 def claim_buffers(t: Runs) -> dict[str, str]:
     """4. allocations -90%, reuse 95%, peak memory -20-30%."""
     db, nv1, bk = t.get(("double_buffer", 2)), t.get(("naive", 2)), t.get(("bucketed", 2))
-    reuse = (db["buffer_reuses"] / max(db["buffer_allocs"] + db["buffer_reuses"], 1)
-             if db else NAN)
+    reuse = db["buffer_reuses"] / max(db["buffer_allocs"] + db["buffer_reuses"], 1) if db else NAN
     peak = db["peak_mem_bytes"] / nv1["peak_mem_bytes"] - 1 if db and nv1 else NAN
     return _row(
         "4. allocations -90%, buffers reused 95% of the time, peak memory -20-30%",
@@ -145,18 +176,26 @@ def claim_buffers(t: Runs) -> dict[str, str]:
         f"{db['buffer_reuses'] if db else '?'} reuses in the measured run (reuse {reuse:.1%}); "
         f"bucketed {bk['buffer_allocs'] if bk else '?'} allocs; naive reduces in place "
         f"(0 buffers); peak memory double_buffer vs naive {_pct(peak)}",
-        "not modelled (memory is not a communication cost)", "-",
-        "holds only under stated conditions" if reuse >= 0.95 and peak > -0.2
-        else "holds" if reuse >= 0.95 and peak <= -0.2 else "refuted",
+        "not modelled (memory is not a communication cost)",
+        "-",
+        "holds only under stated conditions"
+        if reuse >= 0.95 and peak > -0.2
+        else "holds"
+        if reuse >= 0.95 and peak <= -0.2
+        else "refuted",
         "reuse >= 95% holds for a buffer pool after warm-up; peak memory must fall >= 20% "
-        "for the whole claim to hold")
+        "for the whole claim to hold",
+    )
 
 
 def claim_throughput(t: Runs) -> dict[str, str]:
     """5. throughput +30-50% on one node, +40-60% across nodes."""
     b = t.get(("naive", 2))
-    gains = {s: t[(s, 2)]["decode_tokens_per_s"] / b["decode_tokens_per_s"] - 1
-             for s in strategies()[1:] if (s, 2) in t and b}
+    gains = {
+        s: t[(s, 2)]["decode_tokens_per_s"] / b["decode_tokens_per_s"] - 1
+        for s in strategies()[1:]
+        if (s, 2) in t and b
+    }
     naive8, tree8 = _itl("h100_nvlink", "naive", 8), _itl("h100_nvlink", "tree", 8)
     naive16, tree16 = _itl("h100_ib", "naive", 16), _itl("h100_ib", "tree", 16)
     hier16 = _itl("h100_ib", "hierarchical", 16)
@@ -171,10 +210,14 @@ def claim_throughput(t: Runs) -> dict[str, str]:
         f"{_pct(naive16 / hier16 - 1)}, vs tree {_pct(tree16 / hier16 - 1)} (a flat ring pays "
         f"the IB latency at each of its 2(p-1) steps; NCCL itself switches to a tree for "
         f"small messages)",
-        "holds" if best >= 0.3 and naive8 / tree8 - 1 >= 0.3 else
-        "holds only under stated conditions" if best >= 0.3 else "refuted",
+        "holds"
+        if best >= 0.3 and naive8 / tree8 - 1 >= 0.3
+        else "holds only under stated conditions"
+        if best >= 0.3
+        else "refuted",
         "holds if both the host and the 8xH100 simulation gain >= 30%; conditional if only "
-        "where communication dominates (here: a CPU host over gloo)")
+        "where communication dominates (here: a CPU host over gloo)",
+    )
 
 
 def claim_latency(t: Runs) -> dict[str, str]:
@@ -185,37 +228,50 @@ def claim_latency(t: Runs) -> dict[str, str]:
     naive8, tree8 = _itl("h100_nvlink", "naive", 8), _itl("h100_nvlink", "tree", 8)
     naive16, tree16 = _itl("h100_ib", "naive", 16), _itl("h100_ib", "tree", 16)
     hier16 = _itl("h100_ib", "hierarchical", 16)
-    comm8 = decode_step(load_topology("h100_nvlink"), "naive", 8,
-                        shape_for("llama3-70b", 8))["comm_s"]
+    comm8 = decode_step(load_topology("h100_nvlink"), "naive", 8, shape_for("llama3-70b", 8))[
+        "comm_s"
+    ]
     return _row(
         "6. TTFT -15-25%, ITL -20-30%",
-        "vs naive, TP 2, 2 micro-batches: " + "; ".join(
+        "vs naive, TP 2, 2 micro-batches: "
+        + "; ".join(
             f"{s} TTFT {_pct(r['ttft_s'] / b['ttft_s'] - 1)}, ITL p50 "
-            f"{_pct(r['itl_p50_s'] / b['itl_p50_s'] - 1)}" for s, r in others),
+            f"{_pct(r['itl_p50_s'] / b['itl_p50_s'] - 1)}"
+            for s, r in others
+        ),
         f"ITL tree vs naive {_pct(tree8 / naive8 - 1)} (decode is weight-bound on HBM: comm "
         f"is {comm8 / naive8:.0%} of the step)",
         f"ITL at TP 16 (2 nodes): hierarchical vs naive {_pct(hier16 / naive16 - 1)}, vs tree "
         f"{_pct(hier16 / tree16 - 1)}",
-        "holds only under stated conditions" if min(itl_gain, default=0) <= -0.2
-        else "refuted",
+        "holds only under stated conditions" if min(itl_gain, default=0) <= -0.2 else "refuted",
         "conditional if some strategy cuts ITL >= 20% here (where gloo dominates); the GPU "
-        "simulation decides whether it carries over")
+        "simulation decides whether it carries over",
+    )
 
 
 def claim_tree_beats_ring(calib: dict[str, Any] | None) -> dict[str, str]:
     """7. tree O(log n) beats ring O(n) (``naive`` is the ring) as p grows."""
     meas = ""
     if calib:
-        m = {(e["strategy"], e["world_size"], e["size"]): e["measured_us"]
-             for e in calib["allreduce"]}
+        m = {
+            (e["strategy"], e["world_size"], e["size"]): e["measured_us"]
+            for e in calib["allreduce"]
+        }
         meas = "1 KiB: " + "; ".join(
             f"p={p}: tree {m[('tree', p, 1024)]:.0f} us vs naive (gloo) "
-            f"{m[('naive', p, 1024)]:.0f} us" for p in (2, 3, 4)
-            if ("tree", p, 1024) in m and ("naive", p, 1024) in m)
+            f"{m[('naive', p, 1024)]:.0f} us"
+            for p in (2, 3, 4)
+            if ("tree", p, 1024) in m and ("naive", p, 1024) in m
+        )
     nv, ib, msg = load_topology("h100_nvlink"), load_topology("h100_ib"), _decode_message()
-    tr = next((p for p in (2 ** k for k in range(1, 11))
-               if allreduce_time(ib, "tree", p, msg) < allreduce_time(ib, "naive", p, msg)),
-              None)
+    tr = next(
+        (
+            p
+            for p in (2**k for k in range(1, 11))
+            if allreduce_time(ib, "tree", p, msg) < allreduce_time(ib, "naive", p, msg)
+        ),
+        None,
+    )
     return _row(
         "tree O(log n) beats ring O(n)",
         meas or "run python -m experiments.calibrate",
@@ -224,43 +280,63 @@ def claim_tree_beats_ring(calib: dict[str, Any] | None) -> dict[str, str]:
         f"tree overtakes naive at p = {tr} for the decode message; naive wins for large "
         f"messages at every p",
         "holds only under stated conditions",
-        "latency-bound (small) messages and many ranks only")
+        "latency-bound (small) messages and many ranks only",
+    )
 
 
-def claims(t: Runs, calib: dict[str, Any] | None, targets: dict[str, Any] | None,
-           layers: int) -> list[dict[str, str]]:
+def claims(
+    t: Runs, calib: dict[str, Any] | None, targets: dict[str, Any] | None, layers: int
+) -> list[dict[str, str]]:
     """Every claim's row, in the order of the seed claims."""
-    return [claim_allreduce_count(t, layers), claim_overlap(t), claim_bandwidth(targets),
-            claim_buffers(t), claim_throughput(t), claim_latency(t),
-            claim_tree_beats_ring(calib)]
+    return [
+        claim_allreduce_count(t, layers),
+        claim_overlap(t),
+        claim_bandwidth(targets),
+        claim_buffers(t),
+        claim_throughput(t),
+        claim_latency(t),
+        claim_tree_beats_ring(calib),
+    ]
 
 
 # -- the report --------------------------------------------------------------------------------
 def write_report(rows: list[dict[str, str]], t: Runs, out: Path, source: str) -> None:
-    lines = ["# The seed claims, checked", "",
-             "Generated by `python -m experiments.claims` from the measured runs saved in "
-             f"`{source}` (`experiment=seed_claims`: TP 2 on a 2-core CPU host over gloo, "
-             "small model, one run per point; `--runs` with that file regenerates this report "
-             "without measuring), the calibration in `results/calibration/`, the targets in "
-             "`results/cpu_targets.json`, and the cost model's simulation of 8xH100 (NVLink) "
-             "and multi-node H100 (NDR InfiniBand) with published constants "
-             "(`conf/topology/`). Simulated numbers are predictions, not measurements. "
-             "Verdict rules are stated per row.", "",
-             "| claim | measured here | simulated 8xH100 | simulated multi-node | verdict | rule |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# The seed claims, checked",
+        "",
+        "Generated by `python -m experiments.claims` from the measured runs saved in "
+        f"`{source}` (`experiment=seed_claims`: TP 2 on a 2-core CPU host over gloo, "
+        "small model, one run per point; `--runs` with that file regenerates this report "
+        "without measuring), the calibration in `results/calibration/`, the targets in "
+        "`results/cpu_targets.json`, and the cost model's simulation of 8xH100 (NVLink) "
+        "and multi-node H100 (NDR InfiniBand) with published constants "
+        "(`conf/topology/`). Simulated numbers are predictions, not measurements. "
+        "Verdict rules are stated per row.",
+        "",
+        "| claim | measured here | simulated 8xH100 | simulated multi-node | verdict | rule |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['claim']} | {r['measured']} | {r['sim_8xh100']} | "
-                     f"{r['sim_multinode']} | **{r['verdict']}** | {r['rule']} |")
-    lines += ["", "## Measured runs (TP 2, small model, 32 new tokens)", "",
-              "| strategy | micro-batches | decode tok/s | TTFT (s) | ITL p50 (s) | "
-              "collectives/step | exposed comm share | allocs | reuses |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['claim']} | {r['measured']} | {r['sim_8xh100']} | "
+            f"{r['sim_multinode']} | **{r['verdict']}** | {r['rule']} |"
+        )
+    lines += [
+        "",
+        "## Measured runs (TP 2, small model, 32 new tokens)",
+        "",
+        "| strategy | micro-batches | decode tok/s | TTFT (s) | ITL p50 (s) | "
+        "collectives/step | exposed comm share | allocs | reuses |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     order = strategies()
     for (s, mb), r in sorted(t.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
-        lines.append(f"| {s} | {mb} | {r['decode_tokens_per_s']:.1f} | {r['ttft_s']:.3f} | "
-                     f"{r['itl_p50_s']:.4f} | {r['collectives_per_token']:.0f} | "
-                     f"{r['exposed_comm_share']:.0%} | {r['buffer_allocs']} | "
-                     f"{r['buffer_reuses']} |")
+        lines.append(
+            f"| {s} | {mb} | {r['decode_tokens_per_s']:.1f} | {r['ttft_s']:.3f} | "
+            f"{r['itl_p50_s']:.4f} | {r['collectives_per_token']:.0f} | "
+            f"{r['exposed_comm_share']:.0%} | {r['buffer_allocs']} | "
+            f"{r['buffer_reuses']} |"
+        )
     lines += ["", "![decode throughput](claims_decode.png)", ""]
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
 
@@ -276,10 +352,12 @@ def plot(t: Runs, out: Path) -> None:
     for mb, off in ((1, -0.27), (2, 0), (4, 0.27)):
         xs = [i + off for i, s in enumerate(names) if (s, mb) in t]
         have = [t[(s, mb)] for s in names if (s, mb) in t]
-        axes[0].bar(xs, [r["decode_tokens_per_s"] for r in have], width=0.27,
-                    label=f"{mb} micro-batches")
-        axes[1].bar(xs, [r["collectives_per_token"] for r in have], width=0.27,
-                    label=f"{mb} micro-batches")
+        axes[0].bar(
+            xs, [r["decode_tokens_per_s"] for r in have], width=0.27, label=f"{mb} micro-batches"
+        )
+        axes[1].bar(
+            xs, [r["collectives_per_token"] for r in have], width=0.27, label=f"{mb} micro-batches"
+        )
     for ax, title in zip(axes, ("decode tokens/s", "collectives per decode step")):
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_title(f"{title} (TP 2, small)")
@@ -294,8 +372,11 @@ def load_runs(runs: Path, out: Path) -> tuple[list[dict[str, Any]], Path]:
     infer results, saved (without the generated tokens) as ``out/runs.json``."""
     if runs.is_file():
         return json.loads(runs.read_text()), runs
-    full = [r for f in sorted(runs.rglob("results.json"))
-            if (r := json.loads(f.read_text())).get("job_type", "infer") == "infer"]
+    full = [
+        r
+        for f in sorted(runs.rglob("results.json"))
+        if (r := json.loads(f.read_text())).get("job_type", "infer") == "infer"
+    ]
     keep = [{k: v for k, v in r.items() if k != "tokens"} for r in full]
     (out / "runs.json").write_text(json.dumps(keep, indent=1) + "\n")
     return keep, out / "runs.json"
@@ -312,8 +393,11 @@ def _shown(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", help="an experiment=seed_claims multirun directory, or a saved "
-                                   "runs.json (no new measurements)")
+    ap.add_argument(
+        "--runs",
+        help="an experiment=seed_claims multirun directory, or a saved "
+        "runs.json (no new measurements)",
+    )
     ap.add_argument("--calibration", default=str(ROOT / "results/calibration"))
     ap.add_argument("--targets", default=str(ROOT / "results/cpu_targets.json"))
     ap.add_argument("--out-dir", default=str(OUT))
@@ -326,8 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     if not t:
         raise SystemExit(f"no successful seed_claims runs in {runs_dir}")
     layers = get_config(next(iter(t.values()))["model"]).num_layers
-    rows = claims(t, _read_json(Path(a.calibration) / "validation.json"),
-                  _read_json(Path(a.targets)), layers)
+    rows = claims(
+        t, _read_json(Path(a.calibration) / "validation.json"), _read_json(Path(a.targets)), layers
+    )
     plot(t, out)
     write_report(rows, t, out, _shown(saved))
     print((out / "REPORT.md").read_text())

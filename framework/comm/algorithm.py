@@ -116,12 +116,15 @@ class Schedule(Communicator):
         inner_options = dict(inner_options or {})
         shared = sorted(set(inner_options) & {"timeout_s", "validate"})
         if shared:
-            raise ValueError(f"strategy {self.name!r}: set {shared} on the schedule, not in "
-                             f"inner_options; the schedule passes them on to {inner!r}")
+            raise ValueError(
+                f"strategy {self.name!r}: set {shared} on the schedule, not in "
+                f"inner_options; the schedule passes them on to {inner!r}"
+            )
         super().__init__(group, **common)
         cls = get_strategy(inner)
-        self.inner: Algorithm = cls(group, _parent=self, timeout_s=self.timeout_s,
-                                    validate=self.validate, **inner_options)
+        self.inner: Algorithm = cls(
+            group, _parent=self, timeout_s=self.timeout_s, validate=self.validate, **inner_options
+        )
         self.inner_name = inner
 
     def _release(self) -> None:

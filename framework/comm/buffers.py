@@ -32,8 +32,9 @@ class BufferPool:
             self.stats.buffer_reuses += 1
             return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         self.stats.buffer_allocs += 1
-        return torch.empty(1 << max(need - 1, 1).bit_length(), dtype=torch.uint8,
-                           device=self.device)
+        return torch.empty(
+            1 << max(need - 1, 1).bit_length(), dtype=torch.uint8, device=self.device
+        )
 
     def release(self, buf: Tensor) -> None:
         self.live -= 1

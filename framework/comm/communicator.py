@@ -119,8 +119,10 @@ class Handle:
                 raise self._error
             return self._result
         if self._comm._closed:
-            raise self._comm._error("wait() after close(): the communicator's groups and "
-                                    "buffers are released; wait before closing")
+            raise self._comm._error(
+                "wait() after close(): the communicator's groups and "
+                "buffers are released; wait before closing"
+            )
         with self._comm._blocked():
             self._complete()
         return self._result
@@ -226,7 +228,8 @@ class Communicator(ABC):
             if h._span is not None and lo < h._span[1] and h._span[0] < hi and hi > lo:
                 raise self._error(
                     "input overlaps the memory of an all_reduce still in flight (the caller "
-                    "gives x up until wait()); wait for it first or pass a copy")
+                    "gives x up until wait()); wait for it first or pass a copy"
+                )
 
     def flush(self) -> None:
         """Complete every pending handle (in issue order)."""
@@ -279,14 +282,16 @@ class Communicator(ABC):
         """Each option must be >= ``minimum`` (None passes)."""
         for key, value in options.items():
             if value is not None and not value >= minimum:
-                raise ValueError(f"strategy {cls.name!r}: {key} must be >= {minimum}, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"strategy {cls.name!r}: {key} must be >= {minimum}, got {value!r}"
+                )
 
     @classmethod
     def require_one_of(cls, key: str, value: Any, choices: tuple[Any, ...]) -> None:
         if value not in choices:
-            raise ValueError(f"strategy {cls.name!r}: {key} must be one of {list(choices)}, "
-                             f"got {value!r}")
+            raise ValueError(
+                f"strategy {cls.name!r}: {key} must be one of {list(choices)}, got {value!r}"
+            )
 
     @abstractmethod
     def _all_reduce(self, x: Tensor) -> Handle:
@@ -348,8 +353,13 @@ class Communicator(ABC):
         """Gather (op, seq, dtype, numel, shape) from every rank; raise on all if they differ."""
         self._seq += 1
         shape = tuple(x.shape) if x is not None else ()
-        row = [op, self._seq, _DTYPE_CODES.get(x.dtype, -1) if x is not None else -1,
-               x.numel() if x is not None else 0, len(shape)] + list(shape[:4])
+        row = [
+            op,
+            self._seq,
+            _DTYPE_CODES.get(x.dtype, -1) if x is not None else -1,
+            x.numel() if x is not None else 0,
+            len(shape),
+        ] + list(shape[:4])
         row += [-1] * (9 - len(row))
         mine = torch.tensor(row, dtype=torch.int64, device=self.device)
         rows = [torch.empty_like(mine) for _ in range(self.world_size)]
@@ -368,7 +378,7 @@ def _describe(row: list[int]) -> str:
     if op != _OP_ALL_REDUCE:
         return f"{_OP_NAMES[op]} #{seq}"
     dtype = {v: k for k, v in _DTYPE_CODES.items()}.get(row[2])
-    return f"all_reduce #{seq} shape {tuple(row[5:5 + min(ndim, 4)])} {dtype} numel {numel}"
+    return f"all_reduce #{seq} shape {tuple(row[5 : 5 + min(ndim, 4)])} {dtype} numel {numel}"
 
 
 def _device_for(backend: str) -> torch.device:

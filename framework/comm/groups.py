@@ -44,6 +44,7 @@ def acquire_group(ranks: list[int], backend: str, timeout_s: float) -> dist.Proc
     return dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), backend=backend)
 
 
-def release_group(ranks: list[int], backend: str, timeout_s: float,
-                  group: dist.ProcessGroup) -> None:
+def release_group(
+    ranks: list[int], backend: str, timeout_s: float, group: dist.ProcessGroup
+) -> None:
     _free.setdefault(_key(ranks, backend, timeout_s), []).append(group)

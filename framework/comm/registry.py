@@ -66,8 +66,9 @@ def _load(name: str) -> None:
         obj = ep.load()
     except Exception as e:  # a broken plugin must not take the others down with it
         _FAILED[name] = f"{ep.value}: {type(e).__name__}: {e}"
-        warnings.warn(f"commlab: strategy plugin {name!r} could not be loaded: "
-                      f"{_FAILED[name]}", stacklevel=3)
+        warnings.warn(
+            f"commlab: strategy plugin {name!r} could not be loaded: {_FAILED[name]}", stacklevel=3
+        )
         return
     if isinstance(obj, type) and issubclass(obj, Communicator) and name not in _REGISTRY:
         register_strategy(name)(obj)
@@ -104,7 +105,8 @@ def get_strategy(name: str) -> type[Communicator]:
     msg = f"unknown strategy {name!r}; available: {sorted(_REGISTRY)}"
     if _FAILED:
         msg += "; plugins that failed to load: " + "; ".join(
-            f"{n} ({why})" for n, why in sorted(_FAILED.items()))
+            f"{n} ({why})" for n, why in sorted(_FAILED.items())
+        )
     raise ValueError(msg)
 
 

@@ -74,8 +74,18 @@ _CHECK_S = 5e-3  # how often a waiter checks the clock and its peers' pids
 _created: set[Path] = set()  # named files this process created and has not unlinked yet
 _OP_ALL_REDUCE, _OP_BROADCAST = 1, 2
 _OP_NAMES = {_OP_ALL_REDUCE: "all_reduce", _OP_BROADCAST: "broadcast"}
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
-           torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
+_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+]
 _DTYPE_CODE = {dt: i + 1 for i, dt in enumerate(_DTYPES)}
 
 
@@ -127,7 +137,7 @@ def remove_stale_segments(directory: Path = SHM_DIR) -> list[Path]:
     uid = os.getuid()
     for path in directory.glob(f"{PREFIX}{uid}-*"):
         try:
-            pid = int(path.name[len(f"{PREFIX}{uid}-"):].split("-")[0])
+            pid = int(path.name[len(f"{PREFIX}{uid}-") :].split("-")[0])
             if path.stat().st_uid != uid or _alive(pid):
                 continue
             path.unlink()
@@ -184,10 +194,12 @@ def _create(size: int, capacity: int, p: int) -> str:
         path.unlink(missing_ok=True)
         _created.discard(path)
         free = _free_bytes(SHM_DIR)
-        return (f"error:the shared-memory segment needs {size} bytes ({p + 1} x chunk_bytes="
-                f"{capacity} plus flags) but {SHM_DIR} has {free} bytes free ({e.strerror}); "
-                f"lower strategy.chunk_bytes, enlarge {SHM_DIR} (docker --shm-size), or use "
-                f"the library all-reduce (strategy=naive)")
+        return (
+            f"error:the shared-memory segment needs {size} bytes ({p + 1} x chunk_bytes="
+            f"{capacity} plus flags) but {SHM_DIR} has {free} bytes free ({e.strerror}); "
+            f"lower strategy.chunk_bytes, enlarge {SHM_DIR} (docker --shm-size), or use "
+            f"the library all-reduce (strategy=naive)"
+        )
     finally:
         os.close(fd)
     return str(path)
@@ -227,7 +239,7 @@ class ShmSegment:
         root = dist.get_global_rank(group, 0)
         dist.broadcast_object_list(name, src=root, group=group)
         if name[0].startswith("error:"):  # every rank refuses alike, before anyone maps it
-            raise ShmError(f"rank {self.rank}: {name[0][len('error:'):]}")
+            raise ShmError(f"rank {self.rank}: {name[0][len('error:') :]}")
         path = Path(name[0])
         fd = os.open(path, os.O_RDWR)
         try:
@@ -244,8 +256,9 @@ class ShmSegment:
         self._pids_at = 2 * p * _LINE // 8
         self._flags[self._pids_at + self.rank] = os.getpid()
         self._plans: dict[tuple, tuple] = {}
-        self._data = torch.frombuffer(self._mm, dtype=torch.uint8, offset=head,
-                                      count=(p + 1) * capacity)
+        self._data = torch.frombuffer(
+            self._mm, dtype=torch.uint8, offset=head, count=(p + 1) * capacity
+        )
         dist.barrier(group=group)  # pids are written
 
     # -- collectives ------------------------------------------------------------------------
@@ -263,11 +276,12 @@ class ShmSegment:
             return
         flat = x.view(-1)
         for lo in range(0, flat.numel(), self.capacity // x.element_size()):
-            seg = flat[lo:lo + self.capacity // x.element_size()]
+            seg = flat[lo : lo + self.capacity // x.element_size()]
             self._round_large(seg, *self._views(seg.dtype, seg.numel()), fp)
 
-    def _round1(self, x: Tensor, mine: Tensor, parts: list[Tensor], out: Tensor,
-                result: Tensor, fp: int) -> None:
+    def _round1(
+        self, x: Tensor, mine: Tensor, parts: list[Tensor], out: Tensor, result: Tensor, fp: int
+    ) -> None:
         g = self._round = self._round + 1
         mine.copy_(x)
         self._arrive(_ARRIVED, g, fp=fp)
@@ -278,8 +292,9 @@ class ShmSegment:
         self._arrive(_REDUCED, g)
         x.copy_(result)
 
-    def _round_large(self, x: Tensor, mine: Tensor, parts: list[Tensor], out: Tensor,
-                     result: Tensor, fp: int) -> None:
+    def _round_large(
+        self, x: Tensor, mine: Tensor, parts: list[Tensor], out: Tensor, result: Tensor, fp: int
+    ) -> None:
         """One chunk of a large message, with a quarter less memory traffic than ``_round1``.
 
         Only the slices the other ranks reduce are copied in; this rank reads its own term of
@@ -345,10 +360,10 @@ class ShmSegment:
             # "arrived" doubles as "done reading the previous result": then root may write it
             self._arrive(_ARRIVED, g, fp=fp)
             if self.rank == root:
-                result[:m].copy_(flat[lo:lo + m])
+                result[:m].copy_(flat[lo : lo + m])
             self._arrive(_REDUCED, g, only=root)
             if self.rank != root:
-                flat[lo:lo + m].copy_(result[:m])
+                flat[lo : lo + m].copy_(result[:m])
         # nobody may overwrite the result until every rank copied it: the next round's
         # "arrived" barrier guarantees that
 
@@ -366,8 +381,7 @@ class ShmSegment:
     # -- internals --------------------------------------------------------------------------
     def _check(self) -> None:
         if self._broken is not None:
-            raise ShmError(f"shared-memory segment unusable after an earlier error: "
-                           f"{self._broken}")
+            raise ShmError(f"shared-memory segment unusable after an earlier error: {self._broken}")
         if self._mm is None:
             raise ShmError("shared-memory segment used after close()")
 
@@ -386,7 +400,7 @@ class ShmSegment:
             fp |= g & 0xFF
             flags[me + 1] = fp  # before the counter: a peer that sees g sees this too
         flags[me] = g
-        for j in (range(self.world_size) if only is None else (only,)):
+        for j in range(self.world_size) if only is None else (only,):
             i = self._flag(phase, j)
             if flags[i] >= g:
                 continue
@@ -427,20 +441,22 @@ class ShmSegment:
         behind = [j for j in range(self.world_size) if flags[j] < g]
         pids = [self._flags[self._pids_at + j] for j in range(self.world_size)]
         dead = [j for j in behind if not _alive(pids[j])]
-        what = ("arrived" if phase == _ARRIVED else "reduced")
+        what = "arrived" if phase == _ARRIVED else "reduced"
         if dead:
-            self._broken = (f"rank(s) {dead} (pid {[pids[j] for j in dead]}) died "
-                            f"before round {g} ({what})")
+            self._broken = (
+                f"rank(s) {dead} (pid {[pids[j] for j in dead]}) died before round {g} ({what})"
+            )
         elif waited > self.timeout_s:
-            self._broken = (f"timed out after {waited:.1f} s waiting for rank(s) {behind} "
-                            f"to reach round {g} ({what}); they are at "
-                            f"{[flags[j] for j in behind]}")
+            self._broken = (
+                f"timed out after {waited:.1f} s waiting for rank(s) {behind} "
+                f"to reach round {g} ({what}); they are at "
+                f"{[flags[j] for j in behind]}"
+            )
         if self._broken is not None:
             raise ShmError(f"rank {self.rank}: {self._broken}")
 
 
-def shm_segment_for(group, backend: str, chunk_bytes: int,
-                    timeout_s: float) -> ShmSegment | None:
+def shm_segment_for(group, backend: str, chunk_bytes: int, timeout_s: float) -> ShmSegment | None:
     """A segment over ``group`` if all its ranks share this host's memory, else ``None``.
 
     Collective over ``group``. The decision is taken from every rank's answer, so all ranks

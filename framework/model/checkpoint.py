@@ -73,8 +73,17 @@ def config_from_hf(path: str | os.PathLike[str]) -> ModelConfig:
         raise ValueError(f"{file}: rope type {rope_type!r} is not supported (only default)")
     rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
 
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
-                           "num_hidden_layers", "num_attention_heads") if k not in hf]
+    missing = [
+        k
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        if k not in hf
+    ]
     if missing:
         raise ValueError(f"{file}: missing required field(s) {missing}")
     return ModelConfig(
@@ -124,8 +133,7 @@ def load_hf_checkpoint(
     cfg = config_from_hf(root)
     if num_layers is not None:
         if not 1 <= num_layers <= cfg.num_layers:
-            raise ValueError(f"num_layers={num_layers} must be in [1, {cfg.num_layers}] "
-                             f"for {root}")
+            raise ValueError(f"num_layers={num_layers} must be in [1, {cfg.num_layers}] for {root}")
         cfg = dataclasses.replace(cfg, num_layers=num_layers)
     cfg.validate_tp(tp_size)
     files = _weight_files(root)
@@ -155,15 +163,17 @@ def load_hf_checkpoint(
             piece = handle.get_slice(name)
             shape = tuple(piece.get_shape())
             if shape != expected[name]:
-                raise ValueError(f"{file}: tensor {name!r} has shape {shape}, but "
-                                 f"{root / _CONFIG} implies {expected[name]}")
+                raise ValueError(
+                    f"{file}: tensor {name!r} has shape {shape}, but "
+                    f"{root / _CONFIG} implies {expected[name]}"
+                )
             try:
                 if shard is None:
                     value = piece[:]
                 elif shard[0] == 0:
-                    value = piece[shard[1]:shard[2]]  # rows only: contiguous read
+                    value = piece[shard[1] : shard[2]]  # rows only: contiguous read
                 else:
-                    value = piece[:, shard[1]:shard[2]]
+                    value = piece[:, shard[1] : shard[2]]
             except SafetensorError as exc:
                 raise ValueError(f"{file}: cannot read tensor {name!r}: {exc}") from exc
             return value.to(dtype)

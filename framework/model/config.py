@@ -30,8 +30,15 @@ class ModelConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_seq_len",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
@@ -39,7 +46,8 @@ class ModelConfig:
             if self.hidden_size % self.num_heads != 0:
                 raise ValueError(
                     f"hidden_size ({self.hidden_size}) is not divisible by num_heads "
-                    f"({self.num_heads}); set head_dim explicitly")
+                    f"({self.num_heads}); set head_dim explicitly"
+                )
             self.head_dim = self.hidden_size // self.num_heads
         if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
             # RoPE rotates pairs of channels, so the head dimension must be even.
@@ -47,7 +55,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                f"({self.num_kv_heads}) for grouped-query attention")
+                f"({self.num_kv_heads}) for grouped-query attention"
+            )
 
     @property
     def hd(self) -> int:
@@ -65,7 +74,8 @@ class ModelConfig:
             if value % tp_size != 0:
                 raise ValueError(
                     f"tp_size={tp_size} does not divide {name}={value}: tensor parallelism "
-                    f"shards {name} evenly across ranks")
+                    f"shards {name} evenly across ranks"
+                )
 
     @property
     def num_params(self) -> int:
@@ -78,25 +88,51 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # Tests: 24 heads / 12 kv heads / 384 intermediate split evenly over TP 2, 3 and 4.
     "tiny": ModelConfig(
-        vocab_size=256, hidden_size=192, intermediate_size=384, num_layers=2,
-        num_heads=24, num_kv_heads=12, head_dim=8, max_seq_len=128,
+        vocab_size=256,
+        hidden_size=192,
+        intermediate_size=384,
+        num_layers=2,
+        num_heads=24,
+        num_kv_heads=12,
+        head_dim=8,
+        max_seq_len=128,
     ),
     # CPU benchmarks: ~100M parameters (embedding tied with lm_head).
     "small": ModelConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
-        num_heads=12, num_kv_heads=4, head_dim=64, max_seq_len=1024,
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
+        head_dim=64,
+        max_seq_len=1024,
         tie_word_embeddings=True,
     ),
     # Exact Llama-3 shapes; use dataclasses.replace(cfg, num_layers=2) for a cheap slice.
     "llama3-8b": ModelConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-        rms_norm_eps=1e-5, max_seq_len=8192,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_seq_len=8192,
     ),
     "llama3-70b": ModelConfig(
-        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
-        num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-        rms_norm_eps=1e-5, max_seq_len=8192,
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_seq_len=8192,
     ),
 }
 

@@ -35,13 +35,12 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
+        tokens[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
     return tokens, mask
 
 
-def _select(logits: Tensor, temperature: float, top_k: int,
-            gen: torch.Generator | None) -> Tensor:
+def _select(logits: Tensor, temperature: float, top_k: int, gen: torch.Generator | None) -> Tensor:
     """Next token per row from float32 logits (B, V) -> (B,)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
@@ -82,8 +81,7 @@ def generate(
     for row, prompt in enumerate(prompts):
         bad = [tok for tok in prompt if not 0 <= tok < cfg.vocab_size]
         if bad:
-            raise ValueError(f"prompt {row} has token ids outside [0, {cfg.vocab_size}): "
-                             f"{bad[:5]}")
+            raise ValueError(f"prompt {row} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
     if not 0 <= pad_id < cfg.vocab_size:
         raise ValueError(f"pad_id={pad_id} outside [0, {cfg.vocab_size})")
     if new_tokens < 1:
@@ -94,8 +92,10 @@ def generate(
         raise ValueError(f"top_k must be >= 0 (0 = disabled), got {top_k}")
     prompt_len = max(len(p) for p in prompts)
     if prompt_len + new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt length {prompt_len} + new_tokens {new_tokens} exceeds the "
-                         f"model context max_seq_len={cfg.max_seq_len}")
+        raise ValueError(
+            f"prompt length {prompt_len} + new_tokens {new_tokens} exceeds the "
+            f"model context max_seq_len={cfg.max_seq_len}"
+        )
     if micro_batches > len(prompts):
         raise ValueError(f"micro_batches={micro_batches} exceeds batch size {len(prompts)}")
 
@@ -112,8 +112,9 @@ def generate(
     logits = model(tokens, mask, micro_batches=micro_batches, last_only=True)  # (B, 1, V)
     for step in range(new_tokens):
         if step > 0:
-            logits = model(chosen[-1][:, None], micro_batches=micro_batches,
-                           last_only=True)  # (B, 1, V)
+            logits = model(
+                chosen[-1][:, None], micro_batches=micro_batches, last_only=True
+            )  # (B, 1, V)
         last = logits[:, -1].float()  # (B, V)
         chosen.append(_select(last, temperature, top_k, gen))  # (B,)
         if return_logits:

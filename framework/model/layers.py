@@ -62,8 +62,9 @@ class Attention(nn.Module):
     """This rank's share of grouped-query attention; returns the handle of the
     all-reduce of its partial o_proj output."""
 
-    def __init__(self, cfg: ModelConfig, comm: AllReducer, tp_size: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, comm: AllReducer, tp_size: int, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.comm = comm
         self.head_dim = cfg.hd
@@ -75,8 +76,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False, dtype=dtype)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False, dtype=dtype)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                k_cache: Tensor, v_cache: Tensor, pos: int) -> AllReduceHandle:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        pos: int,
+    ) -> AllReduceHandle:
         b, t, _ = x.shape  # x: (b, t, D), already normed
         hd = self.head_dim
         q = self.q_proj(x).view(b, t, self.n_heads, hd).transpose(1, 2)  # (b, Hl, t, hd)
@@ -87,14 +96,15 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
 
         # k/v caches are views of this micro-batch's rows of the layer cache.
-        k_cache[:, :, pos:pos + t] = k
-        v_cache[:, :, pos:pos + t] = v
-        keys = k_cache[:, :, :pos + t]  # (b, KVl, L, hd)
-        values = v_cache[:, :, :pos + t]  # (b, KVl, L, hd)
+        k_cache[:, :, pos : pos + t] = k
+        v_cache[:, :, pos : pos + t] = v
+        keys = k_cache[:, :, : pos + t]  # (b, KVl, L, hd)
+        values = v_cache[:, :, : pos + t]  # (b, KVl, L, hd)
         # enable_gqa: query head j uses kv head j // (Hl / KVl), as HF's repeat_kv, without
         # materialising repeated keys/values every decode step.
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=True)  # (b, Hl, t, hd)
+            q, keys, values, attn_mask=mask, enable_gqa=True
+        )  # (b, Hl, t, hd)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * hd)  # (b, t, Hl*hd)
         partial = self.o_proj(out)  # (b, t, D): this rank's heads' contribution only
         return self.comm.all_reduce(partial)
@@ -104,8 +114,9 @@ class MLP(nn.Module):
     """This rank's slice of the SwiGLU MLP; returns the handle of the all-reduce of its
     partial down_proj output."""
 
-    def __init__(self, cfg: ModelConfig, comm: AllReducer, tp_size: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, comm: AllReducer, tp_size: int, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.comm = comm
         d, i = cfg.hidden_size, cfg.intermediate_size // tp_size
@@ -120,8 +131,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm: AllReducer, tp_size: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, comm: AllReducer, tp_size: int, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, comm, tp_size, dtype)
         self.mlp = MLP(cfg, comm, tp_size, dtype)
@@ -130,8 +142,16 @@ class DecoderLayer(nn.Module):
 
     # The layer is split in two halves (instead of one forward) so TPLlama can interleave
     # micro-batches between them while each half's all-reduce is in flight.
-    def attention(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                  k_cache: Tensor, v_cache: Tensor, pos: int) -> AllReduceHandle:
+    def attention(
+        self,
+        h: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        pos: int,
+    ) -> AllReduceHandle:
         return self.self_attn(self.input_layernorm(h), cos, sin, mask, k_cache, v_cache, pos)
 
     def feed_forward(self, h: Tensor) -> AllReduceHandle:
@@ -141,12 +161,14 @@ class DecoderLayer(nn.Module):
 class LlamaBody(nn.Module):
     """Exists only so parameter names carry HF's ``model.`` prefix."""
 
-    def __init__(self, cfg: ModelConfig, comm: AllReducer, tp_size: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, comm: AllReducer, tp_size: int, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, comm, tp_size, dtype) for _ in range(cfg.num_layers))
+            DecoderLayer(cfg, comm, tp_size, dtype) for _ in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
 
@@ -157,7 +179,8 @@ def split_batch(batch: int, micro_batches: int) -> list[tuple[int, int]]:
     if micro_batches > batch:
         raise ValueError(
             f"micro_batches={micro_batches} exceeds batch size {batch}: every micro-batch "
-            f"needs at least one sequence")
+            f"needs at least one sequence"
+        )
     base, extra = divmod(batch, micro_batches)
     bounds, start = [], 0
     for i in range(micro_batches):

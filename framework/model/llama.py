@@ -61,9 +61,15 @@ class TPLlama(nn.Module):
     ``load_state_dict_full`` or ``framework.model.checkpoint.load_hf_checkpoint`` first.
     """
 
-    def __init__(self, cfg: ModelConfig, comm: AllReducer, tp_rank: int = 0,
-                 tp_size: int = 1, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        comm: AllReducer,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         super().__init__()
         cfg.validate_tp(tp_size)
         if not isinstance(tp_rank, int) or not 0 <= tp_rank < tp_size:
@@ -75,9 +81,11 @@ class TPLlama(nn.Module):
         # embedding would cost seconds for nothing.
         with torch.device("meta"):
             self.model = LlamaBody(cfg, comm, tp_size, dtype)
-            self.lm_head = (None if cfg.tie_word_embeddings
-                            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
-                                           dtype=dtype))
+            self.lm_head = (
+                None
+                if cfg.tie_word_embeddings
+                else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+            )
         self.to_empty(device=device)
         self.requires_grad_(False)
         cos, sin = rope_tables(cfg, device)
@@ -109,17 +117,23 @@ class TPLlama(nn.Module):
         replicated 128k-vocab embedding is ~0.5G draws)."""
         shapes = full_param_shapes(self.cfg)
 
-        def fill(name: str, param: Tensor, shard: tuple[int, int, int] | None,
-                 lo: int, hi: int, block: int) -> None:
+        def fill(
+            name: str,
+            param: Tensor,
+            shard: tuple[int, int, int] | None,
+            lo: int,
+            hi: int,
+            block: int,
+        ) -> None:
             full = shapes[name]
             r0, r1 = block * _INIT_BLOCK_ROWS, min((block + 1) * _INIT_BLOCK_ROWS, full[0])
             gen = torch.Generator().manual_seed(_stream_seed(seed, name, block))
             values = torch.empty((r1 - r0, *full[1:])).normal_(0.0, std, generator=gen)
             a, b = max(r0, lo), min(r1, hi)
-            piece = values[a - r0:b - r0]  # rows of this block that this rank keeps
+            piece = values[a - r0 : b - r0]  # rows of this block that this rank keeps
             if shard is not None and shard[0] == 1:
-                piece = piece[:, shard[1]:shard[2]]
-            param[a - lo:b - lo].copy_(piece)  # disjoint rows per job: thread-safe
+                piece = piece[:, shard[1] : shard[2]]
+            param[a - lo : b - lo].copy_(piece)  # disjoint rows per job: thread-safe
 
         jobs = []
         for name, param in self.named_parameters():
@@ -138,9 +152,7 @@ class TPLlama(nn.Module):
         return self
 
     @torch.no_grad()
-    def load_sharded(
-        self, fetch: Callable[[str, tuple[int, int, int] | None], Tensor]
-    ) -> TPLlama:
+    def load_sharded(self, fetch: Callable[[str, tuple[int, int, int] | None], Tensor]) -> TPLlama:
         """Fill every parameter from ``fetch(hf_name, shard)``, which must return this
         rank's slice of the full weight (``shard`` as from ``param_shard``; None means the
         whole tensor). Shared by load_state_dict_full and the safetensors loader."""
@@ -150,7 +162,8 @@ class TPLlama(nn.Module):
             if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(
                     f"{name}: got shard of shape {tuple(value.shape)}, expected "
-                    f"{tuple(param.shape)} (tp_rank={self.tp_rank}, tp_size={self.tp_size})")
+                    f"{tuple(param.shape)} (tp_rank={self.tp_rank}, tp_size={self.tp_size})"
+                )
             param.copy_(value)
         self._weights_ready = True
         return self
@@ -165,8 +178,9 @@ class TPLlama(nn.Module):
                 raise ValueError(f"state dict has no tensor {name!r}")
             full = state_dict[name]
             if tuple(full.shape) != shapes[name]:
-                raise ValueError(f"{name}: shape {tuple(full.shape)} does not match the "
-                                 f"config's {shapes[name]}")
+                raise ValueError(
+                    f"{name}: shape {tuple(full.shape)} does not match the config's {shapes[name]}"
+                )
             return slice_dim(full, shard)
 
         return self.load_sharded(fetch)
@@ -180,8 +194,9 @@ class TPLlama(nn.Module):
         head_dim). Pass the smallest max_len you need: cache memory scales with it."""
         max_len = self.cfg.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= self.cfg.max_seq_len:
-            raise ValueError(f"max_len={max_len} must be in [1, max_seq_len="
-                             f"{self.cfg.max_seq_len}]")
+            raise ValueError(
+                f"max_len={max_len} must be in [1, max_seq_len={self.cfg.max_seq_len}]"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         kv = self.cfg.num_kv_heads // self.tp_size
@@ -203,8 +218,13 @@ class TPLlama(nn.Module):
     # place by a strategy later, outside this call or from a progress thread, where
     # inference mode (thread-local) would forbid in-place updates of inference tensors.
     @torch.no_grad()
-    def forward(self, tokens: Tensor, attn_mask: Tensor | None = None,
-                micro_batches: int = 1, last_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        attn_mask: Tensor | None = None,
+        micro_batches: int = 1,
+        last_only: bool = False,
+    ) -> Tensor:
         """Run ``tokens`` (B, T) through the model, appending them to the KV cache.
 
         Prefill: the first call after ``reset_cache`` (T >= 1). Decode: later calls,
@@ -226,25 +246,30 @@ class TPLlama(nn.Module):
         b, t = tokens.shape
         mask_all = self._mask
         if mask_all is None or mask_all.shape[0] != b:
-            raise ValueError(f"KV cache is not allocated for batch size {b}: call "
-                             f"reset_cache({b}, max_len) before the prefill")
+            raise ValueError(
+                f"KV cache is not allocated for batch size {b}: call "
+                f"reset_cache({b}, max_len) before the prefill"
+            )
         pos, cache_len = self.cache_pos, mask_all.shape[1]
         if t < 1 or pos + t > cache_len:
-            raise ValueError(f"cannot append {t} tokens at position {pos}: KV cache holds "
-                             f"{cache_len} positions (reset_cache max_len)")
+            raise ValueError(
+                f"cannot append {t} tokens at position {pos}: KV cache holds "
+                f"{cache_len} positions (reset_cache max_len)"
+            )
         bounds = split_batch(b, micro_batches)
 
         tokens = tokens.to(self.device)
         if attn_mask is None:
-            mask_all[:, pos:pos + t] = True
+            mask_all[:, pos : pos + t] = True
         elif tuple(attn_mask.shape) == (b, t):
-            mask_all[:, pos:pos + t] = attn_mask.to(self.device, torch.bool)
+            mask_all[:, pos : pos + t] = attn_mask.to(self.device, torch.bool)
         elif tuple(attn_mask.shape) == (b, pos + t):
-            mask_all[:, :pos + t] = attn_mask.to(self.device, torch.bool)
+            mask_all[:, : pos + t] = attn_mask.to(self.device, torch.bool)
         else:
-            raise ValueError(f"attn_mask shape {tuple(attn_mask.shape)} must be ({b}, {t}) "
-                             f"or ({b}, {pos + t})")
-        seen = mask_all[:, :pos + t]  # (B, L) key padding mask, L = pos + t
+            raise ValueError(
+                f"attn_mask shape {tuple(attn_mask.shape)} must be ({b}, {t}) or ({b}, {pos + t})"
+            )
+        seen = mask_all[:, : pos + t]  # (B, L) key padding mask, L = pos + t
         pos_ids = (seen.long().cumsum(-1) - 1).clamp(min=0)[:, pos:]  # (B, t)
         cos, sin = self.rope_cos[pos_ids], self.rope_sin[pos_ids]  # (B, t, hd) float32
         q_abs = torch.arange(pos, pos + t, device=self.device)  # absolute query positions
@@ -275,8 +300,9 @@ class TPLlama(nn.Module):
                 if handle is not None:
                     resid[i] = resid[i] + handle.wait()
                     mlp_pending[i] = None
-                attn_pending.append(layer.attention(
-                    resid[i], cos[m], sin[m], mask[m], k_cache[m], v_cache[m], pos))
+                attn_pending.append(
+                    layer.attention(resid[i], cos[m], sin[m], mask[m], k_cache[m], v_cache[m], pos)
+                )
             for i in range(len(mbs)):
                 resid[i] = resid[i] + attn_pending[i].wait()
                 mlp_pending[i] = layer.feed_forward(resid[i])

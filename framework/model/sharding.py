@@ -60,8 +60,11 @@ def param_shard(
     if suffix not in _SHARDED:
         return None
     dim, kind = _SHARDED[suffix]
-    full = {"heads": cfg.num_heads * cfg.hd, "kv_heads": cfg.num_kv_heads * cfg.hd,
-            "intermediate": cfg.intermediate_size}[kind]
+    full = {
+        "heads": cfg.num_heads * cfg.hd,
+        "kv_heads": cfg.num_kv_heads * cfg.hd,
+        "intermediate": cfg.intermediate_size,
+    }[kind]
     size = full // tp_size
     return dim, tp_rank * size, (tp_rank + 1) * size
 

@@ -24,8 +24,13 @@ from framework.run.faults import RankFailure
 from framework.run.spec import ConfigError, ParallelSpec, resolve_backend
 
 
-def launch_ranks(fn: Callable[..., Any], parallel: ParallelSpec, *args: Any,
-                 callbacks: list[Any] | None = None, loggers: list[Any] | None = None) -> Any:
+def launch_ranks(
+    fn: Callable[..., Any],
+    parallel: ParallelSpec,
+    *args: Any,
+    callbacks: list[Any] | None = None,
+    loggers: list[Any] | None = None,
+) -> Any:
     """Run ``fn(fabric, *args)`` on every rank; return rank 0's value.
 
     ``fn`` must be importable by name (spawned ranks unpickle it). A rank that raises makes
@@ -41,23 +46,36 @@ def launch_ranks(fn: Callable[..., Any], parallel: ParallelSpec, *args: Any,
         local = ranks_per_node_from_env() or 1
         world = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"])
         if world != parallel.world_size:
-            raise ConfigError(f"parallel.world_size={parallel.world_size} but the launcher "
-                              f"started {world} processes")
+            raise ConfigError(
+                f"parallel.world_size={parallel.world_size} but the launcher "
+                f"started {world} processes"
+            )
         nodes, devices = world // local, local
     else:
         os.environ.pop("MASTER_PORT", None)  # a fresh free port for every in-process launch
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         # Inside a joblib (loky) worker the process-wide start method is "loky", which the
         # spawned ranks cannot resolve when they unpickle their preparation data.
-        if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork",
-                                                                      "forkserver"):
+        if multiprocessing.get_start_method(allow_none=True) not in (
+            None,
+            "spawn",
+            "fork",
+            "forkserver",
+        ):
             multiprocessing.set_start_method("spawn", force=True)
-    strategy = DDPStrategy(start_method="popen" if external else "spawn",
-                           process_group_backend=backend,
-                           timeout=timedelta(seconds=parallel.timeout_s))
-    fabric = Fabric(accelerator="cuda" if backend == "nccl" else "cpu", devices=devices,
-                    num_nodes=nodes, strategy=strategy, callbacks=callbacks or [],
-                    loggers=loggers or [])
+    strategy = DDPStrategy(
+        start_method="popen" if external else "spawn",
+        process_group_backend=backend,
+        timeout=timedelta(seconds=parallel.timeout_s),
+    )
+    fabric = Fabric(
+        accelerator="cuda" if backend == "nccl" else "cpu",
+        devices=devices,
+        num_nodes=nodes,
+        strategy=strategy,
+        callbacks=callbacks or [],
+        loggers=loggers or [],
+    )
     if external:
         fabric.launch()
         return fn(fabric, *args)

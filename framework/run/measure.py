@@ -95,8 +95,9 @@ class RawAllReduce:
 
     def __init__(self, timeout_s: float) -> None:
         self.stats = CommStats()
-        self.group = dist.new_group(timeout=timedelta(seconds=timeout_s),
-                                    backend=dist.get_backend())
+        self.group = dist.new_group(
+            timeout=timedelta(seconds=timeout_s), backend=dist.get_backend()
+        )
 
     def all_reduce(self, x: torch.Tensor) -> Done:
         dist.all_reduce(x, group=self.group)
@@ -125,8 +126,9 @@ def _burst(comm: Any, xs: list[torch.Tensor], cuda: bool) -> None:
         torch.cuda.synchronize(xs[0].device)
 
 
-def time_iterations(comm: Any, xs: list[torch.Tensor], saved: list[torch.Tensor],
-                    iters: int) -> list[float]:
+def time_iterations(
+    comm: Any, xs: list[torch.Tensor], saved: list[torch.Tensor], iters: int
+) -> list[float]:
     """Seconds per iteration on this rank, after a barrier; refills happen outside the timing."""
     cuda = xs[0].device.type == "cuda"
     dist.barrier()
@@ -170,8 +172,9 @@ def memcpy_times(nbytes: int, iters: int, device: torch.device) -> list[float]:
     return times
 
 
-def sweep(comms: list[Any], spec: SweepSpec, rank: int, world: int,
-          device: torch.device) -> dict[str, Any]:
+def sweep(
+    comms: list[Any], spec: SweepSpec, rank: int, world: int, device: torch.device
+) -> dict[str, Any]:
     """Time ``comms[0]`` (and ``comms[1:]`` as baselines, interleaved) at every size.
 
     Returns ``{"rows": one per size, "comm_stats": comms[0]'s counters per iteration}``; a
@@ -199,14 +202,27 @@ def sweep(comms: list[Any], spec: SweepSpec, rank: int, world: int,
                 times[i] += time_iterations(c, xs, saved, spec.iters)
         n_iter = spec.iters * spec.rounds
         st = comm.stats.as_dict()
-        stats.append({"size": nbytes, **{f"{key}_per_iter": st[key] / n_iter
-                                         for key in ("calls", "collectives", "wire_bytes")}})
+        stats.append(
+            {
+                "size": nbytes,
+                **{
+                    f"{key}_per_iter": st[key] / n_iter
+                    for key in ("calls", "collectives", "wire_bytes")
+                },
+            }
+        )
         med = slowest_rank_median(times[0], device)
         algbw = nbytes * k / med / 1e9 if med > 0 else float("nan")
-        row = {"size": nbytes, "count": count, "type": str(spec.dtype).removeprefix("torch."),
-               "redop": "sum", "time_us": round(med * 1e6, 3), "algbw_gbps": _sig(algbw),
-               "busbw_gbps": _sig(busbw_gbps(world, nbytes * k, med)),
-               "wrong": _count_wrong(comms, xs, saved, world, device)}
+        row = {
+            "size": nbytes,
+            "count": count,
+            "type": str(spec.dtype).removeprefix("torch."),
+            "redop": "sum",
+            "time_us": round(med * 1e6, 3),
+            "algbw_gbps": _sig(algbw),
+            "busbw_gbps": _sig(busbw_gbps(world, nbytes * k, med)),
+            "wrong": _count_wrong(comms, xs, saved, world, device),
+        }
         if len(comms) > 1:
             base = slowest_rank_median(times[1], device)
             row["baseline_time_us"] = round(base * 1e6, 3)
@@ -219,8 +235,13 @@ def sweep(comms: list[Any], spec: SweepSpec, rank: int, world: int,
     return {"rows": rows, "comm_stats": stats}
 
 
-def _count_wrong(comms: list[Any], xs: list[torch.Tensor], saved: list[torch.Tensor],
-                 world: int, device: torch.device) -> int:
+def _count_wrong(
+    comms: list[Any],
+    xs: list[torch.Tensor],
+    saved: list[torch.Tensor],
+    world: int,
+    device: torch.device,
+) -> int:
     """Elements differing from the exact sum after one more burst per communicator, max over
     ranks. Tensor ``j`` of the burst holds :func:`rank_input` with seed ``j``."""
     cuda = device.type == "cuda"

@@ -53,8 +53,12 @@ class ProgressBar(Callback):
         if runner.rank == 0:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=runner.spec.workload.new_tokens, desc=runner.spec.strategy,
-                            unit="tok", leave=False)
+            self.bar = tqdm(
+                total=runner.spec.workload.new_tokens,
+                desc=runner.spec.strategy,
+                unit="tok",
+                leave=False,
+            )
             self.bar.update(1)
 
     def on_decode_step_end(self, runner: Runner, step: int) -> None:
@@ -88,20 +92,35 @@ class Runner:
         if spec.model.checkpoint:
             from framework.model.checkpoint import load_hf_checkpoint
 
-            self.model = load_hf_checkpoint(spec.model.checkpoint, self.comm, self.rank,
-                                            self.world_size, dtype, device,
-                                            num_layers=spec.model.num_layers)
+            self.model = load_hf_checkpoint(
+                spec.model.checkpoint,
+                self.comm,
+                self.rank,
+                self.world_size,
+                dtype,
+                device,
+                num_layers=spec.model.num_layers,
+            )
         else:
             from framework.model import TPLlama
 
-            self.model = TPLlama(model_config(spec.model), self.comm, self.rank,
-                                 self.world_size, dtype, device).init_random(spec.seed)
+            self.model = TPLlama(
+                model_config(spec.model), self.comm, self.rank, self.world_size, dtype, device
+            ).init_random(spec.seed)
         self.prompts = load_prompts(spec, self.model.cfg.vocab_size)
 
     def _generate(self, new_tokens: int, **hooks: Any):
         w = self.spec.workload
-        return generate(self.model, self.prompts, new_tokens, micro_batches=w.micro_batches,
-                        temperature=w.temperature, top_k=w.top_k, seed=self.spec.seed, **hooks)
+        return generate(
+            self.model,
+            self.prompts,
+            new_tokens,
+            micro_batches=w.micro_batches,
+            temperature=w.temperature,
+            top_k=w.top_k,
+            seed=self.spec.seed,
+            **hooks,
+        )
 
     def warmup(self) -> None:
         if self.spec.workload.warmup_tokens:
@@ -132,15 +151,19 @@ class Runner:
             self.fabric.call("on_decode_step_end", runner=self, step=step)
 
         dist.barrier()
-        with profiled(self.spec.profile, self.spec.out_dir, self.rank,
-                      self.fabric.device.type == "cuda"):
+        with profiled(
+            self.spec.profile, self.spec.out_dir, self.rank, self.fabric.device.type == "cuda"
+        ):
             t0 = time.perf_counter()
-            out = self._generate(self.spec.workload.new_tokens, on_prefill_end=prefill_end,
-                                 on_step_end=step_end)
+            out = self._generate(
+                self.spec.workload.new_tokens, on_prefill_end=prefill_end, on_step_end=step_end
+            )
             self.comm.flush()
         end = self.comm.stats.as_dict()
-        decode = {k: end[k] - snap.get(k, 0) for k in ("calls", "collectives", "bytes",
-                                                         "wire_bytes", "wait_s")}
+        decode = {
+            k: end[k] - snap.get(k, 0)
+            for k in ("calls", "collectives", "bytes", "wire_bytes", "wait_s")
+        }
         return {
             "ttft_s": stamps[0] - t0,
             "itl_s": [b - a for a, b in pairwise(stamps)],
@@ -153,8 +176,11 @@ class Runner:
             # resident memory from the end of prefill to the end of decode: a leak shows here
             "rss_growth": (_rss_bytes() - rss[0]) / rss[0] if rss[0] else 0.0,
             "pending_max": max(pending, default=0),
-            "extra": {k: v for k, v in end.items() if k not in decode
-                      and k not in ("buffer_allocs", "buffer_reuses")},
+            "extra": {
+                k: v
+                for k, v in end.items()
+                if k not in decode and k not in ("buffer_allocs", "buffer_reuses")
+            },
             "tokens": out.tokens,
             "prompt_tokens": sum(len(p) for p in self.prompts),
         }
@@ -173,8 +199,7 @@ class Runner:
             dist.all_gather_object(per_rank, mine)
             results = summarize(self.spec, per_rank)
             self.fabric.call("on_run_end", runner=self, results=results)
-            self.fabric.log_dict({k: v for k, v in results.items()
-                                  if isinstance(v, int | float)})
+            self.fabric.log_dict({k: v for k, v in results.items() if isinstance(v, int | float)})
             for lg in self.fabric.loggers:
                 lg.finalize("success")
             return results
@@ -260,8 +285,12 @@ def _rank_main(fabric: Any, spec: RunSpec) -> dict[str, Any]:
     return Runner(fabric, spec).run()
 
 
-def launch(spec: RunSpec, callbacks: list[Callback] | None = None,
-           loggers: list[Any] | None = None, progress: bool = True) -> dict[str, Any]:
+def launch(
+    spec: RunSpec,
+    callbacks: list[Callback] | None = None,
+    loggers: list[Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Validate ``spec`` and run it on ``spec.parallel.world_size`` ranks; rank 0's results."""
     validate_run(spec)
     cbs = list(callbacks or []) + ([ProgressBar()] if progress else [])

@@ -93,10 +93,14 @@ def load_prompts(spec: RunSpec, vocab_size: int) -> list[list[int]]:
     if w.prompts:
         with open(w.prompts) as f:
             prompts = json.load(f)
-        if not (isinstance(prompts, list) and prompts
-                and all(isinstance(p, list) and p for p in prompts)):
-            raise ConfigError(f"workload.prompts: {w.prompts} must hold a JSON list of "
-                              "non-empty token-id lists")
+        if not (
+            isinstance(prompts, list)
+            and prompts
+            and all(isinstance(p, list) and p for p in prompts)
+        ):
+            raise ConfigError(
+                f"workload.prompts: {w.prompts} must hold a JSON list of non-empty token-id lists"
+            )
         return prompts
     g = torch.Generator().manual_seed(spec.seed)
     return torch.randint(1, vocab_size, (w.batch_size, w.prompt_len), generator=g).tolist()
@@ -111,12 +115,19 @@ def strategy_problems(name: str, options: dict[str, Any]) -> list[str]:
     known = strategy_options(name)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        problems.append(f"strategy {name!r} has no option(s) {unknown}; its options are "
-                        f"{sorted(known)}")
+        problems.append(
+            f"strategy {name!r} has no option(s) {unknown}; its options are {sorted(known)}"
+        )
     for k, v in options.items():
         d = known.get(k)
-        if (isinstance(v, int | float) and not isinstance(v, bool) and isinstance(d, int | float)
-                and not isinstance(d, bool) and d > 0 and v <= 0):
+        if (
+            isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and isinstance(d, int | float)
+            and not isinstance(d, bool)
+            and d > 0
+            and v <= 0
+        ):
             problems.append(f"strategy.{k} must be > 0, got {v}")
     inner = options.get("inner")
     if inner is not None and inner not in strategies:
@@ -137,8 +148,10 @@ def parallel_problems(p: ParallelSpec) -> list[str]:
     if backend not in ("gloo", "nccl"):
         problems.append(f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")
     elif backend == "nccl" and torch.cuda.device_count() < max(p.world_size, 1):
-        problems.append(f"parallel.backend=nccl needs {p.world_size} CUDA devices, this host "
-                        f"has {torch.cuda.device_count()}")
+        problems.append(
+            f"parallel.backend=nccl needs {p.world_size} CUDA devices, this host "
+            f"has {torch.cuda.device_count()}"
+        )
     return problems
 
 
@@ -150,8 +163,10 @@ def validate_run(spec: RunSpec) -> ModelConfig:
         if getattr(w, name) <= 0:
             problems.append(f"workload.{name} must be > 0, got {getattr(w, name)}")
     if w.micro_batches > w.batch_size > 0:
-        problems.append(f"workload.micro_batches={w.micro_batches} is larger than "
-                        f"workload.batch_size={w.batch_size}")
+        problems.append(
+            f"workload.micro_batches={w.micro_batches} is larger than "
+            f"workload.batch_size={w.batch_size}"
+        )
     if w.warmup_tokens < 0 or w.temperature < 0 or w.top_k < 0:
         problems.append("workload.warmup_tokens, temperature and top_k must be >= 0")
     if spec.fault.kind not in KINDS:
@@ -175,9 +190,13 @@ def validate_run(spec: RunSpec) -> ModelConfig:
         raise ConfigError(f"invalid run configuration: {e}") from e
     longest = max(len(q) for q in prompts)
     if longest + w.new_tokens > cfg.max_seq_len:
-        raise ConfigError(f"invalid run configuration: prompt length {longest} + new_tokens "
-                          f"{w.new_tokens} exceeds the model context {cfg.max_seq_len}")
+        raise ConfigError(
+            f"invalid run configuration: prompt length {longest} + new_tokens "
+            f"{w.new_tokens} exceeds the model context {cfg.max_seq_len}"
+        )
     if w.micro_batches > len(prompts):
-        raise ConfigError(f"invalid run configuration: micro_batches={w.micro_batches} is "
-                          f"larger than the {len(prompts)} prompts")
+        raise ConfigError(
+            f"invalid run configuration: micro_batches={w.micro_batches} is "
+            f"larger than the {len(prompts)} prompts"
+        )
     return cfg

@@ -54,9 +54,11 @@ def _opened(name: str, options: dict[str, Any], **extra: Any) -> Iterator[Commun
 def _expect_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
         bad = (got.to(torch.float64) != want.to(torch.float64)).nonzero()[:5].flatten().tolist()
-        raise AssertionError(f"{what}: result differs from the exact sum (first bad index "
-                             f"{bad}, got {got.flatten()[:4].tolist()}, "
-                             f"want {want.flatten()[:4].tolist()})")
+        raise AssertionError(
+            f"{what}: result differs from the exact sum (first bad index "
+            f"{bad}, got {got.flatten()[:4].tolist()}, "
+            f"want {want.flatten()[:4].tolist()})"
+        )
 
 
 @check
@@ -70,12 +72,16 @@ def exact_sums(name: str, options: dict[str, Any]) -> None:
                 seed = numel + 97 * k
                 x = rank_input(seed, rank, numel, dtype)
                 got = comm.all_reduce(x).wait()
-                _expect_equal(got, expected_sum(seed, world, numel, dtype),
-                              f"{dtype} numel {numel}")
+                _expect_equal(
+                    got, expected_sum(seed, world, numel, dtype), f"{dtype} numel {numel}"
+                )
         lib = rank_input(5, rank, 1000, torch.int64)
         dist.all_reduce(lib)
-        _expect_equal(comm.all_reduce(rank_input(5, rank, 1000, torch.int64)).wait(), lib,
-                      "against torch.distributed.all_reduce")
+        _expect_equal(
+            comm.all_reduce(rank_input(5, rank, 1000, torch.int64)).wait(),
+            lib,
+            "against torch.distributed.all_reduce",
+        )
 
 
 @check
@@ -84,8 +90,9 @@ def float_order(name: str, options: dict[str, Any]) -> None:
     rank, world = _me()
     with _opened(name, options) as comm:
         for numel in (5, 10_001):
-            xs = [torch.randn(numel, generator=torch.Generator().manual_seed(r))
-                  for r in range(world)]
+            xs = [
+                torch.randn(numel, generator=torch.Generator().manual_seed(r)) for r in range(world)
+            ]
             got = comm.all_reduce(xs[rank].clone()).wait()
             ref = sum(x.double() for x in xs)
             # any summation order of p float32 terms is within (p-1)*eps*sum|x| of the exact sum
@@ -103,8 +110,14 @@ def handles_in_flight(name: str, options: dict[str, Any]) -> None:
     """Several handles in flight, mixed dtypes, waited out of order; writing results is safe."""
     rank, world = _me()
     with _opened(name, options) as comm:
-        specs = [(31, torch.float32), (1024, torch.int64), (3, torch.bfloat16),
-                 (5000, torch.float32), (17, torch.int32), (1, torch.float16)]
+        specs = [
+            (31, torch.float32),
+            (1024, torch.int64),
+            (3, torch.bfloat16),
+            (5000, torch.float32),
+            (17, torch.int32),
+            (1, torch.float16),
+        ]
         handles = [comm.all_reduce(rank_input(i, rank, n, dt)) for i, (n, dt) in enumerate(specs)]
         for i in reversed(range(len(specs))):
             n, dt = specs[i]
@@ -116,8 +129,11 @@ def handles_in_flight(name: str, options: dict[str, Any]) -> None:
             b = comm.all_reduce(rank_input(50 + i, rank, 64, torch.float32))
             ya = a.wait()
             ya.zero_()
-            _expect_equal(b.wait(), expected_sum(50 + i, world, 64, torch.float32),
-                          "result after the caller overwrote an earlier one")
+            _expect_equal(
+                b.wait(),
+                expected_sum(50 + i, world, 64, torch.float32),
+                "result after the caller overwrote an earlier one",
+            )
         if comm.pending:
             raise AssertionError(f"{comm.pending} handles still pending after every wait")
 
@@ -128,14 +144,19 @@ def flush_semantics(name: str, options: dict[str, Any]) -> None:
     rank, world = _me()
     with _opened(name, options) as comm:
         comm.flush()
-        hs = [comm.all_reduce(rank_input(60 + i, rank, 100 * (i + 1), torch.float32))
-              for i in range(3)]
+        hs = [
+            comm.all_reduce(rank_input(60 + i, rank, 100 * (i + 1), torch.float32))
+            for i in range(3)
+        ]
         comm.flush()
         if comm.pending or not all(h.done for h in hs):
             raise AssertionError("flush() left handles pending")
         for i, h in enumerate(hs):
-            _expect_equal(h.wait(), expected_sum(60 + i, world, 100 * (i + 1), torch.float32),
-                          "result after flush")
+            _expect_equal(
+                h.wait(),
+                expected_sum(60 + i, world, 100 * (i + 1), torch.float32),
+                "result after flush",
+            )
         comm.flush()
 
 
@@ -159,8 +180,10 @@ def bounded_loop(name: str, options: dict[str, Any]) -> None:
         if comm.stats.calls != 1000:
             raise AssertionError(f"stats.calls is {comm.stats.calls}, expected 1000")
         if comm.stats.buffer_allocs != allocs_after_warmup:
-            raise AssertionError(f"buffers keep being allocated: {allocs_after_warmup} after "
-                                 f"warm-up, {comm.stats.buffer_allocs} at the end")
+            raise AssertionError(
+                f"buffers keep being allocated: {allocs_after_warmup} after "
+                f"warm-up, {comm.stats.buffer_allocs} at the end"
+            )
 
 
 @check
@@ -195,10 +218,12 @@ def bad_input(name: str, options: dict[str, Any]) -> None:
     """Clear errors on the calling rank, before anything goes on the wire."""
     with _opened(name, options) as comm:
         _expect_comm_error(lambda: comm.all_reduce(torch.ones(4, 4).t()), name, "non-contiguous")
-        _expect_comm_error(lambda: comm.all_reduce(torch.ones(4, device="meta")), name,
-                           "wrong device")
-        _expect_comm_error(lambda: comm.all_reduce(torch.ones(4, dtype=torch.complex64)), name,
-                           "unsupported dtype")
+        _expect_comm_error(
+            lambda: comm.all_reduce(torch.ones(4, device="meta")), name, "wrong device"
+        )
+        _expect_comm_error(
+            lambda: comm.all_reduce(torch.ones(4, dtype=torch.complex64)), name, "unsupported dtype"
+        )
         _expect_comm_error(lambda: comm.all_reduce([1.0]), name, "not a tensor")
     _expect_comm_error(lambda: comm.all_reduce(torch.ones(4)), name, "use after close()")
 
@@ -212,11 +237,13 @@ def validate_mismatch(name: str, options: dict[str, Any]) -> None:
         if world == 1:
             return
         n = 8 if rank == 0 else 9
-        msg = _expect_comm_error(lambda: comm.all_reduce(torch.ones(n)).wait(), name,
-                                 "shape mismatch with validate=True")
+        msg = _expect_comm_error(
+            lambda: comm.all_reduce(torch.ones(n)).wait(), name, "shape mismatch with validate=True"
+        )
         if "ranks [0, 1" not in msg:
             raise AssertionError(f"mismatch error does not name the ranks: {msg}")
     with _opened(name, options, validate=True) as comm:
+
         def extra_call() -> None:
             if rank == world - 1:
                 comm.all_reduce(torch.ones(2)).wait()
@@ -225,8 +252,9 @@ def validate_mismatch(name: str, options: dict[str, Any]) -> None:
         _expect_comm_error(extra_call, name, "extra all_reduce on one rank with validate=True")
 
 
-def run_checks(name: str, options: dict[str, Any] | None = None,
-               checks: list[str] | None = None) -> list[str]:
+def run_checks(
+    name: str, options: dict[str, Any] | None = None, checks: list[str] | None = None
+) -> list[str]:
     """Run the kit's checks on this rank (call on every rank); return the names that passed."""
     options = dict(options or {})
     passed = []
@@ -234,14 +262,17 @@ def run_checks(name: str, options: dict[str, Any] | None = None,
         try:
             CHECKS[check_name](name, options)
         except Exception as e:
-            raise AssertionError(f"strategy {name!r} failed check {check_name!r} on rank "
-                                 f"{dist.get_rank()} of {dist.get_world_size()}: {e}") from e
+            raise AssertionError(
+                f"strategy {name!r} failed check {check_name!r} on rank "
+                f"{dist.get_rank()} of {dist.get_world_size()}: {e}"
+            ) from e
         passed.append(check_name)
     return passed
 
 
-def check_strategy(name: str, world_sizes: tuple[int, ...] = (1, 2, 3, 4),
-                   timeout_s: float = 300.0, **options: Any) -> None:
+def check_strategy(
+    name: str, world_sizes: tuple[int, ...] = (1, 2, 3, 4), timeout_s: float = 300.0, **options: Any
+) -> None:
     """Spawn ranks for each world size and run every check on ``name``; raise on failure."""
     from framework.testing.rankpool import RankPool
 
@@ -255,8 +286,11 @@ def check_strategy(name: str, world_sizes: tuple[int, ...] = (1, 2, 3, 4),
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m framework.testing", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m framework.testing",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("strategy")
     ap.add_argument("--world-sizes", default="1,2,3,4")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")

@@ -28,8 +28,16 @@ import torch.multiprocessing as mp
 from framework.run.faults import RankFailure
 
 
-def _worker(rank: int, world: int, store: str, tasks, results, stack_dir: str,
-            pg_timeout_s: float, env: dict[str, str]) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    store: str,
+    tasks,
+    results,
+    stack_dir: str,
+    pg_timeout_s: float,
+    env: dict[str, str],
+) -> None:
     os.environ.update(env)
     import torch
     import torch.distributed as dist
@@ -37,8 +45,13 @@ def _worker(rank: int, world: int, store: str, tasks, results, stack_dir: str,
     torch.set_num_threads(1)
     stack_file = open(Path(stack_dir) / f"rank{rank}.stack", "w")  # noqa: SIM115 (lives on)
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=pg_timeout_s))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=pg_timeout_s),
+    )
     while True:
         task = tasks.get()
         if task is None:
@@ -52,8 +65,9 @@ def _worker(rank: int, world: int, store: str, tasks, results, stack_dir: str,
 
 
 class RankPool:
-    def __init__(self, world_size: int, *, pg_timeout_s: float = 30.0,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, world_size: int, *, pg_timeout_s: float = 30.0, env: dict[str, str] | None = None
+    ) -> None:
         self.world_size = world_size
         self._tmp = tempfile.TemporaryDirectory(prefix="commlab-pool-")
         store = os.path.join(self._tmp.name, "store")
@@ -62,17 +76,30 @@ class RankPool:
         self._results = ctx.Queue()
         env = {"OMP_NUM_THREADS": "1", **(env or {})}
         self._procs = [
-            ctx.Process(target=_worker, daemon=True, name=f"commlab-rank{r}",
-                        args=(r, world_size, store, self._tasks[r], self._results,
-                              self._tmp.name, pg_timeout_s, env))
+            ctx.Process(
+                target=_worker,
+                daemon=True,
+                name=f"commlab-rank{r}",
+                args=(
+                    r,
+                    world_size,
+                    store,
+                    self._tasks[r],
+                    self._results,
+                    self._tmp.name,
+                    pg_timeout_s,
+                    env,
+                ),
+            )
             for r in range(world_size)
         ]
         for p in self._procs:
             p.start()
         self.healthy = True
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0,
-            **kwargs: Any) -> list[Any]:
+    def run(
+        self, fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0, **kwargs: Any
+    ) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results in order.
 
         ``fn`` must be importable by name (a module-level function) so it pickles.
@@ -92,8 +119,9 @@ class RankPool:
                 continue
             wait_until = min(deadline, time.monotonic() + 10.0) if failed else deadline
             try:
-                r, ok, val = self._results.get(timeout=max(0.05, min(1.0, wait_until
-                                                                       - time.monotonic())))
+                r, ok, val = self._results.get(
+                    timeout=max(0.05, min(1.0, wait_until - time.monotonic()))
+                )
                 got[r] = (ok, val)
             except queue.Empty:
                 if time.monotonic() >= wait_until:
@@ -106,8 +134,10 @@ class RankPool:
         self.close(force=True)
         lines = [f"{getattr(fn, '__name__', fn)} failed on world size {self.world_size}:"]
         lines += [f"rank {r} raised: {v}" for r, v in sorted(errors.items())]
-        lines += [f"rank {r} hung (no answer within the deadline); its stack:\n{stacks[r]}"
-                  for r in missing]
+        lines += [
+            f"rank {r} hung (no answer within the deadline); its stack:\n{stacks[r]}"
+            for r in missing
+        ]
         raise RankFailure("\n".join(lines))
 
     def _stacks(self, ranks: list[int]) -> dict[int, str]:
