@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,16 +41,34 @@ def run_spec(cfg: DictConfig, out_dir: str) -> RunSpec:
     )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give: 0644 under the usual umask
+
+
 @contextmanager
 def atomic_open(path: str | Path) -> Iterator[IO[str]]:
-    """Write to a temporary file beside ``path``, then rename it over ``path``: a reader (the
-    report) never sees a truncated file, even when the job is killed mid-write."""
+    """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``: a
+    reader (the report) never sees a truncated file, even when the job or the machine dies
+    mid-write. The file gets the usual mode (0644 under umask 022), not mkstemp's 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", newline="") as f:
             yield f
+            f.flush()
+            os.fchmod(f.fileno(), _FILE_MODE)
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a crash
+        finally:
+            os.close(dir_fd)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -79,7 +99,7 @@ class NullTracker:
 
     def attach(self, path: str | Path) -> None: ...
 
-    def finish(self, failed: bool) -> None: ...
+    def finish(self, failed: bool, exit_code: int | None = None) -> None: ...
 
 
 class WandbTracker(NullTracker):
@@ -120,8 +140,8 @@ class WandbTracker(NullTracker):
     def attach(self, path: str | Path) -> None:
         self.run.save(str(path), base_path=self.out_dir, policy="now")
 
-    def finish(self, failed: bool) -> None:
-        self.run.finish(exit_code=1 if failed else 0)
+    def finish(self, failed: bool, exit_code: int | None = None) -> None:
+        self.run.finish(exit_code=exit_code if exit_code is not None else int(failed))
 
 
 def make_tracker(cfg: DictConfig, out_dir: str, job_type: str) -> NullTracker:
@@ -138,6 +158,33 @@ def is_rank_zero() -> bool:
     return not launched_externally() or rank == 0
 
 
+class JobInterrupted(BaseException):
+    """SIGTERM or SIGINT reached the job (a scheduler's preemption, Ctrl-C on a sweep)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`JobInterrupted` while the job runs, so that the
+    job records itself before it dies (only the main thread may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise JobInterrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def run_job(
     cfg: DictConfig,
     job_type: str,
@@ -148,7 +195,11 @@ def run_job(
 
     A failure is recorded as ``status: failed`` with the error, the W&B run is marked failed,
     and the exception propagates so the job exits non-zero (in a multirun, Hydra records the
-    failed job and goes on with the others).
+    failed job and goes on with the others). A job interrupted by SIGTERM or SIGINT is
+    recorded as ``status: killed`` with the signal, its W&B run finished with exit code
+    128 + signal, and the process then dies of that signal, as it would have (its ranks die
+    with it: :mod:`framework.run.lifeline`). Only SIGKILL leaves no record; the report lists
+    such a job directory as ``missing``.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -158,7 +209,25 @@ def run_job(
     tracker = make_tracker(cfg, out_dir, job_type)
     path = Path(out_dir) / result_file
     try:
-        results = {"job_type": job_type, **body(out_dir, tracker)}
+        with _interruptible():
+            results = {"job_type": job_type, **body(out_dir, tracker)}
+    except JobInterrupted as e:
+        name = signal.Signals(e.signum).name
+        killed = {
+            "job_type": job_type,
+            "status": "killed",
+            "signal": name,
+            "error": str(e),
+            "strategy": cfg.strategy.name,
+            "world_size": cfg.parallel.world_size,
+        }
+        write_json_atomic(path, killed)
+        tracker.log(killed)
+        tracker.attach(path)
+        tracker.finish(failed=True, exit_code=128 + e.signum)
+        signal.signal(e.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), e.signum)  # die of the signal, as without the record
+        raise
     except BaseException as e:
         failed = {
             "job_type": job_type,

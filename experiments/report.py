@@ -1,7 +1,8 @@
 """Gather a sweep's jobs into one table and plots: ``python -m experiments.report <dir>``.
 
 Reads every ``*/results.json`` (infer jobs) and ``*/bench.csv`` (bench jobs) under the sweep
-directory, writes ``report.md`` and ``report.csv`` (failed jobs kept and marked), and draws PNGs
+directory, writes ``report.md`` and ``report.csv`` (failed and killed jobs kept and marked, job
+directories without a result listed as ``missing``), and draws PNGs
 with matplotlib: decode tokens/s, inter-token latency and exposed-communication share per
 strategy and world size; all-reduce time and busbw against message size per strategy. Runs by
 itself at the end of every multirun through :class:`ReportCallback` (conf: hydra.callbacks).
@@ -73,13 +74,13 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         except json.JSONDecodeError as e:
             r = {"status": "failed", "error": f"unreadable results.json: {e}"}
         if r.get("job_type") == "bench":
-            if r.get("status") == "failed":
+            if r.get("status") in ("failed", "killed"):
                 bench.append(
                     {
                         "job": _job_name(f, root),
                         "strategy": r.get("strategy"),
                         "world_size": r.get("world_size"),
-                        "mode": "failed",
+                        "mode": r["status"],
                     }
                 )
             continue
@@ -88,7 +89,21 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         with open(f, newline="") as fh:
             for row in csv.DictReader(fh):
                 bench.append({"job": _job_name(f, root), **row})
+    for job in missing_jobs(root):  # killed without a chance to write (SIGKILL, power loss)
+        infer.append(
+            {
+                "job": _job_name(job / "results.json", root),
+                "status": "missing",
+                "error": "no results.json: the job was killed or is still running",
+            }
+        )
     return infer, bench
+
+
+def missing_jobs(root: Path) -> list[Path]:
+    """Hydra job directories (they hold ``.hydra/``) that have no ``results.json``."""
+    jobs = {d.parent for d in root.rglob(".hydra") if "wandb" not in d.relative_to(root).parts}
+    return sorted(j for j in jobs if not (j / "results.json").exists())
 
 
 def _fmt(v: Any) -> str:

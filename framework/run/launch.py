@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessException
 
 from framework.comm.env import launched_externally, ranks_per_node_from_env
+from framework.run import lifeline
 from framework.run.faults import RankFailure
 from framework.run.spec import ConfigError, ParallelSpec, resolve_backend
 
@@ -79,6 +80,7 @@ def launch_ranks(
     if external:
         fabric.launch()
         return fn(fabric, *args)
+    os.environ[lifeline.ENV] = str(os.getpid())  # the ranks spawned now follow this process
     try:
         return fabric.launch(_and_teardown, fn, *args)
     except ProcessException as e:  # one rank died or raised; the others were terminated
@@ -109,6 +111,7 @@ def _and_teardown(fabric: Any, fn: Callable[..., Any], *args: Any) -> Any:
     sure no peer still talks to this rank; on an error the rank just raises (its peers are
     stopped by the launcher, a barrier could only wait for the timeout).
     """
+    lifeline.follow_parent()  # torch armed SIGINT; make it SIGKILL, and check again
     out = fn(fabric, *args)
     if dist.is_initialized():
         dist.barrier()
