@@ -53,7 +53,7 @@ from framework.comm.registry import (
     get_strategy,
 )
 from framework.run.launch import launch_ranks
-from framework.run.measure import RawAllReduce, SweepSpec, bench_sizes, sweep
+from framework.run.measure import RawAllReduce, SweepSpec, background_load, bench_sizes, sweep
 from framework.run.spec import (
     ConfigError,
     ParallelSpec,
@@ -119,6 +119,8 @@ def validate_bench(
         problems.append(f"bench.dtype must be one of {list(BENCH_DTYPES)}, got {b.dtype!r}")
     if b.rounds < 1:
         problems.append(f"bench.rounds must be >= 1, got {b.rounds}")
+    if b.background_load < 0:
+        problems.append(f"bench.background_load must be >= 0, got {b.background_load}")
     if b.baseline is not None and b.baseline != "raw":
         problems += strategy_problems(b.baseline, {})
     problems += parallel_problems(parallel) + strategy_problems(name, opts)
@@ -240,9 +242,10 @@ def main(cfg: DictConfig) -> float:
         bench = BenchSpec(**OmegaConf.to_container(cfg.bench, resolve=True))
         parallel = ParallelSpec(**OmegaConf.to_container(cfg.parallel, resolve=True))
         validate_bench(name, opts, bench, parallel)
-        out = launch_ranks(
-            _rank_bench, parallel, name, opts, bench, parallel, bool(cfg.profile), out_dir
-        )
+        with background_load(bench.background_load):
+            out = launch_ranks(
+                _rank_bench, parallel, name, opts, bench, parallel, bool(cfg.profile), out_dir
+            )
         mode, tensors = mode_name(bench.many_small), bench.many_small
         rows = [
             {
@@ -266,6 +269,8 @@ def main(cfg: DictConfig) -> float:
                 f"\n# baseline: {bench.baseline} (same run, {bench.rounds} interleaved "
                 f"rounds; speedup = baseline time / time)"
             )
+        if bench.background_load:
+            title += f"\n# background load: {bench.background_load} busy process(es) on the host"
         print(format_table(rows, title), flush=True)
         write_csv(csv_path, rows)
         tracker.log_table("allreduce", rows)

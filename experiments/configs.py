@@ -26,6 +26,7 @@ class BenchSpec:
     baseline: str | None = None  # a strategy name, or "raw": timed in the same run, interleaved
     rounds: int = 1  # alternate strategy and baseline this many times per size
     memcpy: bool = False  # also time a single-core copy of each size (the memory limit)
+    background_load: int = 0  # busy processes running on the host during the measurement
 
 
 def register_configs() -> None:

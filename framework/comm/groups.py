@@ -15,6 +15,7 @@ on the default group object itself, never on its ``id``, which a new group can r
 
 from __future__ import annotations
 
+import atexit
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -48,3 +49,12 @@ def release_group(
     ranks: list[int], backend: str, timeout_s: float, group: dist.ProcessGroup
 ) -> None:
     _free.setdefault(_key(ranks, backend, timeout_s), []).append(group)
+
+
+@atexit.register
+def forget_groups() -> None:
+    """Drop every cached group (and the default group held as the cache's key). Called before
+    ``destroy_process_group`` and at exit, so that no process group outlives the interpreter's
+    orderly shutdown: one destroyed during module teardown can abort the process (SIGABRT)."""
+    _free.clear()
+    _world[0] = None

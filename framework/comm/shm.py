@@ -22,8 +22,11 @@ writes its slot only after every rank finished reducing (the "reduced" barrier) 
 result only after every rank arrived again, i.e. finished copying the previous result out.
 Each result element is computed once, so every rank receives the same bits. Messages larger
 than one chunk are bandwidth-bound and take ``_round_large``, which moves about a quarter fewer
-bytes (only the slices other ranks reduce are copied in; a rank sums its own slice in place).
-A one-chunk message, the decode case, reuses views cached per (dtype, shape): on this VM every
+bytes (only the slices other ranks reduce are copied in; a rank reads its own term from its
+input), summing in the same rank order, so results do not depend on ``chunk_bytes``. With each
+arrival a rank publishes (op, dtype, element count) beside its counter and every rank compares
+them after the barrier: ranks that disagree get a ``CommError`` naming what each one sent,
+never a silent wrong sum. A one-chunk message, the decode case, reuses views cached per (dtype, shape): on this VM every
 tensor slice costs microseconds, as much as the whole exchange.
 
 Memory ordering: a counter is raised by a plain 8-byte store after the data stores, and read by
@@ -35,14 +38,18 @@ other architectures rather than risk torn reads.
 Waiting: spin on the counters for a short while, then ``sched_yield`` (which also releases the
 GIL for a progress thread's caller), then sleep in 50 us steps, so that more ranks than cores
 (world size 4 on 2 cores) still make progress. A waiter checks the time and its peers' pids
-every few milliseconds: a dead peer or the timeout becomes a ``CommError`` naming the ranks.
+every few milliseconds: a dead (or zombie) peer or the timeout becomes a ``CommError`` naming
+the ranks. The timeout runs once per collective, from its first stall.
 
-Lifetime: rank 0 creates the file under ``/dev/shm`` with a name unique to its pid, the others
+Lifetime: rank 0 creates the file under ``/dev/shm`` (named after its uid and pid), reserves
+its memory (``posix_fallocate``: a full ``/dev/shm`` is an error at set-up on every rank, not a
+SIGBUS at first touch), the others
 map it, and after a barrier rank 0 unlinks it. From then on the segment has no name: the kernel
 frees it when the last rank unmaps it or dies, so nothing is left behind by ``close()``, normal
 exit or a crash of any rank. A crash inside the short setup window leaves a named file; an
-``atexit`` hook removes it on normal exit, and every new segment first removes ``commlab-shm-*``
-files whose creating process no longer exists (stale segments from an earlier crash).
+``atexit`` hook removes it on normal exit, and every new segment first removes this user's
+``commlab-shm-<uid>-*`` files whose creating process no longer exists (stale segments from an
+earlier crash); other users' files in the shared ``/dev/shm`` are never touched.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessException
 
 from framework.comm.env import launched_externally, ranks_per_node_from_env
+from framework.comm.groups import forget_groups
 from framework.run import lifeline
 from framework.run.faults import RankFailure
 from framework.run.spec import ConfigError, ParallelSpec, resolve_backend
@@ -115,5 +116,6 @@ def _and_teardown(fabric: Any, fn: Callable[..., Any], *args: Any) -> Any:
     out = fn(fabric, *args)
     if dist.is_initialized():
         dist.barrier()
+        forget_groups()
         dist.destroy_process_group()
     return out

@@ -21,6 +21,16 @@ _PR_SET_PDEATHSIG = 1
 _launcher: list[int] = []  # the pid read from ENV (which is then removed: not inherited)
 
 
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux; else nothing)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: callers check the parent themselves
+            pass
+
+
 def follow_parent() -> None:
     """In a rank spawned by :func:`framework.run.launch.launch_ranks`: die with the launcher."""
     if not _launcher:
@@ -30,11 +40,6 @@ def follow_parent() -> None:
                 os.environ[ENV] = want
             return
         _launcher.append(int(want))
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl: the check below still sees a dead parent
-            pass
+    die_with_parent()
     if os.getppid() != _launcher[0]:  # the launcher died before the signal was armed
         os._exit(1)

@@ -12,7 +12,11 @@ against (a completed handle, a communicator that communicates nothing, the bare 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -23,6 +27,7 @@ import torch.distributed as dist
 from framework.comm.communicator import CommStats
 from framework.costmodel import busbw_gbps
 from framework.run.inputs import expected_sum, rank_input
+from framework.run.lifeline import die_with_parent
 
 
 def bench_sizes(min_bytes: int, max_bytes: int, factor: int, elem_size: int) -> list[int]:
@@ -257,3 +262,20 @@ def _count_wrong(
 def _sig(x: float) -> float:
     """Six significant digits: far below timing noise, and the CSV and report stay readable."""
     return float(f"{x:.6g}")
+
+
+@contextmanager
+def background_load(n: int) -> Iterator[list[int]]:
+    """``n`` processes that each keep a core busy while the body runs: a host that is not
+    idle, as a user's rarely is (parallel sweep jobs, a build, another user). They are killed
+    on exit, and by the kernel if this process dies first."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=die_with_parent)
+        for _ in range(n)
+    ]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -24,6 +24,7 @@ from framework.comm.registry import build_communicator
 from framework.model.generate import generate
 from framework.run.faults import FaultInjector
 from framework.run.launch import launch_ranks
+from framework.run.measure import background_load
 from framework.run.spec import (
     DTYPES,
     RunSpec,
@@ -255,6 +256,7 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "num_layers": spec.model.num_layers,
         "batch_size": batch,
         "micro_batches": w.micro_batches,
+        "background_load": w.background_load,
         "new_tokens": w.new_tokens,
         "ttft_s": ttft,
         "prefill_tokens_per_s": r0["prompt_tokens"] / ttft if ttft else float("nan"),
@@ -296,4 +298,5 @@ def launch(
     cbs = list(callbacks or []) + ([ProgressBar()] if progress else [])
     if spec.fault.kind != "none":
         cbs.append(FaultInjector(spec.fault))
-    return launch_ranks(_rank_main, spec.parallel, spec, callbacks=cbs, loggers=loggers)
+    with background_load(spec.workload.background_load):
+        return launch_ranks(_rank_main, spec.parallel, spec, callbacks=cbs, loggers=loggers)

@@ -42,6 +42,7 @@ class WorkloadSpec:
     temperature: float = 0.0
     top_k: int = 0
     warmup_tokens: int = 2
+    background_load: int = 0  # busy processes on the host during the run (a loaded host)
 
 
 @dataclass
@@ -167,8 +168,10 @@ def validate_run(spec: RunSpec) -> ModelConfig:
             f"workload.micro_batches={w.micro_batches} is larger than "
             f"workload.batch_size={w.batch_size}"
         )
-    if w.warmup_tokens < 0 or w.temperature < 0 or w.top_k < 0:
-        problems.append("workload.warmup_tokens, temperature and top_k must be >= 0")
+    if w.warmup_tokens < 0 or w.temperature < 0 or w.top_k < 0 or w.background_load < 0:
+        problems.append(
+            "workload.warmup_tokens, temperature, top_k and background_load must be >= 0"
+        )
     if spec.fault.kind not in KINDS:
         problems.append(f"fault.kind must be one of {KINDS}, got {spec.fault.kind!r}")
     if spec.model.dtype not in DTYPES:

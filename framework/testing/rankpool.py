@@ -42,6 +42,8 @@ def _worker(
     import torch
     import torch.distributed as dist
 
+    from framework.comm.groups import forget_groups
+
     torch.set_num_threads(1)
     stack_file = open(Path(stack_dir) / f"rank{rank}.stack", "w")  # noqa: SIM115 (lives on)
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
@@ -61,6 +63,7 @@ def _worker(
             results.put((rank, True, fn(*args, **kwargs)))
         except BaseException as e:  # report everything, including assertion failures
             results.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    forget_groups()
     dist.destroy_process_group()
 
 
