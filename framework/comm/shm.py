@@ -26,8 +26,8 @@ bytes (only the slices other ranks reduce are copied in; a rank reads its own te
 input), summing in the same rank order, so results do not depend on ``chunk_bytes``. With each
 arrival a rank publishes (op, dtype, element count) beside its counter and every rank compares
 them after the barrier: ranks that disagree get a ``CommError`` naming what each one sent,
-never a silent wrong sum. A one-chunk message, the decode case, reuses views cached per (dtype, shape): on this VM every
-tensor slice costs microseconds, as much as the whole exchange.
+never a silent wrong sum. A one-chunk message, the decode case, reuses views cached per
+(dtype, shape): on this VM every tensor slice costs microseconds, as much as the whole exchange.
 
 Memory ordering: a counter is raised by a plain 8-byte store after the data stores, and read by
 a plain load before the data loads (through a ``memoryview`` of the mapping: about 50 ns per
@@ -35,11 +35,15 @@ access from Python, where a numpy or torch element access costs microseconds). T
 on x86-64 (total store order; aligned 8-byte accesses are atomic) and the transport refuses
 other architectures rather than risk torn reads.
 
-Waiting: spin on the counters for a short while, then ``sched_yield`` (which also releases the
-GIL for a progress thread's caller), then sleep in 50 us steps, so that more ranks than cores
-(world size 4 on 2 cores) still make progress. A waiter checks the time and its peers' pids
-every few milliseconds: a dead (or zombie) peer or the timeout becomes a ``CommError`` naming
-the ranks. The timeout runs once per collective, from its first stall.
+Waiting: spin on the counters for a few microseconds; then look where the awaited peer runs
+(``/proc/<pid>/stat``, one ``pread``). If it is queued on this rank's own CPU (more ranks than
+free cores: world size 4 on 2 cores, or a busy neighbour), yield to it at once; otherwise it
+runs elsewhere, so spin up to 1 ms and then sleep in 50 us steps. Yielding early to a peer
+that does not share the CPU would hand the CPU to whatever else is queued there (a busy
+background process) for a whole time slice: that was the old policy's loss under load. A
+waiter checks the time and its peers' pids every few milliseconds: a dead (or zombie) peer or
+the timeout becomes a ``CommError`` naming the ranks. The timeout runs once per collective,
+from its first stall.
 
 Lifetime: rank 0 creates the file under ``/dev/shm`` (named after its uid and pid), reserves
 its memory (``posix_fallocate``: a full ``/dev/shm`` is an error at set-up on every rank, not a
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import mmap
 import os
 import platform
@@ -75,10 +80,24 @@ PREFIX = "commlab-shm-"
 _LINE = 64  # bytes per counter: one cache line
 _STRIDE = _LINE // 8  # int64 slots per counter
 _ARRIVED, _REDUCED = 0, 1
-_SPINS = 64  # polls before the first yield
-_YIELD_S = 1e-3  # after this long, sleep instead of yielding
+_SPINS = 64  # polls before the slow wait (it costs a /proc read)
+_SPIN_S = 1e-3  # a peer running on another CPU: spin this long, then sleep
+_SLEEP_S = 50e-6  # sleep step after that
+_WHERE_S = 200e-6  # how often a waiter re-reads which CPU its peer last ran on
 _CHECK_S = 5e-3  # how often a waiter checks the clock and its peers' pids
 _created: set[Path] = set()  # named files this process created and has not unlinked yet
+
+
+def _libc_sched_getcpu():
+    try:
+        fn = ctypes.CDLL(None).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sched_getcpu = _libc_sched_getcpu()  # the CPU this thread runs on (vDSO: ~0.1 us)
 _OP_ALL_REDUCE, _OP_BROADCAST = 1, 2
 _OP_NAMES = {_OP_ALL_REDUCE: "all_reduce", _OP_BROADCAST: "broadcast"}
 _DTYPES = [
@@ -263,6 +282,7 @@ class ShmSegment:
         self._pids_at = 2 * p * _LINE // 8
         self._flags[self._pids_at + self.rank] = os.getpid()
         self._plans: dict[tuple, tuple] = {}
+        self._stat_fds: dict[int, int] = {}  # peer rank -> open /proc/<pid>/stat
         self._data = torch.frombuffer(
             self._mm, dtype=torch.uint8, offset=head, count=(p + 1) * capacity
         )
@@ -379,6 +399,10 @@ class ShmSegment:
         if self._mm is None:
             return
         self._plans.clear()
+        for fd in self._stat_fds.values():
+            if fd >= 0:
+                os.close(fd)
+        self._stat_fds.clear()
         self._data = None
         self._flags.release()
         with contextlib.suppress(BufferError):  # a view is still held: the GC unmaps it later
@@ -426,22 +450,50 @@ class ShmSegment:
                 raise ShmError(f"rank {self.rank}: {self._broken}")
 
     def _wait_slow(self, phase: int, j: int, i: int, g: int) -> None:
-        """Yield, then sleep, until the counter reaches ``g``. The timeout runs from the first
-        slow wait of the current collective, not per peer or per phase, so a collective
-        fails within ``timeout_s`` + ``_CHECK_S`` + one sleep step of its first stall."""
+        """Wait until rank ``j``'s counter reaches ``g``, without taking the CPU it needs.
+
+        If ``j`` last ran on this rank's CPU it is queued behind this rank (more ranks than
+        free cores, or a busy neighbour): yield to it at once. Otherwise it runs elsewhere and
+        arrives soon: spin up to ``_SPIN_S`` (a yield here would hand this CPU to whatever
+        else is queued on it, for a whole time slice), then sleep in short steps. Where the
+        peer runs is re-read every ``_WHERE_S``. The timeout runs from the first slow wait of
+        the current collective, not per peer or per phase, so a collective fails within
+        ``timeout_s`` + ``_CHECK_S`` + one sleep step of its first stall."""
         flags = self._flags
-        t0 = last = time.perf_counter()
+        t0 = last = where = time.perf_counter()
         if self._waiting_since is None:
             self._waiting_since = t0
+        queued = self._queued_behind_me(j)
         while flags[i] < g:
             now = time.perf_counter()
-            if now - t0 < _YIELD_S:
+            if now - where >= _WHERE_S:
+                where = now
+                queued = self._queued_behind_me(j)
+            if queued:
                 os.sched_yield()
-            else:
-                time.sleep(50e-6)
+            elif now - t0 >= _SPIN_S:
+                time.sleep(_SLEEP_S)
             if now - last >= _CHECK_S:
                 last = now
                 self._check_peers(phase, g, now - self._waiting_since)
+
+    def _queued_behind_me(self, j: int) -> bool:
+        """Whether rank ``j`` waits to run on the CPU this rank is running on (its state is
+        runnable and its last CPU is mine): ``/proc/<pid>/stat``, read with one ``pread``."""
+        fd = self._stat_fds.get(j)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/{self._flags[self._pids_at + j]}/stat", os.O_RDONLY)
+            except OSError:
+                fd = -1
+            self._stat_fds[j] = fd
+        if fd < 0 or _sched_getcpu is None:
+            return False
+        try:
+            fields = os.pread(fd, 1024, 0).rsplit(b")", 1)[-1].split()
+        except OSError:
+            return False
+        return fields[0] == b"R" and int(fields[36]) == _sched_getcpu()
 
     def _check_peers(self, phase: int, g: int, waited: float) -> None:
         flags = [self._flags[self._flag(phase, j)] for j in range(self.world_size)]
