@@ -145,7 +145,7 @@ def _late_peer() -> dict:
     comm = build_communicator("async_overlap", inner="shm", timeout_s=1.0)
     seen = {"inner_timeout": comm.inner.timeout_s, "segment_timeout": comm.inner.segment.timeout_s}
     if dist.get_rank() == 1:
-        time.sleep(3.0)  # three timeouts late
+        time.sleep(2.0)  # two timeouts late
     t0 = time.perf_counter()
     try:
         comm.all_reduce(torch.ones(8)).wait()
@@ -305,20 +305,20 @@ def _alive(pids: set[int]) -> set[int]:
     return {p for p in pids if alive(p)}
 
 
-def _infer(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+def _infer(tmp_path: Path, *overrides: str, wandb: str = "") -> subprocess.Popen:
     """A job that decodes for several seconds: small shapes, 2 layers, 900 new tokens."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": wandb or "disabled"}
     args = [
         "model=small",
         "model.num_layers=2",
         "workload.new_tokens=900",
-        "logger=none",
+        f"logger={'wandb' if wandb else 'none'}",
         "progress=false",
         "parallel.timeout_s=10",
         f"hydra.run.dir={tmp_path}",
     ]
     return subprocess.Popen(
-        [sys.executable, "-m", "experiments.infer", *overrides, *args],
+        [sys.executable, "-m", "experiments.infer", *args, *overrides],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -357,7 +357,7 @@ def test_launcher_killed_while_ranks_import_leaves_no_orphans(tmp_path: Path) ->
 def test_interrupted_job_is_recorded_as_killed(tmp_path: Path, sig: signal.Signals) -> None:
     from experiments.report import collect
 
-    job = _infer(tmp_path / "job", "strategy=naive")
+    job = _infer(tmp_path / "job", "strategy=naive", wandb="offline")
     try:
         steps = tmp_path / "job" / "steps" / "metrics.csv"
         _wait_for(lambda: steps.exists() or job.poll() is not None, 120, "decoding to start")
@@ -370,6 +370,22 @@ def test_interrupted_job_is_recorded_as_killed(tmp_path: Path, sig: signal.Signa
     assert job.returncode == -sig  # it still dies of the signal, as without the record
     res = json.loads((tmp_path / "job" / "results.json").read_text())
     assert res["status"] == "killed" and res["signal"] == sig.name
+    log = next((tmp_path / "job").glob("wandb/offline-run-*/logs/debug.log")).read_text()
+    assert f"got exitcode: {128 + sig}" in log  # the W&B run is finished as killed
     (tmp_path / "other" / ".hydra").mkdir(parents=True)  # a job killed with SIGKILL
     rows = {r["job"]: r["status"] for r in collect(tmp_path)[0]}
     assert rows == {"job": "killed", "other": "missing"}
+
+
+# -- 11. the loaded-host option ---------------------------------------------------------------
+def test_background_load_runs_busy_processes_and_stops_them() -> None:
+    from framework.comm.shm import _alive as alive
+    from framework.run.measure import background_load
+
+    with background_load(2) as pids:
+        assert len(pids) == 2
+        time.sleep(0.3)
+        for pid in pids:  # spinning: runnable and using CPU
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+            assert fields[0] == "R" and int(fields[11]) > 0, fields[:12]
+    assert not any(alive(pid) for pid in pids)
