@@ -41,13 +41,18 @@ def run_spec(cfg: DictConfig, out_dir: str) -> RunSpec:
     )
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file now: 0o666 less the umask (0644 at 022).
 
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give: 0644 under the usual umask
+    Read from ``/proc/self/status``; setting the umask to read it back would race with
+    other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
 
 
 @contextmanager
@@ -61,7 +66,7 @@ def atomic_open(path: str | Path) -> Iterator[IO[str]]:
         with os.fdopen(fd, "w", newline="") as f:
             yield f
             f.flush()
-            os.fchmod(f.fileno(), _FILE_MODE)
+            os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)

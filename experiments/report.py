@@ -90,14 +90,29 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             for row in csv.DictReader(fh):
                 bench.append({"job": _job_name(f, root), **row})
     for job in missing_jobs(root):  # killed without a chance to write (SIGKILL, power loss)
-        infer.append(
-            {
-                "job": _job_name(job / "results.json", root),
-                "status": "missing",
-                "error": "no results.json: the job was killed or is still running",
-            }
-        )
+        name = _job_name(job / "results.json", root)
+        if _job_type(job) == "bench":
+            bench.append({"job": name, "mode": "missing"})
+        else:
+            infer.append(
+                {
+                    "job": name,
+                    "status": "missing",
+                    "error": "no results.json: the job was killed or is still running",
+                }
+            )
     return infer, bench
+
+
+def _job_type(job: Path) -> str:
+    """The entry point that ran a Hydra job (``hydra.job.name``: infer or bench)."""
+    try:
+        import yaml
+
+        hydra = yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        return str(hydra["job"]["name"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return "infer"
 
 
 def missing_jobs(root: Path) -> list[Path]:

@@ -85,18 +85,27 @@ class Bucketed(Schedule):
         if b.future is None:
             self._flush()
         if not b.done:
-            b.future.result()
-            b.done = True
-            self.in_flight -= 1
-            if b.buf is not None:
-                flat, off = view_as(b.buf, b.numel, b.dtype), 0
-                for t in b.tensors:
-                    t.view(-1).copy_(flat[off : off + t.numel()])
-                    off += t.numel()
-                self._pool.release(b.buf)
-                b.buf = None
+            try:
+                b.future.result()  # a failure is raised again for every tensor of the bucket
+            except BaseException:
+                if b.future.done():  # failed, not interrupted: the bucket is over
+                    self._retire(b, copy_out=False)
+                raise
+            self._retire(b, copy_out=True)
             self._on_bucket_done(b)
         return x
+
+    def _retire(self, b: _Bucket, copy_out: bool) -> None:
+        """The bucket's collective is over: copy the sums out and give its buffer back."""
+        b.done = True
+        self.in_flight -= 1
+        if b.buf is not None:
+            flat, off = view_as(b.buf, b.numel, b.dtype), 0
+            for t in b.tensors if copy_out else ():
+                t.view(-1).copy_(flat[off : off + t.numel()])
+                off += t.numel()
+            self._pool.release(b.buf)
+            b.buf = None
 
     def _on_bucket_done(self, b: _Bucket) -> None:
         """Hook for subclasses (the adaptive strategy refits here)."""

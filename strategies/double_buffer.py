@@ -54,8 +54,9 @@ class DoubleBuffer(Schedule):
         try:
             fut.result()
             x.view(-1).copy_(view)
-        finally:  # the slot is free again even if the collective failed
-            self._in_flight[i] = None
+        finally:  # the slot is free again once its collective is over, failed or not
+            if fut.done():  # (not when an interrupt stopped the wait: it is still in flight)
+                self._in_flight[i] = None
         return x
 
     def _release(self) -> None:

@@ -66,9 +66,14 @@ class Hierarchical(Algorithm):
         self.leader_group = mine.get(tuple(leaders)) if self.is_leader else None
         self.segment = None
         if intra == "shm" and self.node_group is not None:  # only a node's members set it up
-            self.segment = shm_segment_for(
-                self.node_group, self.backend, chunk_bytes, self.timeout_s
-            )
+            try:
+                self.segment = shm_segment_for(
+                    self.node_group, self.backend, chunk_bytes, self.timeout_s
+                )
+            except BaseException:
+                self._release()  # the sub-groups
+                self._abandon()
+                raise
         self.stats.extra["shm"] = float(self.segment is not None)
 
     def wire_bytes(self, nbytes: int) -> int:
@@ -82,8 +87,8 @@ class Hierarchical(Algorithm):
             self.segment.all_reduce_(x)  # every node rank holds the node sum
             if self.leader_group is not None:
                 dist.all_reduce(x, group=self.leader_group)
-            if self.num_nodes > 1:
-                self.segment.broadcast_(x, root=0)  # the node's leader is its group rank 0
+            if self.num_nodes > 1:  # one collective: the timeout runs on from the first step
+                self.segment.broadcast_(x, root=0, fresh=False)  # the leader is group rank 0
             return
         if self.node_group is not None:
             dist.reduce(x, self.leader, group=self.node_group)

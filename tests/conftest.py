@@ -53,6 +53,8 @@ def compose_config(*overrides: str, name: str = "infer", hydra_dir: Path | None 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    import experiments.configs  # noqa: F401  (registers the schemas the configs extend)
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             config_name=name, overrides=list(overrides), return_hydra_config=hydra_dir is not None

@@ -19,13 +19,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module a file imports, at any depth (function-level imports included)."""
+    """Every module a file imports, at any depth (function-level imports included).
+
+    ``from pkg import name`` also counts ``pkg.name`` when that is a module of ours (so
+    ``from framework import model`` is an import of ``framework.model``); relative imports are
+    resolved against the file's package."""
     out: set[str] = set()
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            out.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join([*base, module] if module else base)
+            out.add(module)
+            for a in node.names:
+                sub = f"{module}.{a.name}"
+                if (ROOT / sub.replace(".", "/")).is_dir() or (
+                    ROOT / (sub.replace(".", "/") + ".py")
+                ).is_file():
+                    out.add(sub)
     return out
 
 
@@ -37,10 +52,25 @@ def ours(mods: set[str]) -> set[str]:
     return {m for m in mods if m.split(".")[0] in ("framework", "strategies", "experiments")}
 
 
-def test_the_import_reader_sees_nested_imports(tmp_path: Path) -> None:
-    f = tmp_path / "m.py"
-    f.write_text("import os\ndef g():\n    from framework.run import spec\n")
-    assert imported_modules(f) == {"os", "framework.run"}
+def test_the_import_reader_sees_nested_relative_and_module_imports() -> None:
+    f = ROOT / "strategies" / "_probe_for_the_import_reader.py"
+    f.write_text(
+        "import os\ndef g():\n    from framework.run import spec\n"
+        "from framework import model, Algorithm\nfrom . import naive\n"
+    )
+    try:
+        got = imported_modules(f)
+    finally:
+        f.unlink()
+    assert got == {
+        "os",
+        "framework.run",
+        "framework.run.spec",
+        "framework",
+        "framework.model",
+        "strategies",
+        "strategies.naive",
+    }
 
 
 @pytest.mark.parametrize("path", files("framework/comm"), ids=lambda p: p.name)

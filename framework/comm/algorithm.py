@@ -122,9 +122,17 @@ class Schedule(Communicator):
             )
         super().__init__(group, **common)
         cls = get_strategy(inner)
-        self.inner: Algorithm = cls(
-            group, _parent=self, timeout_s=self.timeout_s, validate=self.validate, **inner_options
-        )
+        try:
+            self.inner: Algorithm = cls(
+                group,
+                _parent=self,
+                timeout_s=self.timeout_s,
+                validate=self.validate,
+                **inner_options,
+            )
+        except BaseException:
+            self._abandon()
+            raise
         self.inner_name = inner
 
     def _release(self) -> None:

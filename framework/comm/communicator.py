@@ -18,6 +18,7 @@ that must be identical across strategies so that measurements are comparable:
 
 from __future__ import annotations
 
+import bisect
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -134,6 +135,8 @@ class Handle:
                 raise self._error
             return
         self._comm._pending.pop(id(self), None)
+        if self._span is not None:
+            self._comm._release_span(self._span)
         try:
             self._result = finish()
         except BaseException as e:
@@ -170,6 +173,7 @@ class Communicator(ABC):
         self._broken = False
         self._seq = 0
         self._pending: dict[int, Handle] = {}
+        self._spans: list[tuple[int, int]] = []  # inputs in flight: (first byte, end), sorted
         self._depth = 0
         self._blocked_span = f"commlab.{self.name}.blocked"
         user_group = group if group is not None else dist.group.WORLD
@@ -208,28 +212,32 @@ class Communicator(ABC):
 
     def _issue(self, x: Tensor) -> Handle:
         lo = x.data_ptr()
-        span = (lo, lo + x.nbytes)
-        if self._pending:
-            self._check_no_overlap(span)
+        hi = lo + x.nbytes
+        spans = self._spans
+        # The caller gave a pending input up until its wait(): a new input sharing its bytes
+        # would be summed (or overwritten) twice, differently per strategy. Pending spans are
+        # disjoint and sorted, so only the last one starting below ``hi`` can overlap.
+        if spans and hi > lo:
+            i = bisect.bisect_left(spans, (hi,))
+            if i > 0 and spans[i - 1][1] > lo:
+                raise self._error(
+                    "input overlaps the memory of an all_reduce still in flight (the caller "
+                    "gives x up until wait()); wait for it first or pass a copy"
+                )
         if self._check_group is not None:
             self._fingerprint(_OP_ALL_REDUCE, x)
         self.stats.calls += 1
         self.stats.bytes += x.nbytes
         h = self._all_reduce(x)
-        if not h.done:
-            h._span = span
+        if not h.done and hi > lo:
+            h._span = (lo, hi)
+            bisect.insort(spans, h._span)
         return h
 
-    def _check_no_overlap(self, span: tuple[int, int]) -> None:
-        """The caller gave a pending input up until its wait(): a new input sharing its bytes
-        would be summed (or overwritten) twice, differently per strategy."""
-        lo, hi = span
-        for h in self._pending.values():
-            if h._span is not None and lo < h._span[1] and h._span[0] < hi and hi > lo:
-                raise self._error(
-                    "input overlaps the memory of an all_reduce still in flight (the caller "
-                    "gives x up until wait()); wait for it first or pass a copy"
-                )
+    def _release_span(self, span: tuple[int, int]) -> None:
+        i = bisect.bisect_left(self._spans, span)
+        if i < len(self._spans) and self._spans[i] == span:
+            del self._spans[i]
 
     def flush(self) -> None:
         """Complete every pending handle (in issue order)."""
@@ -302,6 +310,14 @@ class Communicator(ABC):
 
     def _release(self) -> None:
         """Free buffers and threads; called once by ``close()``."""
+
+    def _abandon(self) -> None:
+        """A subclass's constructor failed after this one acquired the private groups: give
+        them back (the half-built object is never used) and re-raise."""
+        self._closed = True
+        for g in (self._check_group, self.group if self._owns_group else None):
+            if g is not None:
+                release_group(self.ranks, self.backend, self.timeout_s, g)
 
     def _error(self, problem: str) -> CommError:
         return CommError(f"strategy {self.name!r} (rank {self.rank}): {problem}")

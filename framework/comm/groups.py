@@ -24,6 +24,7 @@ _free: dict[tuple, list[dist.ProcessGroup]] = {}
 # The default group the cache belongs to, held (not its id): while it is referenced here no
 # new default group can get its address, so a new init_process_group is always recognised.
 _world: list[dist.ProcessGroup | None] = [None]
+_born: dict[int, dist.ProcessGroup | None] = {}  # id of a group in use -> the world it was made in
 
 
 def _key(ranks: list[int], backend: str, timeout_s: float) -> tuple:
@@ -39,16 +40,25 @@ def acquire_group(ranks: list[int], backend: str, timeout_s: float) -> dist.Proc
 
     Collective over the default group: every rank calls it with the same ``ranks``.
     """
-    free = _free.get(_key(ranks, backend, timeout_s))
-    if free:
-        return free.pop()
-    return dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), backend=backend)
+    key = _key(ranks, backend, timeout_s)
+    free = _free.get(key)
+    group = free.pop() if free else None
+    if group is None:
+        group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), backend=backend)
+    _born[id(group)] = _world[0]
+    return group
 
 
 def release_group(
     ranks: list[int], backend: str, timeout_s: float, group: dist.ProcessGroup
 ) -> None:
-    _free.setdefault(_key(ranks, backend, timeout_s), []).append(group)
+    """Hand ``group`` back for reuse, unless the world it was made in has been destroyed
+    since (a communicator closed after ``destroy_process_group`` and a new init): then the
+    group is dead and is dropped."""
+    born = _born.pop(id(group), None)
+    key = _key(ranks, backend, timeout_s)
+    if born is _world[0]:
+        _free.setdefault(key, []).append(group)
 
 
 @atexit.register
@@ -57,4 +67,5 @@ def forget_groups() -> None:
     ``destroy_process_group`` and at exit, so that no process group outlives the interpreter's
     orderly shutdown: one destroyed during module teardown can abort the process (SIGABRT)."""
     _free.clear()
+    _born.clear()
     _world[0] = None

@@ -36,11 +36,12 @@ on x86-64 (total store order; aligned 8-byte accesses are atomic) and the transp
 other architectures rather than risk torn reads.
 
 Waiting: spin on the counters for a few microseconds; then look where the awaited peer runs
-(``/proc/<pid>/stat``, one ``pread``). If it is queued on this rank's own CPU (more ranks than
-free cores: world size 4 on 2 cores, or a busy neighbour), yield to it at once; otherwise it
-runs elsewhere, so spin up to 1 ms and then sleep in 50 us steps. Yielding early to a peer
-that does not share the CPU would hand the CPU to whatever else is queued there (a busy
-background process) for a whole time slice: that was the old policy's loss under load. A
+(the thread that runs the peer's collective, which each rank publishes beside its counter:
+``/proc/<pid>/task/<tid>/stat``, one ``pread``). If it is queued on this rank's own CPU (more
+ranks than free cores: world size 4 on 2 cores, or a busy neighbour), yield to it at once;
+otherwise it runs elsewhere, so spin up to 1 ms and then sleep in 50 us steps. Yielding early
+to a peer that does not share the CPU would hand the CPU to whatever else is queued there (a
+busy background process) for a whole time slice: that was the old policy's loss under load. A
 waiter checks the time and its peers' pids every few milliseconds: a dead (or zombie) peer or
 the timeout becomes a ``CommError`` naming the ranks. The timeout runs once per collective,
 from its first stall.
@@ -65,6 +66,7 @@ import mmap
 import os
 import platform
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -98,6 +100,21 @@ def _libc_sched_getcpu():
 
 
 _sched_getcpu = _libc_sched_getcpu()  # the CPU this thread runs on (vDSO: ~0.1 us)
+
+
+def queued_on_this_cpu(stat_fd: int) -> bool:
+    """Whether the thread whose ``/proc/.../stat`` is open as ``stat_fd`` is runnable and last
+    ran on the CPU the calling thread runs on: then it waits for this very CPU. One ``pread``
+    (a few microseconds); False when it cannot tell."""
+    if stat_fd < 0 or _sched_getcpu is None:
+        return False
+    try:
+        fields = os.pread(stat_fd, 1024, 0).rsplit(b")", 1)[-1].split()
+    except OSError:
+        return False
+    return fields[0] == b"R" and int(fields[36]) == _sched_getcpu()
+
+
 _OP_ALL_REDUCE, _OP_BROADCAST = 1, 2
 _OP_NAMES = {_OP_ALL_REDUCE: "all_reduce", _OP_BROADCAST: "broadcast"}
 _DTYPES = [
@@ -282,19 +299,23 @@ class ShmSegment:
         self._pids_at = 2 * p * _LINE // 8
         self._flags[self._pids_at + self.rank] = os.getpid()
         self._plans: dict[tuple, tuple] = {}
-        self._stat_fds: dict[int, int] = {}  # peer rank -> open /proc/<pid>/stat
+        self._stat_fds: dict[tuple, int] = {}  # (peer, its thread) -> open /proc/.../stat
+        self._tid = 0  # the thread id this rank last published
         self._data = torch.frombuffer(
             self._mm, dtype=torch.uint8, offset=head, count=(p + 1) * capacity
         )
         dist.barrier(group=group)  # pids are written
 
     # -- collectives ------------------------------------------------------------------------
-    def all_reduce_(self, x: Tensor) -> None:
-        """Sum ``x`` (contiguous, CPU) in place over the group."""
+    def all_reduce_(self, x: Tensor, fresh: bool = True) -> None:
+        """Sum ``x`` (contiguous, CPU) in place over the group.
+
+        ``fresh=False`` continues the caller's collective: its timeout keeps running from the
+        first stall of an earlier step (``hierarchical`` does three steps per all-reduce)."""
         if self.world_size == 1:
             self._check()
             return
-        self._waiting_since = None
+        self._begin(fresh)
         fp = _fingerprint(_OP_ALL_REDUCE, x)
         plan = self._plan(x)
         if plan is not None:  # fits in one chunk: the hot path of TP decode, views cached
@@ -370,13 +391,13 @@ class ShmSegment:
         parts = [slots[j, a:b] for j in range(p)] if b > a else []
         return slots[r, :m], parts, slots[p, a:b], slots[p, :m]
 
-    def broadcast_(self, x: Tensor, root: int) -> None:
-        """Copy ``x`` of group rank ``root`` into ``x`` of every rank."""
+    def broadcast_(self, x: Tensor, root: int, fresh: bool = True) -> None:
+        """Copy ``x`` of group rank ``root`` into ``x`` of every rank (``fresh``: as above)."""
         self._check()
         p = self.world_size
         if p == 1:
             return
-        self._waiting_since = None
+        self._begin(fresh)
         fp = _fingerprint(_OP_BROADCAST, x, root)
         flat = x.view(-1)
         cap = self.capacity // x.element_size()
@@ -399,10 +420,7 @@ class ShmSegment:
         if self._mm is None:
             return
         self._plans.clear()
-        for fd in self._stat_fds.values():
-            if fd >= 0:
-                os.close(fd)
-        self._stat_fds.clear()
+        self._close_stat_fds()
         self._data = None
         self._flags.release()
         with contextlib.suppress(BufferError):  # a view is still held: the GC unmaps it later
@@ -477,23 +495,35 @@ class ShmSegment:
                 last = now
                 self._check_peers(phase, g, now - self._waiting_since)
 
+    def _begin(self, fresh: bool) -> None:
+        """Start (or continue) a collective: reset its timeout clock, and publish which thread
+        of this process runs it (a schedule's progress thread, or the caller's)."""
+        if fresh:
+            self._waiting_since = None
+        tid = threading.get_native_id()
+        if tid != self._tid:
+            self._tid = self._flags[self._flag(_ARRIVED, self.rank) + 2] = tid
+
     def _queued_behind_me(self, j: int) -> bool:
-        """Whether rank ``j`` waits to run on the CPU this rank is running on (its state is
-        runnable and its last CPU is mine): ``/proc/<pid>/stat``, read with one ``pread``."""
-        fd = self._stat_fds.get(j)
+        """Whether rank ``j``'s collective thread waits to run on this thread's CPU."""
+        key = (j, self._flags[self._flag(_ARRIVED, j) + 2])
+        fd = self._stat_fds.get(key)
         if fd is None:
+            if len(self._stat_fds) > 4 * self.world_size:  # threads come and go: stay bounded
+                self._close_stat_fds()
+            pid = self._flags[self._pids_at + j]
             try:
-                fd = os.open(f"/proc/{self._flags[self._pids_at + j]}/stat", os.O_RDONLY)
+                fd = os.open(f"/proc/{pid}/task/{key[1]}/stat", os.O_RDONLY)
             except OSError:
                 fd = -1
-            self._stat_fds[j] = fd
-        if fd < 0 or _sched_getcpu is None:
-            return False
-        try:
-            fields = os.pread(fd, 1024, 0).rsplit(b")", 1)[-1].split()
-        except OSError:
-            return False
-        return fields[0] == b"R" and int(fields[36]) == _sched_getcpu()
+            self._stat_fds[key] = fd
+        return queued_on_this_cpu(fd)
+
+    def _close_stat_fds(self) -> None:
+        for fd in self._stat_fds.values():
+            if fd >= 0:
+                os.close(fd)
+        self._stat_fds.clear()
 
     def _check_peers(self, phase: int, g: int, waited: float) -> None:
         flags = [self._flags[self._flag(phase, j)] for j in range(self.world_size)]

@@ -86,6 +86,8 @@ def launch_ranks(
         return fabric.launch(_and_teardown, fn, *args)
     except ProcessException as e:  # one rank died or raised; the others were terminated
         raise RankFailure(_failure_message(e)) from None
+    finally:  # later children of this process are not its ranks
+        os.environ.pop(lifeline.ENV, None)
 
 
 def _failure_message(e: ProcessException) -> str:

@@ -34,12 +34,12 @@ def die_with_parent() -> None:
 def follow_parent() -> None:
     """In a rank spawned by :func:`framework.run.launch.launch_ranks`: die with the launcher."""
     if not _launcher:
-        want = os.environ.pop(ENV, None)
-        if not want or int(want) == os.getpid():
-            if want:  # the launcher itself: keep the variable for the ranks it spawns next
-                os.environ[ENV] = want
+        want = os.environ.get(ENV, "")
+        if not want.isdigit() or int(want) == os.getpid():  # not a rank (or the launcher)
             return
+        del os.environ[ENV]  # this rank's own children are not the launcher's ranks
         _launcher.append(int(want))
     die_with_parent()
     if os.getppid() != _launcher[0]:  # the launcher died before the signal was armed
+        sys.stderr.write(f"commlab: launcher (pid {_launcher[0]}) is gone; rank exits\n")
         os._exit(1)

@@ -11,6 +11,7 @@ against (a completed handle, a communicator that communicates nothing, the bare 
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,6 @@ import torch.distributed as dist
 from framework.comm.communicator import CommStats
 from framework.costmodel import busbw_gbps
 from framework.run.inputs import expected_sum, rank_input
-from framework.run.lifeline import die_with_parent
 
 
 def bench_sizes(min_bytes: int, max_bytes: int, factor: int, elem_size: int) -> list[int]:
@@ -268,12 +268,18 @@ def _sig(x: float) -> float:
 def background_load(n: int) -> Iterator[list[int]]:
     """``n`` processes that each keep a core busy while the body runs: a host that is not
     idle, as a user's rarely is (parallel sweep jobs, a build, another user). They are killed
-    on exit, and by the kernel if this process dies first."""
-    procs = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=die_with_parent)
-        for _ in range(n)
-    ]
+    on exit, and by the kernel if this process dies first (each arms its own parent-death
+    signal, then checks its parent is still the one that started it)."""
+    spin = (
+        "import ctypes, os, signal, sys; "
+        "ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0); "
+        f"sys.exit(0) if os.getppid() != {os.getpid()} else None\n"
+        "while True: pass"
+    )
+    procs: list[subprocess.Popen] = []
     try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", spin]))
         yield [p.pid for p in procs]
     finally:
         for p in procs:
