@@ -234,7 +234,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path="pkg://commlab_conf", config_name="bench")
 def main(cfg: DictConfig) -> float:
     def body(out_dir: str, tracker) -> dict[str, Any]:
         csv_path = Path(out_dir) / "bench.csv"

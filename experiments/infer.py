@@ -39,7 +39,7 @@ KEYS = [
 ]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
+@hydra.main(version_base="1.3", config_path="pkg://commlab_conf", config_name="infer")
 def main(cfg: DictConfig) -> float:
     def body(out_dir: str, tracker) -> dict:
         spec = run_spec(cfg, out_dir)

@@ -41,6 +41,7 @@ and beta; :func:`add_insitu` adds the in-situ extra).
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 import os
 import statistics
@@ -53,7 +54,8 @@ import yaml
 # The strategies this model has a formula for, by their registry names; schedules (bucketed,
 # async_overlap, ...) are predicted through the algorithm they send with (fused_time, overlap).
 ALGORITHMS = ("naive", "tree", "hierarchical", "shm")
-TOPOLOGY_DIR = Path(__file__).resolve().parents[1] / "conf" / "topology"
+# conf/topology in a source tree, the installed package's copy otherwise
+TOPOLOGY_DIR = Path(str(importlib.resources.files("commlab_conf"))) / "topology"
 
 
 @dataclass

@@ -54,7 +54,7 @@ def test_wheel_install_runs_infer_from_another_directory(tmp_path: Path) -> None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     env.pop("PYTHONPATH", None)
     where = subprocess.run(
-        [py, "-c", "import framework, conf; print(framework.__file__);print(conf.__path__[0])"],
+        [py, "-c", "import framework, commlab_conf as c; print(framework.__file__, c.__path__[0])"],
         cwd=work,
         env=env,
         check=True,
@@ -62,6 +62,7 @@ def test_wheel_install_runs_infer_from_another_directory(tmp_path: Path) -> None
         text=True,
     ).stdout.split()
     assert all(p.startswith(site) for p in where), where  # the installed copy, not the tree
+    assert not (Path(site) / "conf").exists()  # no generic top-level package name taken
     run = work / "run"
     r = subprocess.run(
         [
