@@ -86,16 +86,16 @@ class Hierarchical(Algorithm):
         if self.segment is not None:
             self.segment.all_reduce_(x)  # every node rank holds the node sum
             if self.leader_group is not None:
-                dist.all_reduce(x, group=self.leader_group)
+                self.wait_work(dist.all_reduce(x, group=self.leader_group, async_op=True))
             if self.num_nodes > 1:  # one collective: the timeout runs on from the first step
                 self.segment.broadcast_(x, root=0, fresh=False)  # the leader is group rank 0
             return
         if self.node_group is not None:
-            dist.reduce(x, self.leader, group=self.node_group)
+            self.wait_work(dist.reduce(x, self.leader, group=self.node_group, async_op=True))
         if self.leader_group is not None:
-            dist.all_reduce(x, group=self.leader_group)
+            self.wait_work(dist.all_reduce(x, group=self.leader_group, async_op=True))
         if self.node_group is not None:
-            dist.broadcast(x, self.leader, group=self.node_group)
+            self.wait_work(dist.broadcast(x, self.leader, group=self.node_group, async_op=True))
 
     def _release(self) -> None:
         super()._release()

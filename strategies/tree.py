@@ -50,20 +50,20 @@ class Tree(Algorithm):
                 bufs = [view_as(s, hi - lo, x.dtype) for s in scratch]
                 recvs = [dist.irecv(b, c, self.group, tag) for b, c in zip(bufs, self.children)]
                 for w, b in zip(recvs, bufs):
-                    w.wait()
+                    self.wait_work(w)
                     seg.add_(b)
                 if self.parent is not None:
                     sends.append(dist.isend(seg, self.parent, self.group, tag))
             for w in sends:  # the broadcast below overwrites seg: the sends must be done
-                w.wait()
+                self.wait_work(w)
             sends = []
             for tag, (lo, hi) in enumerate(chunks):  # broadcast from rank 0
                 seg = flat[lo:hi]
                 if self.parent is not None:
-                    dist.recv(seg, self.parent, self.group, tag)
+                    self.wait_work(dist.irecv(seg, self.parent, self.group, tag))
                 sends += [dist.isend(seg, c, self.group, tag) for c in self.children]
             for w in sends:
-                w.wait()
+                self.wait_work(w)
         finally:
             for s in scratch:
                 self._pool.release(s)

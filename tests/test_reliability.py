@@ -257,7 +257,9 @@ def test_stale_cleanup_skips_other_users_and_live_owners(tmp_path: Path) -> None
 def test_group_cache_recognises_a_new_world_with_a_recycled_id(monkeypatch) -> None:
     import framework.comm.groups as groups
 
-    fake = SimpleNamespace(group=SimpleNamespace(WORLD=object()))
+    fake = SimpleNamespace(
+        group=SimpleNamespace(WORLD=object()), GroupMember=SimpleNamespace(NON_GROUP_MEMBER=None)
+    )
     monkeypatch.setattr(groups, "dist", fake)
     monkeypatch.setattr(groups, "_free", {})
     monkeypatch.setattr(groups, "_world", [None])
@@ -465,3 +467,32 @@ def test_report_lists_missing_jobs_in_their_own_table(tmp_path: Path) -> None:
     infer, bench = collect(tmp_path)
     assert [(r["job"], r["status"]) for r in infer] == [("i", "missing")]
     assert [(r["job"], r["mode"]) for r in bench] == [("b", "missing")]
+
+
+def test_wait_work_spends_what_is_left_of_timeout() -> None:
+    """An algorithm of several asynchronous steps waits each with the time left."""
+    from framework.comm.algorithm import Algorithm as Base
+
+    class Work:
+        def __init__(self) -> None:
+            self.timeouts: list[float] = []
+
+        def wait(self, timeout) -> bool:
+            self.timeouts.append(timeout.total_seconds())
+            return True
+
+    class Probe(Base):
+        def reduce_(self, x: torch.Tensor) -> None: ...
+
+    algo = Probe.__new__(Probe)  # no group: only the clock matters here
+    algo._cuda, algo.timeout_s, algo.name, algo.rank = False, 2.0, "probe", 0
+    algo._deadline = time.monotonic() + 2.0
+    work = Work()
+    algo.wait_work(work)
+    time.sleep(0.2)
+    algo.wait_work(work)
+    assert 1.9 < work.timeouts[0] <= 2.0 and work.timeouts[1] < 1.85
+    algo._deadline = time.monotonic() - 0.01  # spent: no wait at all, an error naming it
+    with pytest.raises(CommError, match=r"not complete within timeout_s=2\.0"):
+        algo.wait_work(work)
+    assert len(work.timeouts) == 2

@@ -20,6 +20,7 @@ import time
 from abc import abstractmethod
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ class Algorithm(Communicator):
         # strategy fits its latency/bandwidth model on these.
         self.timings: deque[tuple[int, float]] = deque(maxlen=256)
         self._reduce_span = f"commlab.{self.name}.reduce"
+        self._deadline = 0.0  # when the all-reduce in progress must be done (monotonic)
 
     @abstractmethod
     def reduce_(self, x: Tensor) -> None:
@@ -58,7 +60,7 @@ class Algorithm(Communicator):
 
     def _timed_reduce(self, x: Tensor) -> Tensor:
         t0 = time.perf_counter()
-        self._count(x)
+        self._start(x)
         with span(self._reduce_span):
             self.reduce_(x)
         if x.is_cuda:  # the thread's host time only means "done" once the stream has drained
@@ -67,13 +69,38 @@ class Algorithm(Communicator):
         return x
 
     def _all_reduce(self, x: Tensor) -> Handle:
-        self._count(x)
+        self._start(x)
         if _profiling():
             with span(self._reduce_span):
                 self.reduce_(x)
         else:
             self.reduce_(x)
         return Handle(self, None, x)
+
+    def _start(self, x: Tensor) -> None:
+        """Before every ``reduce_``: count it, and start its clock (:meth:`wait_work`)."""
+        self._deadline = time.monotonic() + self.timeout_s
+        self._count(x)
+
+    def wait_work(self, work: Any) -> None:
+        """Wait for an asynchronous library operation (``isend``/``irecv``, ``async_op=True``)
+        with what is left of this all-reduce's ``timeout_s``: an algorithm made of several
+        steps fails within ``timeout_s`` in all, not within ``timeout_s`` per step."""
+        if self._cuda:  # a timed wait would block the host; NCCL's watchdog enforces timeout_s
+            work.wait()
+            return
+        left = self._deadline - time.monotonic()
+        try:
+            done = left > 0 and work.wait(timeout=timedelta(seconds=left))
+        except RuntimeError as e:  # gloo raises when the wait times out
+            raise self._late() from e
+        if not done:
+            raise self._late()
+
+    def _late(self) -> Exception:
+        return self._error(
+            f"all_reduce not complete within timeout_s={self.timeout_s} s (a peer is lost or late)"
+        )
 
     def _count(self, x: Tensor) -> None:
         """One collective on the wire; called by the base class before every ``reduce_``."""

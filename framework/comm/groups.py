@@ -45,7 +45,8 @@ def acquire_group(ranks: list[int], backend: str, timeout_s: float) -> dist.Proc
     group = free.pop() if free else None
     if group is None:
         group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), backend=backend)
-    _born[id(group)] = _world[0]
+    if group is not dist.GroupMember.NON_GROUP_MEMBER:  # one shared stand-in, no state
+        _born[id(group)] = _world[0]
     return group
 
 
@@ -57,7 +58,8 @@ def release_group(
     group is dead and is dropped."""
     born = _born.pop(id(group), None)
     key = _key(ranks, backend, timeout_s)
-    if born is _world[0]:
+    # every rank must cache (or drop) alike, non-members too: they acquire the same keys
+    if group is dist.GroupMember.NON_GROUP_MEMBER or born is _world[0]:
         _free.setdefault(key, []).append(group)
 
 
