@@ -106,12 +106,12 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 def _job_type(job: Path) -> str:
     """The entry point that ran a Hydra job (``hydra.job.name``: infer or bench)."""
-    try:
-        import yaml
+    import yaml
 
+    try:
         hydra = yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())["hydra"]
         return str(hydra["job"]["name"])
-    except (OSError, KeyError, TypeError, ValueError):
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):  # torn by the kill
         return "infer"
 
 

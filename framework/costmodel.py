@@ -54,8 +54,18 @@ import yaml
 # The strategies this model has a formula for, by their registry names; schedules (bucketed,
 # async_overlap, ...) are predicted through the algorithm they send with (fused_time, overlap).
 ALGORITHMS = ("naive", "tree", "hierarchical", "shm")
-# conf/topology in a source tree, the installed package's copy otherwise
-TOPOLOGY_DIR = Path(str(importlib.resources.files("commlab_conf"))) / "topology"
+
+
+def _topology_dir() -> Path:
+    """The presets: the installed ``commlab_conf`` package's (conf/ itself in an editable
+    install), else the source tree's ``conf/topology`` (a checkout used without installing)."""
+    try:
+        return Path(str(importlib.resources.files("commlab_conf"))) / "topology"
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "conf" / "topology"
+
+
+TOPOLOGY_DIR = _topology_dir()
 
 
 @dataclass

@@ -23,7 +23,7 @@ from framework.comm.buffers import BufferPool, view_as
 
 
 class _Bucket:
-    __slots__ = ("buf", "done", "dtype", "future", "nbytes", "numel", "tensors")
+    __slots__ = ("buf", "done", "dtype", "failed", "future", "nbytes", "numel", "tensors")
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -31,7 +31,7 @@ class _Bucket:
         self.numel = self.nbytes = 0
         self.future: Future | None = None
         self.buf: Tensor | None = None
-        self.done = False
+        self.done = self.failed = False
 
 
 @register_strategy("bucketed")
@@ -84,28 +84,35 @@ class Bucketed(Schedule):
     def _finish(self, b: _Bucket, x: Tensor) -> Tensor:
         if b.future is None:
             self._flush()
+        if b.failed:  # every tensor of a failed bucket gets the failure, never its input back
+            b.future.result()
         if not b.done:
             try:
-                b.future.result()  # a failure is raised again for every tensor of the bucket
+                b.future.result()
             except BaseException:
                 if b.future.done():  # failed, not interrupted: the bucket is over
-                    self._retire(b, copy_out=False)
+                    self._retire(b, failed=True)
                 raise
-            self._retire(b, copy_out=True)
+            self._retire(b, failed=False)
             self._on_bucket_done(b)
         return x
 
-    def _retire(self, b: _Bucket, copy_out: bool) -> None:
-        """The bucket's collective is over: copy the sums out and give its buffer back."""
-        b.done = True
+    def _retire(self, b: _Bucket, failed: bool) -> None:
+        """The bucket's collective is over: copy the sums out and give its buffer back (a
+        failed one's buffer is dropped: a timed-out transfer may still write into it)."""
+        b.done, b.failed = True, failed
         self.in_flight -= 1
-        if b.buf is not None:
+        if b.buf is None:
+            return
+        if failed:
+            self._pool.discard(b.buf)
+        else:
             flat, off = view_as(b.buf, b.numel, b.dtype), 0
-            for t in b.tensors if copy_out else ():
+            for t in b.tensors:
                 t.view(-1).copy_(flat[off : off + t.numel()])
                 off += t.numel()
             self._pool.release(b.buf)
-            b.buf = None
+        b.buf = None
 
     def _on_bucket_done(self, b: _Bucket) -> None:
         """Hook for subclasses (the adaptive strategy refits here)."""

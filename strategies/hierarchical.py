@@ -60,20 +60,15 @@ class Hierarchical(Algorithm):
             for g in [*nodes, leaders]
             if len(g) > 1
         ]
-        mine = {tuple(g): pg for g, pg in self._groups}
+        mine = {tuple(g): pg for g, (pg, _) in self._groups}
         self.stats.extra.update(num_nodes=self.num_nodes, ranks_per_node=k)
         self.node_group = mine.get(tuple(self.node_ranks))
         self.leader_group = mine.get(tuple(leaders)) if self.is_leader else None
         self.segment = None
         if intra == "shm" and self.node_group is not None:  # only a node's members set it up
-            try:
-                self.segment = shm_segment_for(
-                    self.node_group, self.backend, chunk_bytes, self.timeout_s
-                )
-            except BaseException:
-                self._release()  # the sub-groups
-                self._abandon()
-                raise
+            self.segment = shm_segment_for(
+                self.node_group, self.backend, chunk_bytes, self.timeout_s
+            )
         self.stats.extra["shm"] = float(self.segment is not None)
 
     def wire_bytes(self, nbytes: int) -> int:
@@ -102,7 +97,7 @@ class Hierarchical(Algorithm):
         if self.segment is not None:
             self.segment.close()
             self.segment = None
-        for ranks, g in self._groups:
-            release_group(ranks, self.backend, self.timeout_s, g)
+        for ranks, (g, generation) in self._groups:
+            release_group(ranks, self.backend, self.timeout_s, g, generation)
         self._groups = []
         self.node_group = self.leader_group = None

@@ -43,6 +43,7 @@ class Tree(Algorithm):
         step = max(1, self.chunk_bytes // x.element_size())
         chunks = [(lo, min(lo + step, flat.numel())) for lo in range(0, flat.numel(), step)]
         scratch = [self._pool.acquire(min(step, flat.numel()), x.dtype) for _ in self.children]
+        ok = False
         try:
             sends = []
             for tag, (lo, hi) in enumerate(chunks):  # reduce towards rank 0, chunk by chunk
@@ -64,9 +65,10 @@ class Tree(Algorithm):
                 sends += [dist.isend(seg, c, self.group, tag) for c in self.children]
             for w in sends:
                 self.wait_work(w)
-        finally:
+            ok = True
+        finally:  # after a failure a posted receive may still write into its scratch: drop it
             for s in scratch:
-                self._pool.release(s)
+                (self._pool.release if ok else self._pool.discard)(s)
 
     def _release(self) -> None:
         super()._release()

@@ -52,17 +52,19 @@ def ours(mods: set[str]) -> set[str]:
     return {m for m in mods if m.split(".")[0] in ("framework", "strategies", "experiments")}
 
 
-def test_the_import_reader_sees_nested_relative_and_module_imports() -> None:
-    f = ROOT / "strategies" / "_probe_for_the_import_reader.py"
+def test_the_import_reader_sees_nested_relative_and_module_imports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for module in ("framework/run/spec.py", "framework/model/__init__.py", "strategies/naive.py"):
+        (tmp_path / module).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / module).write_text("")
+    f = tmp_path / "strategies" / "probe.py"
     f.write_text(
         "import os\ndef g():\n    from framework.run import spec\n"
         "from framework import model, Algorithm\nfrom . import naive\n"
     )
-    try:
-        got = imported_modules(f)
-    finally:
-        f.unlink()
-    assert got == {
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert imported_modules(f) == {
         "os",
         "framework.run",
         "framework.run.spec",

@@ -101,6 +101,25 @@ def test_a_failed_wait_raises_again_and_frees_its_slot(pools) -> None:
     assert got["done"] and got["sums"] == [[2.0] * 4, [3.0] * 4]
 
 
+def _failed_bucket() -> list[str]:
+    comm = build_communicator("bucketed", inner=_failing())
+    handles = [comm.all_reduce(torch.ones(4)), comm.all_reduce(torch.ones(8))]  # one bucket
+    errors = []
+    for h in handles:
+        try:
+            h.wait()
+            errors.append("returned a result")
+        except RuntimeError as e:
+            errors.append(str(e))
+    comm.all_reduce(torch.ones(2)).wait()  # the next bucket works (its buffer is a new one)
+    comm.close()
+    return errors
+
+
+def test_every_tensor_of_a_failed_bucket_gets_the_failure(pools) -> None:
+    assert pools(1).run(_failed_bucket)[0] == ["injected wire failure"] * 2
+
+
 def _wait_after_close() -> str:
     comm = build_communicator("async_overlap", inner=_failing())
     comm.all_reduce(torch.ones(4))
@@ -180,10 +199,9 @@ def test_shm_float_sums_do_not_depend_on_chunk_bytes(pools) -> None:
 
 
 # -- 10. a /dev/shm too small for the segment -----------------------------------------------
-def _no_space() -> tuple[str, list[str], int]:
+def _no_space() -> tuple[str, list[str]]:
     from unittest import mock
 
-    import framework.comm.groups as groups
     import framework.comm.shm as shm
 
     def full(fd: int, offset: int, size: int) -> None:
@@ -193,7 +211,6 @@ def _no_space() -> tuple[str, list[str], int]:
     if dist.get_rank() == 0:  # only the creator reserves; every rank must refuse alike
         patch.start()
     err = "no error"
-    in_use = len(groups._born)
     try:
         build_communicator("shm", chunk_bytes=1 << 20)
     except CommError as e:
@@ -202,12 +219,11 @@ def _no_space() -> tuple[str, list[str], int]:
         if dist.get_rank() == 0:
             patch.stop()
     left = [p.name for p in shm.SHM_DIR.glob(f"{shm.PREFIX}{os.getuid()}-{os.getpid()}-*")]
-    return err, left, len(groups._born) - in_use
+    return err, left
 
 
 def test_small_dev_shm_is_an_error_at_setup_on_every_rank(pools) -> None:
-    for rank, (err, left, leaked) in enumerate(pools(2).run(_no_space)):
-        assert leaked == 0, f"rank {rank}: the failed communicator kept {leaked} group(s)"
+    for rank, (err, left) in enumerate(pools(2).run(_no_space)):
         assert "needs 3146" in err and "chunk_bytes" in err and "strategy=naive" in err, (
             f"rank {rank}: {err}"
         )
@@ -257,23 +273,28 @@ def test_stale_cleanup_skips_other_users_and_live_owners(tmp_path: Path) -> None
 def test_group_cache_recognises_a_new_world_with_a_recycled_id(monkeypatch) -> None:
     import framework.comm.groups as groups
 
+    stand_in = object()  # NON_GROUP_MEMBER: one object shared by every non-member group
     fake = SimpleNamespace(
-        group=SimpleNamespace(WORLD=object()), GroupMember=SimpleNamespace(NON_GROUP_MEMBER=None)
+        group=SimpleNamespace(WORLD=object()),
+        GroupMember=SimpleNamespace(NON_GROUP_MEMBER=stand_in),
+        new_group=lambda ranks, **kw: object(),
     )
     monkeypatch.setattr(groups, "dist", fake)
     monkeypatch.setattr(groups, "_free", {})
     monkeypatch.setattr(groups, "_world", [None])
-    monkeypatch.setattr(groups, "_born", {})
-    monkeypatch.setattr(fake, "new_group", lambda ranks, **kw: object(), raising=False)
     first = groups.acquire_group([0, 1], "gloo", 60.0)
     in_use = groups.acquire_group([0, 1], "gloo", 60.0)  # closed only after the new world
-    groups.release_group([0, 1], "gloo", 60.0, first)
+    groups.release_group([0, 1], "gloo", 60.0, *first)
     fake.group.WORLD = None  # destroy_process_group(); then a new init_process_group:
     gc.collect()
     fake.group.WORLD = object()  # CPython often reuses the address; the cache must not care
     assert not groups._free.get(groups._key([0, 1], "gloo", 60.0))
-    groups.release_group([0, 1], "gloo", 60.0, in_use)  # a group of the destroyed world
-    assert groups.acquire_group([0, 1], "gloo", 60.0) not in (first, in_use)
+    groups.release_group([0, 1], "gloo", 60.0, *in_use)  # a group of the destroyed world
+    again = groups.acquire_group([0, 1], "gloo", 60.0)[0]
+    assert again is not first[0] and again is not in_use[0]
+    # a non-member's stand-in of the destroyed world is dropped too, as members drop theirs
+    groups.release_group([0, 1], "gloo", 60.0, stand_in, first[1])
+    assert not groups._free.get(groups._key([0, 1], "gloo", 60.0))
 
 
 # -- 14. results files: readable by others, durable --------------------------------------------
@@ -474,25 +495,32 @@ def test_wait_work_spends_what_is_left_of_timeout() -> None:
     from framework.comm.algorithm import Algorithm as Base
 
     class Work:
-        def __init__(self) -> None:
+        def __init__(self, completed: bool = False) -> None:
             self.timeouts: list[float] = []
+            self.completed = completed
 
         def wait(self, timeout) -> bool:
             self.timeouts.append(timeout.total_seconds())
             return True
+
+        def is_completed(self) -> bool:
+            return self.completed
 
     class Probe(Base):
         def reduce_(self, x: torch.Tensor) -> None: ...
 
     algo = Probe.__new__(Probe)  # no group: only the clock matters here
     algo._cuda, algo.timeout_s, algo.name, algo.rank = False, 2.0, "probe", 0
+    algo._broken, algo._owner = False, algo
     algo._deadline = time.monotonic() + 2.0
     work = Work()
     algo.wait_work(work)
     time.sleep(0.2)
     algo.wait_work(work)
     assert 1.9 < work.timeouts[0] <= 2.0 and work.timeouts[1] < 1.85
-    algo._deadline = time.monotonic() - 0.01  # spent: no wait at all, an error naming it
+    algo._deadline = time.monotonic() - 0.01  # spent: a finished step still counts as done
+    algo.wait_work(Work(completed=True))
+    assert not algo._broken
     with pytest.raises(CommError, match=r"not complete within timeout_s=2\.0"):
-        algo.wait_work(work)
-    assert len(work.timeouts) == 2
+        algo.wait_work(work)  # an unfinished one fails at once, and the communicator with it
+    assert len(work.timeouts) == 2 and algo._broken

@@ -16,6 +16,7 @@ while the thread waits on the wire.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import abstractmethod
 from collections import deque
@@ -90,16 +91,25 @@ class Algorithm(Communicator):
             work.wait()
             return
         left = self._deadline - time.monotonic()
+        if left <= 0:
+            if work.is_completed():
+                return
+            raise self._late("")
+        # whole milliseconds, at least one: torch reads a zero timeout as "the group's own"
         try:
-            done = left > 0 and work.wait(timeout=timedelta(seconds=left))
-        except RuntimeError as e:  # gloo raises when the wait times out
-            raise self._late() from e
+            done = work.wait(timeout=timedelta(milliseconds=max(1, math.ceil(left * 1e3))))
+        except RuntimeError as e:  # gloo raises when the wait times out (or a peer is lost)
+            raise self._late(f": {e}") from e
         if not done:
-            raise self._late()
+            raise self._late("")
 
-    def _late(self) -> Exception:
+    def _late(self, detail: str) -> Exception:
+        """The all-reduce did not finish in time. Its transfers may still be running into the
+        caller's tensor and scratch buffers, so the communicator is unusable from now on."""
+        self._broken = self._owner._broken = True
         return self._error(
-            f"all_reduce not complete within timeout_s={self.timeout_s} s (a peer is lost or late)"
+            f"all_reduce not complete within timeout_s={self.timeout_s} s (a peer is lost or "
+            f"late){detail}"
         )
 
     def _count(self, x: Tensor) -> None:
@@ -149,17 +159,13 @@ class Schedule(Communicator):
             )
         super().__init__(group, **common)
         cls = get_strategy(inner)
-        try:
-            self.inner: Algorithm = cls(
-                group,
-                _parent=self,
-                timeout_s=self.timeout_s,
-                validate=self.validate,
-                **inner_options,
-            )
-        except BaseException:
-            self._abandon()
-            raise
+        self.inner: Algorithm = cls(
+            group,
+            _parent=self,
+            timeout_s=self.timeout_s,
+            validate=self.validate,
+            **inner_options,
+        )
         self.inner_name = inner
 
     def _release(self) -> None:

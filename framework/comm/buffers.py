@@ -42,6 +42,10 @@ class BufferPool:
         if len(self._free) > self.max_free:  # drop the smallest: large ones are dearer to remake
             self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
 
+    def discard(self, buf: Tensor) -> None:
+        """A handed-out buffer that must not be reused (a failed transfer may still write)."""
+        self.live -= 1
+
     def clear(self) -> None:
         self._free.clear()
 

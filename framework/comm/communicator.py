@@ -134,13 +134,20 @@ class Handle:
             if self._error is not None:
                 raise self._error
             return
-        self._comm._pending.pop(id(self), None)
+        comm = self._comm
+        comm._pending.pop(id(self), None)
         if self._span is not None:
-            self._comm._release_span(self._span)
+            comm._release_span(self._span)
         try:
             self._result = finish()
-        except BaseException as e:
+        except Exception as e:
             self._error = e
+            raise
+        except BaseException:  # an interrupt stopped the wait, not the collective: retryable
+            self._finish = finish
+            comm._pending[id(self)] = self
+            if self._span is not None:
+                bisect.insort(comm._spans, self._span)
             raise
 
 
@@ -170,9 +177,11 @@ class Communicator(ABC):
         self.validate = validate
         self.timeout_s = timeout_s
         self._closed = False
-        self._broken = False
+        self._broken = False  # a collective failed half-way: refuse new work, skip the flush
+        self._owner = _parent if _parent is not None else self  # the communicator the user holds
         self._seq = 0
         self._pending: dict[int, Handle] = {}
+        self._leases: list[tuple[dist.ProcessGroup, int]] = []  # groups to hand back on close
         self._spans: list[tuple[int, int]] = []  # inputs in flight: (first byte, end), sorted
         self._depth = 0
         self._blocked_span = f"commlab.{self.name}.blocked"
@@ -263,9 +272,9 @@ class Communicator(ABC):
         finally:
             self._closed = True
             self._release()
-            for g in (self._check_group, self.group if self._owns_group else None):
-                if g is not None:
-                    release_group(self.ranks, self.backend, self.timeout_s, g)
+            for g, generation in self._leases:
+                release_group(self.ranks, self.backend, self.timeout_s, g, generation)
+            self._leases.clear()
 
     def reset_stats(self) -> None:
         self.stats.reset()
@@ -311,20 +320,17 @@ class Communicator(ABC):
     def _release(self) -> None:
         """Free buffers and threads; called once by ``close()``."""
 
-    def _abandon(self) -> None:
-        """A subclass's constructor failed after this one acquired the private groups: give
-        them back (the half-built object is never used) and re-raise."""
-        self._closed = True
-        for g in (self._check_group, self.group if self._owns_group else None):
-            if g is not None:
-                release_group(self.ranks, self.backend, self.timeout_s, g)
-
     def _error(self, problem: str) -> CommError:
         return CommError(f"strategy {self.name!r} (rank {self.rank}): {problem}")
 
     # -- internals --------------------------------------------------------------------------
     def _new_group(self) -> dist.ProcessGroup:
-        return acquire_group(self.ranks, self.backend, self.timeout_s)
+        # If a subclass's constructor then fails, the group is never released: dropped, not
+        # cached, on every rank alike (a failure on one rank only must not leave that rank
+        # with a cached group its peers still wait on).
+        group, generation = acquire_group(self.ranks, self.backend, self.timeout_s)
+        self._leases.append((group, generation))
+        return group
 
     @contextmanager
     def _blocked(self):
@@ -349,6 +355,11 @@ class Communicator(ABC):
     def _check_input(self, x: Any) -> None:
         if self._closed:
             raise self._error("used after close()")
+        if self._broken:
+            raise self._error(
+                "unusable after an earlier collective failed half-way (a timeout or a "
+                "mismatch): close it and build a new communicator"
+            )
         if not isinstance(x, Tensor):
             raise self._error(f"all_reduce needs a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in self.supported_dtypes:

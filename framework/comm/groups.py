@@ -24,7 +24,10 @@ _free: dict[tuple, list[dist.ProcessGroup]] = {}
 # The default group the cache belongs to, held (not its id): while it is referenced here no
 # new default group can get its address, so a new init_process_group is always recognised.
 _world: list[dist.ProcessGroup | None] = [None]
-_born: dict[int, dist.ProcessGroup | None] = {}  # id of a group in use -> the world it was made in
+# Bumped whenever the world changes or the cache is forgotten. The same on every rank, so a
+# group released with the generation it was acquired in is cached or dropped alike everywhere,
+# by members and by non-members (which all hold the one NON_GROUP_MEMBER stand-in).
+_generation = [0]
 
 
 def _key(ranks: list[int], backend: str, timeout_s: float) -> tuple:
@@ -32,11 +35,15 @@ def _key(ranks: list[int], backend: str, timeout_s: float) -> tuple:
     if _world[0] is not world:
         _free.clear()
         _world[0] = world
+        _generation[0] += 1
     return (tuple(ranks), backend, float(timeout_s))
 
 
-def acquire_group(ranks: list[int], backend: str, timeout_s: float) -> dist.ProcessGroup:
-    """A group over ``ranks`` used by nobody else; non-members get ``NON_GROUP_MEMBER``.
+def acquire_group(
+    ranks: list[int], backend: str, timeout_s: float
+) -> tuple[dist.ProcessGroup, int]:
+    """A group over ``ranks`` used by nobody else (non-members get ``NON_GROUP_MEMBER``), and
+    the generation to hand back with it.
 
     Collective over the default group: every rank calls it with the same ``ranks``.
     """
@@ -45,21 +52,17 @@ def acquire_group(ranks: list[int], backend: str, timeout_s: float) -> dist.Proc
     group = free.pop() if free else None
     if group is None:
         group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), backend=backend)
-    if group is not dist.GroupMember.NON_GROUP_MEMBER:  # one shared stand-in, no state
-        _born[id(group)] = _world[0]
-    return group
+    return group, _generation[0]
 
 
 def release_group(
-    ranks: list[int], backend: str, timeout_s: float, group: dist.ProcessGroup
+    ranks: list[int], backend: str, timeout_s: float, group: dist.ProcessGroup, generation: int
 ) -> None:
-    """Hand ``group`` back for reuse, unless the world it was made in has been destroyed
-    since (a communicator closed after ``destroy_process_group`` and a new init): then the
-    group is dead and is dropped."""
-    born = _born.pop(id(group), None)
+    """Hand ``group`` back for reuse, unless its world has been destroyed since it was
+    acquired (a communicator closed after ``destroy_process_group`` and a new init, or after
+    :func:`forget_groups`): then the group is dead and is dropped, on every rank alike."""
     key = _key(ranks, backend, timeout_s)
-    # every rank must cache (or drop) alike, non-members too: they acquire the same keys
-    if group is dist.GroupMember.NON_GROUP_MEMBER or born is _world[0]:
+    if generation == _generation[0]:
         _free.setdefault(key, []).append(group)
 
 
@@ -69,5 +72,5 @@ def forget_groups() -> None:
     ``destroy_process_group`` and at exit, so that no process group outlives the interpreter's
     orderly shutdown: one destroyed during module teardown can abort the process (SIGABRT)."""
     _free.clear()
-    _born.clear()
     _world[0] = None
+    _generation[0] += 1

@@ -298,9 +298,9 @@ class ShmSegment:
         self._flags = memoryview(self._mm).cast("q")
         self._pids_at = 2 * p * _LINE // 8
         self._flags[self._pids_at + self.rank] = os.getpid()
+        self._tid = self._flags[self._flag(_ARRIVED, self.rank) + 2] = threading.get_native_id()
         self._plans: dict[tuple, tuple] = {}
         self._stat_fds: dict[tuple, int] = {}  # (peer, its thread) -> open /proc/.../stat
-        self._tid = 0  # the thread id this rank last published
         self._data = torch.frombuffer(
             self._mm, dtype=torch.uint8, offset=head, count=(p + 1) * capacity
         )
@@ -312,8 +312,8 @@ class ShmSegment:
 
         ``fresh=False`` continues the caller's collective: its timeout keeps running from the
         first stall of an earlier step (``hierarchical`` does three steps per all-reduce)."""
+        self._check()
         if self.world_size == 1:
-            self._check()
             return
         self._begin(fresh)
         fp = _fingerprint(_OP_ALL_REDUCE, x)
