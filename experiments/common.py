@@ -104,7 +104,7 @@ class NullTracker:
 
     def attach(self, path: str | Path) -> None: ...
 
-    def finish(self, failed: bool, exit_code: int | None = None) -> None: ...
+    def finish(self, exit_code: int) -> None: ...
 
 
 class WandbTracker(NullTracker):
@@ -145,8 +145,8 @@ class WandbTracker(NullTracker):
     def attach(self, path: str | Path) -> None:
         self.run.save(str(path), base_path=self.out_dir, policy="now")
 
-    def finish(self, failed: bool, exit_code: int | None = None) -> None:
-        self.run.finish(exit_code=exit_code if exit_code is not None else int(failed))
+    def finish(self, exit_code: int) -> None:
+        self.run.finish(exit_code=exit_code)
 
 
 def make_tracker(cfg: DictConfig, out_dir: str, job_type: str) -> NullTracker:
@@ -213,42 +213,34 @@ def run_job(
         return body(out_dir, NullTracker())  # under torchrun/SLURM only rank 0 records
     tracker = make_tracker(cfg, out_dir, job_type)
     path = Path(out_dir) / result_file
+
+    def record(data: dict[str, Any], exit_code: int) -> None:
+        write_json_atomic(path, data)
+        tracker.log(data)
+        tracker.attach(path)
+        tracker.finish(exit_code)
+
+    def ended(status: str, **why: Any) -> dict[str, Any]:
+        return {
+            "job_type": job_type,
+            "status": status,
+            **why,
+            "strategy": cfg.strategy.name,
+            "world_size": cfg.parallel.world_size,
+        }
+
     try:
         with _interruptible():
             results = {"job_type": job_type, **body(out_dir, tracker)}
     except JobInterrupted as e:
-        name = signal.Signals(e.signum).name
-        killed = {
-            "job_type": job_type,
-            "status": "killed",
-            "signal": name,
-            "error": str(e),
-            "strategy": cfg.strategy.name,
-            "world_size": cfg.parallel.world_size,
-        }
-        write_json_atomic(path, killed)
-        tracker.log(killed)
-        tracker.attach(path)
-        tracker.finish(failed=True, exit_code=128 + e.signum)
+        record(ended("killed", signal=signal.Signals(e.signum).name, error=str(e)), 128 + e.signum)
         signal.signal(e.signum, signal.SIG_DFL)
         os.kill(os.getpid(), e.signum)  # die of the signal, as without the record
         raise
     except BaseException as e:
-        failed = {
-            "job_type": job_type,
-            "status": "failed",
-            "error": f"{type(e).__name__}: {e}",
-            "traceback": traceback.format_exc(),
-            "strategy": cfg.strategy.name,
-            "world_size": cfg.parallel.world_size,
-        }
-        write_json_atomic(path, failed)
-        tracker.log(failed)
-        tracker.attach(path)
-        tracker.finish(failed=True)
+        record(
+            ended("failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()), 1
+        )
         raise
-    write_json_atomic(path, results)
-    tracker.log(results)
-    tracker.attach(path)
-    tracker.finish(failed=False)
+    record(results, 0)
     return results

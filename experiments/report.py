@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.experimental.callback import Callback
 
 INFER_COLS = [
@@ -106,8 +107,6 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 def _job_type(job: Path) -> str:
     """The entry point that ran a Hydra job (``hydra.job.name``: infer or bench)."""
-    import yaml
-
     try:
         hydra = yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())["hydra"]
         return str(hydra["job"]["name"])

@@ -231,11 +231,16 @@ def test_small_dev_shm_is_an_error_at_setup_on_every_rank(pools) -> None:
 
 
 # -- 7, 9. zombies are dead; other users' stale files are not ours -----------------------------
+def proc_stat(path: Path) -> list[str]:
+    """Fields 3 onwards of a ``/proc/<pid>/stat`` file: [0] state, [1] ppid, [11] utime."""
+    return path.read_text().rsplit(")", 1)[-1].split()
+
+
 def _zombie() -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # exited but not reaped: a zombie
-        state = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        state = proc_stat(Path(f"/proc/{p.pid}/stat"))[0]
         if state == "Z":
             return p
         time.sleep(0.01)
@@ -320,7 +325,7 @@ def _ranks_of(pid: int) -> set[int]:
     out = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[-1].split()
+            fields = proc_stat(stat)
             cmd = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
@@ -413,7 +418,7 @@ def test_background_load_runs_busy_processes_and_stops_them() -> None:
         assert len(pids) == 2
         time.sleep(0.3)
         for pid in pids:  # spinning: runnable and using CPU
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+            fields = proc_stat(Path(f"/proc/{pid}/stat"))
             assert fields[0] == "R" and int(fields[11]) > 0, fields[:12]
     assert not any(alive(pid) for pid in pids)
 
@@ -431,8 +436,8 @@ def test_a_killed_job_finishes_its_tracker_run_as_killed(tmp_path: Path, monkeyp
         def log(self, data: dict) -> None:
             calls.append(("log", data.get("status")))
 
-        def finish(self, failed: bool, exit_code: int | None = None) -> None:
-            calls.append(("finish", failed, exit_code))
+        def finish(self, exit_code: int) -> None:
+            calls.append(("finish", exit_code))
 
     def body(out_dir, tracker):
         raise common.JobInterrupted(signal.SIGTERM)  # what the handler raises
@@ -447,7 +452,7 @@ def test_a_killed_job_finishes_its_tracker_run_as_killed(tmp_path: Path, monkeyp
             common.run_job(cfg, "infer", body, "results.json")
     finally:
         signal.signal(signal.SIGTERM, before)
-    assert ("log", "killed") in calls and ("finish", True, 128 + signal.SIGTERM) in calls
+    assert ("log", "killed") in calls and ("finish", 128 + signal.SIGTERM) in calls
     assert killed == [signal.SIGTERM]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["status"] == "killed" and saved["signal"] == "SIGTERM"

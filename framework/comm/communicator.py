@@ -147,7 +147,7 @@ class Handle:
             self._finish = finish
             comm._pending[id(self)] = self
             if self._span is not None:
-                bisect.insort(comm._spans, self._span)
+                comm._hold_span(self._span)
             raise
 
 
@@ -193,10 +193,9 @@ class Communicator(ABC):
         if _parent is not None:
             # An inner algorithm shares its scheduler's private group and counters, so the
             # scheduler's stats show what went on the wire without double-counting calls.
-            self.group, self._owns_group, self.stats = _parent.group, False, _parent.stats
+            self.group, self.stats = _parent.group, _parent.stats
         else:
-            self.group, self._owns_group = self._new_group(), True
-            self.stats = CommStats()
+            self.group, self.stats = self._new_group(), CommStats()
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self._check_group = self._new_group() if validate and _parent is None else None
@@ -240,8 +239,11 @@ class Communicator(ABC):
         h = self._all_reduce(x)
         if not h.done and hi > lo:
             h._span = (lo, hi)
-            bisect.insort(spans, h._span)
+            self._hold_span(h._span)
         return h
+
+    def _hold_span(self, span: tuple[int, int]) -> None:
+        bisect.insort(self._spans, span)
 
     def _release_span(self, span: tuple[int, int]) -> None:
         i = bisect.bisect_left(self._spans, span)

@@ -102,6 +102,12 @@ def _libc_sched_getcpu():
 _sched_getcpu = _libc_sched_getcpu()  # the CPU this thread runs on (vDSO: ~0.1 us)
 
 
+def _stat_fields(raw: bytes) -> list[bytes]:
+    """Fields 3 onwards of ``/proc/<pid>[/task/<tid>]/stat`` (the name in field 2 may hold
+    spaces and parentheses, so split after its last ``)``): [0] is the state, [36] the CPU."""
+    return raw.rsplit(b")", 1)[-1].split()
+
+
 def queued_on_this_cpu(stat_fd: int) -> bool:
     """Whether the thread whose ``/proc/.../stat`` is open as ``stat_fd`` is runnable and last
     ran on the CPU the calling thread runs on: then it waits for this very CPU. One ``pread``
@@ -109,7 +115,7 @@ def queued_on_this_cpu(stat_fd: int) -> bool:
     if stat_fd < 0 or _sched_getcpu is None:
         return False
     try:
-        fields = os.pread(stat_fd, 1024, 0).rsplit(b")", 1)[-1].split()
+        fields = _stat_fields(os.pread(stat_fd, 1024, 0))
     except OSError:
         return False
     return fields[0] == b"R" and int(fields[36]) == _sched_getcpu()
@@ -200,10 +206,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         pass
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        state = _stat_fields(Path(f"/proc/{pid}/stat").read_bytes())[0]
     except OSError:  # no /proc (or it just exited): trust kill()
         return True
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    return state not in (b"Z", b"X")
 
 
 @atexit.register
