@@ -18,6 +18,9 @@ import importlib
 from typing import Any
 
 __all__ = [
+    "HOST_ONLY",
+    "HOST_OR_NCCL",
+    "LIBRARY_SUPPORT",
     "Algorithm",
     "CommError",
     "CommStats",

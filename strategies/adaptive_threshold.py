@@ -5,13 +5,15 @@ bigger bucket waits longer to start, so the useful bucket size is where the band
 grown to ``amortize`` times the latency term: threshold = amortize * alpha / beta, clamped to
 [min_bytes, max_bytes]. (With amortize = 4 the fixed cost is at most 20% of a full bucket's
 time.) alpha and beta come from a least-squares fit of the collectives this communicator has
-timed on its progress thread, refitted every ``refit_every`` collectives, or from ``table``: a
-CSV written by ``experiments.bench`` (columns ``size`` and ``time_us``). The threshold is only
-changed when nothing is held or in flight, so ranks (which see the same sequence of calls but
-time them differently) could otherwise disagree on bucket boundaries; to keep every rank's
-buckets identical, the fit is averaged over the group with a tiny all-reduce when it changes.
-Fitted ``alpha_s``, ``beta_s_per_byte`` and ``threshold_bytes`` are in ``stats.extra``.
-Summation order is the inner algorithm's.
+timed (on its progress thread, or with CUDA events on NCCL), refitted every ``refit_every``
+collectives, or from ``table``: a CSV written by ``experiments.bench`` (columns ``size`` and
+``time_us``). The threshold is only changed when nothing is held or in flight, so ranks
+(which see the same sequence of calls but time them differently) could otherwise disagree on
+bucket boundaries; to keep every rank's buckets identical, the fit is averaged over the group
+with a tiny all-reduce when it changes. Fitted ``alpha_s``, ``beta_s_per_byte`` and
+``threshold_bytes`` are in ``stats.extra``. Summation order is the inner algorithm's.
+
+Devices: those of ``inner``, as ``bucketed``.
 """
 
 from __future__ import annotations

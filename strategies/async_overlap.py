@@ -4,6 +4,9 @@ Wins when the caller has independent work between issue and wait (the next micro
 TP runner): the reduction runs while that work computes. With nothing to overlap (one
 micro-batch, wait right after issue) it costs a thread hand-off over ``naive``, and the
 measurements show that. Summation order is the inner algorithm's.
+
+Devices: those of ``inner``. On NCCL the launch is a CUDA communication stream and an event,
+not the progress thread (:mod:`framework.comm.streams`).
 """
 
 from __future__ import annotations

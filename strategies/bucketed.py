@@ -8,6 +8,8 @@ bucket is reduced in place, without a copy. It wins only when several independen
 issued before a wait (micro-batches in the TP runner, many small tensors in the benchmark);
 with one tensor per wait it is ``naive`` plus a little bookkeeping. Summation order per element
 is the inner algorithm's, so results equal the inner algorithm's exactly.
+
+Devices: those of ``inner``; a bucket holds one dtype on one device, in a buffer on that device.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from framework.comm.buffers import BufferPool, view_as
 
 
 class _Bucket:
-    __slots__ = ("buf", "done", "dtype", "failed", "future", "nbytes", "numel", "tensors")
+    __slots__ = ("buf", "done", "dtype", "failed", "future", "key", "nbytes", "numel", "tensors")
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+    def __init__(self, key: tuple[torch.dtype, torch.device]) -> None:
+        self.key = key
+        self.dtype = key[0]
         self.tensors: list[Tensor] = []
         self.numel = self.nbytes = 0
         self.future: Future | None = None
@@ -40,8 +43,8 @@ class Bucketed(Schedule):
         self.require_positive(bucket_bytes=bucket_bytes)
         self.bucket_bytes = bucket_bytes
         super().__init__(group, **rest)
-        self._pool = BufferPool(self.stats, self.device)
-        self._open: dict[torch.dtype, _Bucket] = {}
+        self._pool = BufferPool(self.stats)
+        self._open: dict[tuple[torch.dtype, torch.device], _Bucket] = {}
         self._order: list[_Bucket] = []  # open buckets in creation order
         self.in_flight = 0  # buckets launched and not yet completed
 
@@ -51,12 +54,13 @@ class Bucketed(Schedule):
 
     def _all_reduce(self, x: Tensor) -> Handle:
         nbytes = x.numel() * x.element_size()
-        b = self._open.get(x.dtype)
+        key = (x.dtype, x.device)  # a bucket is one flat buffer: one dtype, one device
+        b = self._open.get(key)
         if b is not None and b.nbytes + nbytes > self.threshold():
             self._launch(b)
             b = None
         if b is None:
-            b = self._open[x.dtype] = _Bucket(x.dtype)
+            b = self._open[key] = _Bucket(key)
             self._order.append(b)
         b.tensors.append(x)
         b.numel += x.numel()
@@ -66,13 +70,13 @@ class Bucketed(Schedule):
         return Handle(self, lambda: self._finish(b, x))
 
     def _launch(self, b: _Bucket) -> None:
-        del self._open[b.dtype]
+        del self._open[b.key]
         self._order.remove(b)
         self.in_flight += 1
         if len(b.tensors) == 1:
             b.future = self.inner.launch(b.tensors[0])
             return
-        b.buf = self._pool.acquire(b.numel, b.dtype)
+        b.buf = self._pool.acquire(b.numel, b.dtype, b.key[1])
         flat = view_as(b.buf, b.numel, b.dtype)
         torch.cat([t.view(-1) for t in b.tensors], out=flat)
         b.future = self.inner.launch(flat)

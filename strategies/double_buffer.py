@@ -8,6 +8,8 @@ still in flight is first completed (its result copied out to its owner). ``buffe
 and ``buffer_reuses`` prove the reuse. The copies cost memory bandwidth on a CPU; the payoff
 is on GPUs, where fixed buffers allow NCCL buffer registration and CUDA-graph capture.
 Summation order is the inner algorithm's.
+
+Devices: those of ``inner``; each buffer lives on the device of the message it carries.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ class DoubleBuffer(Schedule):
             self._in_flight[i]._complete()  # raises if that collective failed
         nbytes = x.numel() * x.element_size()
         buf = self._bufs[i]
-        if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[i] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if buf is None or buf.numel() < nbytes or buf.device != x.device:
+            buf = self._bufs[i] = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
             self.stats.buffer_allocs += 1
         else:
             self.stats.buffer_reuses += 1

@@ -12,6 +12,9 @@ summation order (node sums first), exact for integers; every rank gets the leade
 with the backend's collectives) or ``shm`` (a shared-memory segment per node, see
 :mod:`framework.comm.shm`: every node rank gets the node sum from the segment, leaders all-reduce
 across nodes with the library, and the leader's result is broadcast through the segment).
+
+Devices: CPU tensors on gloo (gloo's reduce takes host memory only), CUDA tensors on NCCL with
+``intra=library``; ``intra=shm`` is gloo and CPU only.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-from framework import Algorithm, register_strategy
+from framework import HOST_OR_NCCL, Algorithm, CommError, register_strategy
 from framework.comm.env import ranks_per_node_from_env
 from framework.comm.groups import acquire_group, release_group
 from framework.comm.shm import shm_segment_for
@@ -31,6 +34,8 @@ INTRA = ("library", "shm")
 
 @register_strategy("hierarchical")
 class Hierarchical(Algorithm):
+    supports = HOST_OR_NCCL
+
     def __init__(
         self,
         group=None,
@@ -44,6 +49,11 @@ class Hierarchical(Algorithm):
         self.require_one_of("intra", intra, INTRA)
         self.require_positive(chunk_bytes=chunk_bytes)
         super().__init__(group, **common)
+        if intra == "shm" and self.backend != "gloo":
+            raise CommError(
+                f"strategy {self.name!r}: intra=shm shares host memory and needs gloo with "
+                f"CPU tensors, not {self.backend}; use intra=library"
+            )
         p = self.world_size
         self.ranks_per_node = min(ranks_per_node or ranks_per_node_from_env() or p, p)
         k, r = self.ranks_per_node, self.rank

@@ -3,6 +3,9 @@
 The library picks its own algorithm (gloo: ring or halving-doubling; NCCL: ring or tree), so the
 summation order is the library's. ``wire_bytes`` uses the ring figure 2(p-1)/p of the payload,
 the bus-bandwidth convention of nccl-tests.
+
+Devices: CPU and CUDA tensors on gloo (gloo stages CUDA tensors through host memory), CUDA
+tensors on NCCL. Capturable in a CUDA graph on NCCL (``graph_safe``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from framework import Algorithm, register_strategy
 
 @register_strategy("naive")
 class Naive(Algorithm):
+    graph_safe_backends = frozenset({"nccl"})
+
     def reduce_(self, x: Tensor) -> None:
         dist.all_reduce(x, group=self.group)
 

@@ -6,11 +6,13 @@ the ranks sum disjoint slices in parallel (reduce-scatter) and every rank copies
 back (all-gather); see :mod:`framework.comm.shm` for the protocol, waiting and clean-up. Messages
 larger than ``chunk_bytes`` go in chunks, so the segment holds (p + 1) * chunk_bytes.
 
-If the group spans several hosts (or the backend is not gloo, or the host cannot run the
-transport), every call falls back to the library all-reduce, and ``stats.extra["shm"]`` is 0;
-``hierarchical`` with ``intra=shm`` is the strategy for several hosts. Summation order is rank
-order per element (slot 0 + slot 1 + ...), exact for integers; every rank receives the same
-bits.
+If the group spans several hosts (or the host cannot run the transport), every call falls back
+to the library all-reduce, and ``stats.extra["shm"]`` is 0; ``hierarchical`` with
+``intra=shm`` is the strategy for several hosts. Summation order is rank order per element
+(slot 0 + slot 1 + ...), exact for integers; every rank receives the same bits.
+
+Devices: CPU tensors on gloo only (the segment is host memory); a CUDA tensor or an NCCL group
+is refused with a ``CommError``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-from framework import Algorithm, register_strategy
+from framework import HOST_ONLY, Algorithm, register_strategy
 from framework.comm.shm import shm_segment_for
 
 
 @register_strategy("shm")
 class Shm(Algorithm):
+    supports = HOST_ONLY
+
     def __init__(self, group=None, *, chunk_bytes: int = 1 << 20, **common: Any) -> None:
         self.require_positive(chunk_bytes=chunk_bytes)
         super().__init__(group, **common)

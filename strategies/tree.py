@@ -8,6 +8,9 @@ a rank forwards chunk c to its parent while its children already send chunk c+1 
 Speck and Traeff 2009; NCCL's tree is the same idea). Changes the summation order: element
 sums are (own + left subtree) + right subtree, exact for integers, within float rounding of
 the library's order for floats; every rank receives the same bits (the root broadcasts them).
+
+Devices: CPU tensors on gloo, CUDA tensors on NCCL (gloo's point-to-point calls take host
+memory only).
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-from framework import Algorithm, register_strategy
+from framework import HOST_OR_NCCL, Algorithm, register_strategy
 from framework.comm.buffers import BufferPool, view_as
 
 
 @register_strategy("tree")
 class Tree(Algorithm):
+    supports = HOST_OR_NCCL
+
     def __init__(self, group=None, *, chunk_bytes: int = 1 << 20, **common: Any) -> None:
         self.require_positive(chunk_bytes=chunk_bytes)
         self.chunk_bytes = chunk_bytes
@@ -30,7 +35,7 @@ class Tree(Algorithm):
         r, p = self.rank, self.world_size
         self.children = [self.global_rank(c) for c in (2 * r + 1, 2 * r + 2) if c < p]
         self.parent = self.global_rank((r - 1) // 2) if r > 0 else None
-        self._pool = BufferPool(self.stats, self.device, max_free=2)
+        self._pool = BufferPool(self.stats, max_free=2)
 
     def wire_bytes(self, nbytes: int) -> int:
         # reduce: one message up to the parent; broadcast: one message down to each child
@@ -42,7 +47,9 @@ class Tree(Algorithm):
         flat = x.view(-1)
         step = max(1, self.chunk_bytes // x.element_size())
         chunks = [(lo, min(lo + step, flat.numel())) for lo in range(0, flat.numel(), step)]
-        scratch = [self._pool.acquire(min(step, flat.numel()), x.dtype) for _ in self.children]
+        scratch = [
+            self._pool.acquire(min(step, flat.numel()), x.dtype, x.device) for _ in self.children
+        ]
         ok = False
         try:
             sends = []

@@ -85,6 +85,12 @@ def test_structured_config_rejects_bad_types() -> None:
         (["workload.prompt_len=200"], "exceeds the model context"),
         (["strategy=bucketed", "strategy.bucket_bytes=-1"], "bucket_bytes must be > 0"),
         (["parallel.backend=nccl"], "CUDA devices"),
+        (["parallel.device=cuda"], "needs a CUDA device"),
+        (["parallel.cuda_graphs=true"], "cuda_graphs=true needs CUDA tensors; this run is on cpu"),
+        (
+            ["strategy=bucketed", "parallel.cuda_graphs=true"],
+            r"'bucketed' cannot be captured in a CUDA graph on gloo .* on gloo: none",
+        ),
         (["model=hf", "model.checkpoint=/nonexistent/dir"], "not a directory"),
     ],
 )

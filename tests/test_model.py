@@ -575,3 +575,33 @@ def test_comm_may_update_inputs_in_place_from_another_thread() -> None:
     model.reset_cache(2, 5)
     torch.testing.assert_close(model(tokens, micro_batches=2), ref(tokens))
     pool.shutdown()
+
+
+class _Stats:
+    calls = collectives = bytes = wire_bytes = 0
+    wait_s = 0.0
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_static_decode_step_matches_dynamic(tp: int) -> None:
+    """The fixed-shape decode step a CUDA graph captures (whole cache, position read from a
+    device tensor) gives the dynamic path's logits and tokens, with left padding and
+    micro-batches, at TP 1 and 2."""
+    from framework.run.graphs import GraphDecode
+
+    prompts = random_prompts([7, 3, 5])
+    group = ThreadGroup(tp)
+
+    def rank_fn(rank: int) -> tuple[Any, Any]:
+        comm = group.comm(rank)
+        model = TPLlama(TINY, comm, rank, tp).init_random(5)
+        dynamic = generate(model, prompts, 8, micro_batches=2, return_logits=True)
+        comm.stats = _Stats()
+        step = GraphDecode(model, comm, micro_batches=2, capture=False)
+        static = generate(model, prompts, 8, micro_batches=2, return_logits=True, decode_step=step)
+        return dynamic, static
+
+    for dynamic, static in run_ranks(tp, rank_fn):
+        assert static.tokens == dynamic.tokens
+        for a, b in zip(static.logits, dynamic.logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,15 @@ buffers, private groups, the shared-memory transport, profiling spans and launch
 """
 
 from framework.comm.algorithm import Algorithm, Schedule
-from framework.comm.communicator import CommError, CommStats, Communicator, Handle
+from framework.comm.communicator import (
+    HOST_ONLY,
+    HOST_OR_NCCL,
+    LIBRARY_SUPPORT,
+    CommError,
+    CommStats,
+    Communicator,
+    Handle,
+)
 from framework.comm.registry import (
     available_strategies,
     build_communicator,
@@ -16,6 +24,9 @@ from framework.comm.registry import (
 )
 
 __all__ = [
+    "HOST_ONLY",
+    "HOST_OR_NCCL",
+    "LIBRARY_SUPPORT",
     "Algorithm",
     "CommError",
     "CommStats",

@@ -6,12 +6,16 @@ adaptive_threshold) decides *when* and *in what grouping* tensors are reduced an
 actual reductions to an inner algorithm through ``launch()``, so any schedule can be crossed
 with any algorithm in a sweep (option ``inner``).
 
-``launch()`` runs the algorithm on one progress thread per communicator. One FIFO thread keeps
-the order of collectives identical on every rank (the contract of any collective), works for
-algorithms built from blocking point-to-point calls as well as for library collectives, and
-lets each collective be timed exactly where it runs, which the adaptive strategy needs for its
-latency/bandwidth fit. Blocking library calls release the GIL, so the caller's compute runs
-while the thread waits on the wire.
+``launch()`` on gloo runs the algorithm on one progress thread per communicator. One FIFO
+thread keeps the order of collectives identical on every rank (the contract of any collective),
+works for algorithms built from blocking point-to-point calls as well as for library
+collectives, and lets each collective be timed exactly where it runs, which the adaptive
+strategy needs for its latency/bandwidth fit. Blocking library calls release the GIL, so the
+caller's compute runs while the thread waits on the wire.
+
+On NCCL nothing blocks the host, so ``launch()`` enqueues the algorithm on a CUDA
+communication stream from the caller's thread and hands back an event to wait on
+(:mod:`framework.comm.streams`): no thread, no host synchronisation in the hot path.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import Tensor
 from framework.comm.communicator import Communicator, Handle
 from framework.comm.profiling import _enabled as _profiling
 from framework.comm.profiling import span
+from framework.comm.streams import StreamLauncher
 
 
 class Algorithm(Communicator):
@@ -39,6 +44,7 @@ class Algorithm(Communicator):
     def __init__(self, group=None, **common: Any) -> None:
         super().__init__(group, **common)
         self._progress: ThreadPoolExecutor | None = None
+        self._streams: StreamLauncher | None = None
         # (payload bytes, seconds) of recent collectives run through launch(): the adaptive
         # strategy fits its latency/bandwidth model on these.
         self.timings: deque[tuple[int, float]] = deque(maxlen=256)
@@ -54,7 +60,12 @@ class Algorithm(Communicator):
         return nbytes
 
     def launch(self, x: Tensor) -> Future:
-        """Reduce ``x`` in place on the progress thread; ``future.result()`` waits for it."""
+        """Reduce ``x`` in place asynchronously; ``future.result()`` waits for it (on NCCL:
+        makes the caller's stream wait, see :mod:`framework.comm.streams`)."""
+        if self.backend == "nccl":
+            if self._streams is None:
+                self._streams = StreamLauncher()
+            return self._streams.launch(x, self._stream_reduce, self.timings)  # type: ignore[return-value]
         if self._progress is None:
             self._progress = ThreadPoolExecutor(1, thread_name_prefix=f"commlab-{self.name}")
         return self._progress.submit(self._timed_reduce, x)
@@ -68,6 +79,11 @@ class Algorithm(Communicator):
             torch.cuda.current_stream(x.device).synchronize()
         self.timings.append((x.numel() * x.element_size(), time.perf_counter() - t0))
         return x
+
+    def _stream_reduce(self, x: Tensor) -> None:
+        self._start(x)
+        with span(self._reduce_span):
+            self.reduce_(x)
 
     def _all_reduce(self, x: Tensor) -> Handle:
         self._start(x)
@@ -167,6 +183,12 @@ class Schedule(Communicator):
             **inner_options,
         )
         self.inner_name = inner
+        # a schedule runs where its inner algorithm runs
+        self.supports = {
+            b: devices & self.inner.supports[b]
+            for b, devices in type(self).supports.items()
+            if b in self.inner.supports
+        }
 
     def _release(self) -> None:
         self.inner._release()

@@ -16,25 +16,23 @@ from framework.comm.communicator import CommStats
 
 
 class BufferPool:
-    def __init__(self, stats: CommStats, device: torch.device, max_free: int = 8) -> None:
+    def __init__(self, stats: CommStats, max_free: int = 8) -> None:
         self.stats = stats
-        self.device = device
         self.max_free = max_free
         self._free: list[Tensor] = []
         self.live = 0  # buffers handed out and not yet released
 
-    def acquire(self, numel: int, dtype: torch.dtype) -> Tensor:
-        """A flat byte buffer of at least ``numel`` elements of ``dtype`` (view it yourself)."""
+    def acquire(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat byte buffer on ``device`` (the message's own device) of at least ``numel``
+        elements of ``dtype`` (view it yourself)."""
         need = numel * torch.empty((), dtype=dtype).element_size()
-        fits = [i for i, b in enumerate(self._free) if b.numel() >= need]
+        fits = [i for i, b in enumerate(self._free) if b.numel() >= need and b.device == device]
         self.live += 1
         if fits:
             self.stats.buffer_reuses += 1
             return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         self.stats.buffer_allocs += 1
-        return torch.empty(
-            1 << max(need - 1, 1).bit_length(), dtype=torch.uint8, device=self.device
-        )
+        return torch.empty(1 << max(need - 1, 1).bit_length(), dtype=torch.uint8, device=device)
 
     def release(self, buf: Tensor) -> None:
         self.live -= 1

@@ -13,7 +13,10 @@ that must be identical across strategies so that measurements are comparable:
 * the optional ``validate`` fingerprint exchange that turns a desynchronised program into an
   error on every rank instead of a hang;
 * a private duplicate of the process group, so a strategy's traffic (possibly issued from a
-  progress thread) never interleaves with collectives the caller runs on its own group.
+  progress thread) never interleaves with collectives the caller runs on its own group;
+* the devices a strategy supports per backend (:attr:`Communicator.supports`): an unsupported
+  backend is refused when the communicator is built, a tensor on an unsupported device when it
+  is passed, both as a :class:`CommError` naming what is supported.
 """
 
 from __future__ import annotations
@@ -52,6 +55,19 @@ DEFAULT_DTYPES = frozenset(
 _OP_ALL_REDUCE, _OP_FLUSH, _OP_CLOSE = 1, 2, 3
 _OP_NAMES = {_OP_ALL_REDUCE: "all_reduce", _OP_FLUSH: "flush", _OP_CLOSE: "close"}
 _DTYPE_CODES = {dt: i for i, dt in enumerate(sorted(DEFAULT_DTYPES, key=str))}
+
+# What the library collectives handle: gloo sums CPU tensors and CUDA tensors (staged through
+# host memory), NCCL only CUDA tensors. A strategy narrows this where its transport cannot.
+LIBRARY_SUPPORT: dict[str, frozenset[str]] = {
+    "gloo": frozenset({"cpu", "cuda"}),
+    "nccl": frozenset({"cuda"}),
+}
+HOST_ONLY: dict[str, frozenset[str]] = {"gloo": frozenset({"cpu"})}
+# Point-to-point messages and reduce-to-root: gloo handles these for CPU tensors only.
+HOST_OR_NCCL: dict[str, frozenset[str]] = {
+    "gloo": frozenset({"cpu"}),
+    "nccl": frozenset({"cuda"}),
+}
 
 
 class CommError(RuntimeError):
@@ -162,6 +178,10 @@ class Communicator(ABC):
 
     name: ClassVar[str] = "?"
     supported_dtypes: ClassVar[frozenset[torch.dtype]] = DEFAULT_DTYPES
+    # backend -> device types this strategy's transport handles (see LIBRARY_SUPPORT)
+    supports: ClassVar[dict[str, frozenset[str]]] = LIBRARY_SUPPORT
+    # backends on which every collective of this strategy can be captured in a CUDA graph
+    graph_safe_backends: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -187,7 +207,12 @@ class Communicator(ABC):
         self._blocked_span = f"commlab.{self.name}.blocked"
         user_group = group if group is not None else dist.group.WORLD
         self.backend = dist.get_backend(user_group)
-        self.device = _device_for(self.backend)
+        if self.backend not in self.supports:
+            raise CommError(
+                f"strategy {self.name!r} does not run on the {self.backend} backend; it "
+                f"supports {_describe_support(self.supports)}"
+            )
+        self.device = _device_for(self.backend)  # the group's own device (fingerprints)
         self._cuda = self.device.type == "cuda"
         self.ranks = dist.get_process_group_ranks(user_group)
         if _parent is not None:
@@ -282,6 +307,12 @@ class Communicator(ABC):
         self.stats.reset()
 
     @property
+    def graph_safe(self) -> bool:
+        """Whether a CUDA graph can capture this communicator's collectives: each is enqueued
+        on the capturing stream with no host synchronisation, thread or host-side transport."""
+        return self.backend in self.graph_safe_backends
+
+    @property
     def pending(self) -> int:
         """Handles issued and not yet completed (bounded in a healthy loop)."""
         return len(self._pending)
@@ -367,10 +398,15 @@ class Communicator(ABC):
         if x.dtype not in self.supported_dtypes:
             ok = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.supported_dtypes))
             raise self._error(f"dtype {x.dtype} is not supported (supported: {ok})")
-        if not (x.is_cuda if self._cuda else x.is_cpu):
+        if x.device.type not in self.supports[self.backend]:
             raise self._error(
-                f"tensor is on {x.device} but the {self.backend} group works on "
-                f"{self.device.type} tensors"
+                f"tensor is on {x.device}, which this strategy does not support on the "
+                f"{self.backend} backend; it supports {_describe_support(self.supports)}"
+            )
+        if self._cuda and x.device != self.device:
+            raise self._error(
+                f"tensor is on {x.device} but this rank's NCCL group works on {self.device} "
+                f"(torch.cuda.set_device before building the communicator)"
             )
         if not x.is_contiguous():
             raise self._error(
@@ -408,6 +444,10 @@ def _describe(row: list[int]) -> str:
         return f"{_OP_NAMES[op]} #{seq}"
     dtype = {v: k for k, v in _DTYPE_CODES.items()}.get(row[2])
     return f"all_reduce #{seq} shape {tuple(row[5 : 5 + min(ndim, 4)])} {dtype} numel {numel}"
+
+
+def _describe_support(supports: dict[str, frozenset[str]]) -> str:
+    return "; ".join(f"{b}: {', '.join(sorted(d))} tensors" for b, d in sorted(supports.items()))
 
 
 def _device_for(backend: str) -> torch.device:

@@ -66,6 +66,7 @@ def generate(
     return_logits: bool = False,
     on_prefill_end: Callable[[], None] | None = None,
     on_step_end: Callable[[int], None] | None = None,
+    decode_step: Callable[[Tensor], Tensor] | None = None,
 ) -> GenerateOutput:
     """Generate ``new_tokens`` tokens for each prompt (greedy when temperature == 0).
 
@@ -73,6 +74,8 @@ def generate(
     forwards. ``on_prefill_end()`` fires after token 0 is chosen; ``on_step_end(i)``
     after decode step i (1 <= i < new_tokens) chose token i. The callbacks do not
     synchronise an accelerator: a timing callback should do so itself.
+    ``decode_step(tokens)`` replaces the decode forward (tokens (B, 1) -> logits (B, 1, V),
+    advancing the cache): a CUDA-graph replay, say (``framework.run.graphs``).
     The model's KV cache is reset to exactly max prompt length + new_tokens positions.
     """
     cfg = model.cfg
@@ -111,7 +114,9 @@ def generate(
     kept: list[Tensor] = []
     logits = model(tokens, mask, micro_batches=micro_batches, last_only=True)  # (B, 1, V)
     for step in range(new_tokens):
-        if step > 0:
+        if step > 0 and decode_step is not None:
+            logits = decode_step(chosen[-1][:, None])  # (B, 1, V)
+        elif step > 0:
             logits = model(
                 chosen[-1][:, None], micro_batches=micro_batches, last_only=True
             )  # (B, 1, V)

@@ -84,8 +84,11 @@ class Attention(nn.Module):
         mask: Tensor,
         k_cache: Tensor,
         v_cache: Tensor,
-        pos: int,
+        pos: int | Tensor,
     ) -> AllReduceHandle:
+        """``pos``: the cache position of the first new token; an int (attend over the cache
+        up to the new tokens) or a 1-element device tensor (one token, attend over the whole
+        cache under ``mask``: fixed shapes for CUDA graphs)."""
         b, t, _ = x.shape  # x: (b, t, D), already normed
         hd = self.head_dim
         q = self.q_proj(x).view(b, t, self.n_heads, hd).transpose(1, 2)  # (b, Hl, t, hd)
@@ -96,10 +99,15 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
 
         # k/v caches are views of this micro-batch's rows of the layer cache.
-        k_cache[:, :, pos : pos + t] = k
-        v_cache[:, :, pos : pos + t] = v
-        keys = k_cache[:, :, : pos + t]  # (b, KVl, L, hd)
-        values = v_cache[:, :, : pos + t]  # (b, KVl, L, hd)
+        if isinstance(pos, Tensor):
+            k_cache.index_copy_(2, pos, k)
+            v_cache.index_copy_(2, pos, v)
+            keys, values = k_cache, v_cache  # (b, KVl, L, hd), L = the whole cache
+        else:
+            k_cache[:, :, pos : pos + t] = k
+            v_cache[:, :, pos : pos + t] = v
+            keys = k_cache[:, :, : pos + t]  # (b, KVl, L, hd)
+            values = v_cache[:, :, : pos + t]  # (b, KVl, L, hd)
         # enable_gqa: query head j uses kv head j // (Hl / KVl), as HF's repeat_kv, without
         # materialising repeated keys/values every decode step.
         out = F.scaled_dot_product_attention(
@@ -150,7 +158,7 @@ class DecoderLayer(nn.Module):
         mask: Tensor,
         k_cache: Tensor,
         v_cache: Tensor,
-        pos: int,
+        pos: int | Tensor,
     ) -> AllReduceHandle:
         return self.self_attn(self.input_layernorm(h), cos, sin, mask, k_cache, v_cache, pos)
 

@@ -256,8 +256,6 @@ class TPLlama(nn.Module):
                 f"cannot append {t} tokens at position {pos}: KV cache holds "
                 f"{cache_len} positions (reset_cache max_len)"
             )
-        bounds = split_batch(b, micro_batches)
-
         tokens = tokens.to(self.device)
         if attn_mask is None:
             mask_all[:, pos : pos + t] = True
@@ -280,7 +278,47 @@ class TPLlama(nn.Module):
         # and real queries never see pad keys.
         diag = k_abs[None, :] == q_abs[:, None]  # (t, L)
         mask = ((causal & seen[:, None, :]) | diag)[:, None]  # (B, 1, t, L) bool
+        out = self._layers(tokens, cos, sin, mask, pos, micro_batches, last_only)
+        self.cache_pos = pos + t
+        return out
 
+    @torch.no_grad()
+    def decode_static(self, tokens: Tensor, pos: Tensor, micro_batches: int = 1) -> Tensor:
+        """One decode step whose shapes do not depend on the position, so a CUDA graph can
+        capture it once and replay it for every token.
+
+        ``tokens`` (B, 1) and ``pos`` (a 1-element long tensor: the cache position to write)
+        live on the model's device and are read, not baked in, so a replay sees the values the
+        caller copied into them. Attention runs over the whole cache with the positions after
+        ``pos`` masked out: the same result as :meth:`forward` up to float rounding (checked
+        by the tests). The caller advances ``cache_pos`` (host state a graph cannot update).
+        Returns logits (B, 1, V).
+        """
+        mask_all = self._mask
+        b = tokens.shape[0]
+        if mask_all is None or mask_all.shape[0] != b:
+            raise ValueError(f"KV cache is not allocated for batch size {b}")
+        mask_all.index_fill_(1, pos, True)  # (B, L): the new token is real
+        pos_ids = (mask_all.long().cumsum(-1) - 1).clamp(min=0).index_select(1, pos)  # (B, 1)
+        cos, sin = self.rope_cos[pos_ids], self.rope_sin[pos_ids]  # (B, 1, hd)
+        k_abs = torch.arange(mask_all.shape[1], device=self.device)  # (L,)
+        causal = k_abs[None, :] <= pos[:, None]  # (1, L)
+        diag = k_abs[None, :] == pos[:, None]  # (1, L)
+        mask = ((causal & mask_all[:, None, :]) | diag)[:, None]  # (B, 1, 1, L) bool
+        return self._layers(tokens, cos, sin, mask, pos, micro_batches, last_only=True)
+
+    def _layers(
+        self,
+        tokens: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        pos: int | Tensor,
+        micro_batches: int,
+        last_only: bool,
+    ) -> Tensor:
+        """Embedding, the decoder layers (with their all-reduces) and the head."""
+        bounds = split_batch(tokens.shape[0], micro_batches)
         x = self.model.embed_tokens(tokens)  # (B, t, D)
         mbs = [slice(s, e) for s, e in bounds]
         resid = [x[m] for m in mbs]  # residual stream per micro-batch, (b_i, t, D)
@@ -314,5 +352,4 @@ class TPLlama(nn.Module):
             if last_only:
                 h = h[:, -1:]  # (b_i, 1, D)
             outs.append(self._lm_head(self.model.norm(h)))  # (b_i, t or 1, V)
-        self.cache_pos = pos + t
         return torch.cat(outs, dim=0)  # (B, t or 1, V)

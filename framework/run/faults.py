@@ -49,4 +49,4 @@ class FaultInjector:
         elif self.spec.kind == "raise":
             raise InjectedFault(f"injected failure on rank {runner.rank} at decode step {step}")
         elif self.spec.kind == "extra_allreduce":
-            runner.comm.all_reduce(torch.ones(3, device=runner.fabric.device)).wait()
+            runner.comm.all_reduce(torch.ones(3, device=runner.device)).wait()

@@ -31,6 +31,7 @@ from framework.run.spec import (
     load_prompts,
     model_config,
     resolve_backend,
+    resolve_device,
     validate_run,
 )
 
@@ -81,6 +82,8 @@ class Runner:
         self.world_size = fabric.world_size
         self.comm = None
         self.model = None
+        self.device = _rank_device(fabric, spec)
+        self.graph_capture_s = 0.0
 
     # -- stages ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -89,7 +92,13 @@ class Runner:
         opts = dict(spec.strategy_options)
         opts.setdefault("timeout_s", spec.parallel.timeout_s)
         self.comm = build_communicator(spec.strategy, **opts)
-        dtype, device = DTYPES[spec.model.dtype], self.fabric.device
+        if spec.parallel.cuda_graphs and not self.comm.graph_safe:
+            raise RuntimeError(
+                f"parallel.cuda_graphs=true: the communicator {spec.strategy!r} on "
+                f"{self.comm.backend} is not graph-safe (Communicator.graph_safe); run without "
+                f"CUDA graphs or with a graph-safe strategy"
+            )
+        dtype, device = DTYPES[spec.model.dtype], self.device
         if spec.model.checkpoint:
             from framework.model.checkpoint import load_hf_checkpoint
 
@@ -112,7 +121,12 @@ class Runner:
 
     def _generate(self, new_tokens: int, **hooks: Any):
         w = self.spec.workload
-        return generate(
+        if self.spec.parallel.cuda_graphs:
+            from framework.run.graphs import GraphDecode
+
+            graph = GraphDecode(self.model, self.comm, w.micro_batches)
+            hooks["decode_step"] = graph
+        out = generate(
             self.model,
             self.prompts,
             new_tokens,
@@ -122,6 +136,9 @@ class Runner:
             seed=self.spec.seed,
             **hooks,
         )
+        if self.spec.parallel.cuda_graphs:
+            self.graph_capture_s = graph.capture_s
+        return out
 
     def warmup(self) -> None:
         if self.spec.workload.warmup_tokens:
@@ -152,9 +169,7 @@ class Runner:
             self.fabric.call("on_decode_step_end", runner=self, step=step)
 
         dist.barrier()
-        with profiled(
-            self.spec.profile, self.spec.out_dir, self.rank, self.fabric.device.type == "cuda"
-        ):
+        with profiled(self.spec.profile, self.spec.out_dir, self.rank, self.device.type == "cuda"):
             t0 = time.perf_counter()
             out = self._generate(
                 self.spec.workload.new_tokens, on_prefill_end=prefill_end, on_step_end=step_end
@@ -184,6 +199,7 @@ class Runner:
             },
             "tokens": out.tokens,
             "prompt_tokens": sum(len(p) for p in self.prompts),
+            "graph_capture_s": self.graph_capture_s,
         }
 
     def teardown(self) -> None:
@@ -209,13 +225,23 @@ class Runner:
 
     # -- helpers --------------------------------------------------------------------------
     def _sync_device(self) -> None:
-        if self.fabric.device.type == "cuda":
-            torch.cuda.synchronize(self.fabric.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _peak_memory(self) -> int:
-        if self.fabric.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.fabric.device))
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _rank_device(fabric: Any, spec: RunSpec) -> torch.device:
+    """Fabric's device, except for CUDA tensors on gloo (Fabric launches those ranks as CPU
+    processes): rank i takes GPU i mod count, so several ranks may share one GPU."""
+    if resolve_device(spec.parallel) == "cuda" and resolve_backend(spec.parallel) == "gloo":
+        device = torch.device("cuda", fabric.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return fabric.device
 
 
 def _rss_bytes() -> int:
@@ -252,6 +278,9 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "strategy_options": dict(spec.strategy_options),
         "world_size": len(per_rank),
         "backend": resolve_backend(spec.parallel),
+        "device": resolve_device(spec.parallel),
+        "cuda_graphs": spec.parallel.cuda_graphs,
+        "graph_capture_s": max(r["graph_capture_s"] for r in per_rank),
         "model": spec.model.checkpoint or spec.model.preset,
         "num_layers": spec.model.num_layers,
         "batch_size": batch,

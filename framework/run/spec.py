@@ -51,6 +51,10 @@ class ParallelSpec:
     backend: str = "auto"  # auto: nccl when CUDA devices are present, else gloo
     timeout_s: float = 60.0  # every process group; torch's 30-minute default is never used
     threads_per_rank: int = 1  # ranks oversubscribe small hosts; one thread each by default
+    # where tensors live: auto = cuda with nccl, else cpu; cuda with gloo shares the host's
+    # GPUs among the ranks (rank i on GPU i mod count: several processes may share one)
+    device: str = "auto"
+    cuda_graphs: bool = False  # capture the decode step in a CUDA graph (graph-safe strategies)
 
 
 @dataclass
@@ -73,6 +77,12 @@ def resolve_backend(parallel: ParallelSpec) -> str:
     if parallel.backend != "auto":
         return parallel.backend
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def resolve_device(parallel: ParallelSpec) -> str:
+    if parallel.device != "auto":
+        return parallel.device
+    return "cuda" if resolve_backend(parallel) == "nccl" else "cpu"
 
 
 def model_config(spec: ModelSpec) -> ModelConfig:
@@ -153,13 +163,40 @@ def parallel_problems(p: ParallelSpec) -> list[str]:
             f"parallel.backend=nccl needs {p.world_size} CUDA devices, this host "
             f"has {torch.cuda.device_count()}"
         )
+    device = resolve_device(p)
+    if device not in ("cpu", "cuda"):
+        problems.append(f"parallel.device must be auto, cpu or cuda, got {p.device!r}")
+    elif device == "cuda" and not torch.cuda.is_available():
+        problems.append("parallel.device=cuda needs a CUDA device; this host has none")
+    elif device == "cpu" and backend == "nccl":
+        problems.append("parallel.device=cpu cannot run on nccl (CUDA tensors only); use gloo")
+    if p.cuda_graphs and device != "cuda":
+        problems.append(f"parallel.cuda_graphs=true needs CUDA tensors; this run is on {device}")
     return problems
+
+
+def graph_problems(strategy: str, p: ParallelSpec) -> list[str]:
+    """A CUDA graph can only capture a strategy whose collectives are all graph-safe."""
+    from framework.comm.registry import get_strategy
+
+    if not p.cuda_graphs or strategy not in available_strategies():
+        return []
+    backend = resolve_backend(p)
+    if backend in get_strategy(strategy).graph_safe_backends:
+        return []
+    safe = [s for s in available_strategies() if backend in get_strategy(s).graph_safe_backends]
+    return [
+        f"parallel.cuda_graphs=true: strategy {strategy!r} cannot be captured in a CUDA graph "
+        f"on {backend} (a progress thread, host synchronisation or host-side transport); "
+        f"graph-safe strategies on {backend}: {safe or 'none'}"
+    ]
 
 
 def validate_run(spec: RunSpec) -> ModelConfig:
     """Raise ConfigError listing every problem; return the model config when all is well."""
     w, p = spec.workload, spec.parallel
     problems = strategy_problems(spec.strategy, spec.strategy_options) + parallel_problems(p)
+    problems += graph_problems(spec.strategy, p)
     for name in ("batch_size", "prompt_len", "new_tokens", "micro_batches"):
         if getattr(w, name) <= 0:
             problems.append(f"workload.{name} must be > 0, got {getattr(w, name)}")
