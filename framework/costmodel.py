@@ -14,6 +14,19 @@ model uses the same latency + bytes / bandwidth form per algorithm and protocol)
   n gamma`` -- each tree step moves a chunk to or from two children.
 * ``hierarchical`` over ``g`` ranks per node and ``m = p/g`` nodes: reduce to the node leader
   (tree on the intra link), ``naive`` ring of the leaders on the inter link, broadcast back.
+* across nodes the library's ring and tree run one channel per NIC (a rail-optimised node has a
+  NIC per GPU), so their inter-node bandwidth is ``nics_per_node`` times a NIC's; ``hierarchical``
+  sends its leaders' ring from one rank per node, through one NIC.
+* ``protocols`` (presets): NCCL picks, per message, the fastest of its protocols (LL: low
+  latency at part of the bandwidth; Simple: full bandwidth after a longer start-up), each with
+  its own base latency and share of the link bandwidth (NCCL's ``src/graph/tuning.cc`` has the
+  same form). A library collective costs the minimum over the topology's protocols;
+  :func:`library_time` also takes the faster of ring and tree, as NCCL's tuner does.
+* ``oneshot`` / ``twoshot`` (the custom all-reduce kernels of vLLM, SGLang and TensorRT-LLM over
+  NVLink peer memory, constants ``custom_ar``): one-shot reads every peer's whole input in one
+  stage, ``base + alpha + (p-1) n beta``; two-shot reduce-scatters then all-gathers,
+  ``base + 2 alpha + 2(p-1)/p n beta``. Their crossover :func:`oneshot_crossover` is where the
+  second stage's latency equals the bytes it saves.
 * ``shm`` (shared memory, one host): per chunk two flag barriers, each waiting on ``p - 1``
   peers (``2 (p-1) alpha``; alpha is the flag round trip, or a context switch when there are
   more ranks than cores) and memory traffic of about ``(3 + 1/p) n`` bytes per rank (copy in,
@@ -54,6 +67,8 @@ import yaml
 # The strategies this model has a formula for, by their registry names; schedules (bucketed,
 # async_overlap, ...) are predicted through the algorithm they send with (fused_time, overlap).
 ALGORITHMS = ("naive", "tree", "hierarchical", "shm")
+# GPU custom all-reduce kernels (NVLink peer memory), predicted from a topology's ``custom_ar``
+PEER_ALGORITHMS = ("oneshot", "twoshot")
 
 
 def _topology_dir() -> Path:
@@ -79,6 +94,14 @@ class Link:
 
 
 @dataclass
+class Protocol:
+    """One of the library's protocols: its start-up cost and share of the link bandwidth."""
+
+    base_s: float
+    bandwidth_factor: float = 1.0
+
+
+@dataclass
 class Topology:
     """Links of a machine type. ``fits`` (this_host) holds per-algorithm fitted constants
     that replace the link constants for that algorithm."""
@@ -92,6 +115,10 @@ class Topology:
     gamma_s_per_byte: float = 0.0  # reduction arithmetic
     copy_gbps: float = 100.0  # local memory copy bandwidth (bucket packing)
     hbm_gbps: float = 0.0  # device memory bandwidth (decode compute is weight-bound)
+    nics_per_node: int = 1  # inter-node NICs per node, one library channel each (rails)
+    protocols: dict[str, Protocol] = field(default_factory=dict)  # none: one, base_s
+    custom_ar: Link | None = None  # peer-memory all-reduce kernels: alpha per stage, bandwidth
+    custom_base_s: float = 0.0  # fixed cost of launching a custom all-reduce kernel
     fits: dict[str, dict[str, float]] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -110,16 +137,27 @@ def load_topology(name_or_path: str | Path) -> Topology:
     return Topology(
         name=d["name"],
         ranks_per_node=int(d["ranks_per_node"]),
-        intra=Link(float(d["intra"]["alpha_s"]), 1e-9 / float(d["intra"]["bandwidth_gbps"])),
-        inter=Link(float(d["inter"]["alpha_s"]), 1e-9 / float(d["inter"]["bandwidth_gbps"])),
+        intra=_link(d["intra"]),
+        inter=_link(d["inter"]),
         base_s=float(d.get("base_s", 0.0)),
         cores=int(d["cores"]) if d.get("cores") else None,
         gamma_s_per_byte=float(d.get("gamma_s_per_byte", 0.0)),
         copy_gbps=float(d.get("copy_gbps", 100.0)),
         hbm_gbps=float(d.get("hbm_gbps", 0.0)),
+        nics_per_node=int(d.get("nics_per_node", 1)),
+        protocols={
+            k: Protocol(float(v["base_s"]), float(v.get("bandwidth_factor", 1.0)))
+            for k, v in (d.get("protocols") or {}).items()
+        },
+        custom_ar=_link(d["custom_ar"]) if d.get("custom_ar") else None,
+        custom_base_s=float((d.get("custom_ar") or {}).get("base_s", 0.0)),
         fits={k: {kk: float(vv) for kk, vv in v.items()} for k, v in (d.get("fits") or {}).items()},
         sources=dict(d.get("sources") or {}),
     )
+
+
+def _link(d: dict[str, Any]) -> Link:
+    return Link(float(d["alpha_s"]), 1e-9 / float(d["bandwidth_gbps"]))
 
 
 # -- features: time = alpha * latency_terms + beta * byte_terms (+ gamma * reduce_bytes) ------
@@ -225,30 +263,62 @@ def allreduce_time(
             + f["beta_s_per_byte"] * byt
             + f.get("overhead_s", 0.0)
         )
+    if algorithm in PEER_ALGORITHMS:
+        return _peer(topo, algorithm, p, n)
+    protocols = list(topo.protocols.values()) or [Protocol(topo.base_s)]
     if algorithm == "hierarchical":
-        return _hierarchical(topo, p, n, topo.ranks_per_node, chunk)
-    link = topo.intra if p <= topo.ranks_per_node else topo.inter
+        return min(_hierarchical(topo, p, n, topo.ranks_per_node, chunk, pr) for pr in protocols)
+    if p <= topo.ranks_per_node:
+        alpha, beta = topo.intra.alpha_s, topo.intra.beta_s_per_byte
+    else:  # one channel per NIC, and never faster than the links inside a node
+        alpha = topo.inter.alpha_s
+        beta = max(topo.inter.beta_s_per_byte / topo.nics_per_node, topo.intra.beta_s_per_byte)
     lat, byt = features(algorithm if algorithm != "shm" else "naive", p, n, chunk)
     reduce = (p - 1) / p * n if algorithm == "naive" else n
-    return (
-        topo.base_s
-        + link.alpha_s * lat
-        + link.beta_s_per_byte * byt
-        + topo.gamma_s_per_byte * reduce
+    return min(
+        pr.base_s + alpha * lat + beta / pr.bandwidth_factor * byt + topo.gamma_s_per_byte * reduce
+        for pr in protocols
     )
 
 
-def _hierarchical(topo: Topology, p: int, n: float, g: int, chunk: float) -> float:
+def library_time(topo: Topology, p: int, n: float) -> float:
+    """The library all-reduce as NCCL's tuner runs it: the faster of ring and tree (each at
+    its fastest protocol). What published nccl-tests tables measure."""
+    return min(allreduce_time(topo, a, p, n) for a in ("naive", "tree"))
+
+
+def _hierarchical(topo: Topology, p: int, n: float, g: int, chunk: float, pr: Protocol) -> float:
     g = max(1, min(g, p))
     m = math.ceil(p / g)
-    t = topo.base_s + topo.gamma_s_per_byte * n
+    t = pr.base_s + topo.gamma_s_per_byte * n
     if g > 1:  # reduce to the leader and broadcast back: a tree each way on the intra link
         lat, byt = features("tree", g, n, chunk)
-        t += topo.intra.alpha_s * lat + topo.intra.beta_s_per_byte * byt
-    if m > 1:  # the leaders' ring on the inter-node link
+        t += topo.intra.alpha_s * lat + topo.intra.beta_s_per_byte / pr.bandwidth_factor * byt
+    if m > 1:  # the leaders' ring on the inter-node link, one NIC per leader
         lat, byt = features("naive", m, n)
-        t += topo.inter.alpha_s * lat + topo.inter.beta_s_per_byte * byt
+        t += topo.inter.alpha_s * lat + topo.inter.beta_s_per_byte / pr.bandwidth_factor * byt
     return t
+
+
+def _peer(topo: Topology, algorithm: str, p: int, n: float) -> float:
+    link = topo.custom_ar
+    if link is None:
+        raise ValueError(f"topology {topo.name!r} has no custom_ar constants for {algorithm}")
+    if p > topo.ranks_per_node:
+        raise ValueError(f"{algorithm} needs peer memory: p={p} spans several nodes")
+    if algorithm == "oneshot":
+        return topo.custom_base_s + link.alpha_s + (p - 1) * n * link.beta_s_per_byte
+    return topo.custom_base_s + 2 * link.alpha_s + 2 * (p - 1) / p * n * link.beta_s_per_byte
+
+
+def oneshot_crossover(topo: Topology, p: int) -> float:
+    """Bytes above which two-shot beats one-shot (``inf``: never, as at p = 2, where
+    two-shot moves as many bytes as one-shot and pays a second stage)."""
+    link = topo.custom_ar
+    if link is None:
+        raise ValueError(f"topology {topo.name!r} has no custom_ar constants")
+    saved_per_byte = ((p - 1) - 2 * (p - 1) / p) * link.beta_s_per_byte
+    return link.alpha_s / saved_per_byte if saved_per_byte > 0 else math.inf
 
 
 def insitu_time(topo: Topology, algorithm: str, p: int) -> float:
@@ -449,6 +519,7 @@ def to_yaml(topo: Topology) -> str:
         "gamma_s_per_byte": topo.gamma_s_per_byte,
         "copy_gbps": topo.copy_gbps,
         "hbm_gbps": topo.hbm_gbps,
+        "nics_per_node": topo.nics_per_node,
         "fits": topo.fits,
         "sources": topo.sources,
     }

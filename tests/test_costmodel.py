@@ -25,7 +25,8 @@ from framework.costmodel import (
 def test_naive_ring_reaches_link_bandwidth_and_tree_wins_small_messages_at_scale() -> None:
     nv = load_topology("h100_nvlink")
     t = allreduce_time(nv, "naive", 8, 1 << 30)
-    assert busbw_gbps(8, 1 << 30, t) == pytest.approx(nv.intra.bandwidth_gbps, rel=0.01)
+    # within the Simple protocol's start-up cost (68 us of 4 ms)
+    assert busbw_gbps(8, 1 << 30, t) == pytest.approx(nv.intra.bandwidth_gbps, rel=0.02)
     ib = load_topology("h100_ib")
     small, large = 16 << 10, 1 << 30
     assert allreduce_time(ib, "tree", 256, small) < allreduce_time(ib, "naive", 256, small)
