@@ -105,3 +105,19 @@ def test_claim_verdicts_follow_the_numbers() -> None:
         {**r, "collectives_per_token": 6.0} if r["strategy"] == "bucketed" else r for r in runs
     ]
     assert claim_allreduce_count(table(fewer), 12)["verdict"] == "holds"
+
+
+def test_claims_report_keeps_a_history_of_verdict_changes() -> None:
+    from experiments.claims.__main__ import verdict_changes
+
+    old = (
+        "| claim | measured | sim | multi | verdict | rule |\n"
+        "| c1 | x | y | z | **refuted** | r |\n"
+        "| c2 | x | y | z | **holds** | r |\n\n"
+        "## Verdict changes\n\n- c0: holds -> refuted (earlier cause)\n"
+    )
+    rows = [{"claim": "c1", "verdict": "holds"}, {"claim": "c2", "verdict": "holds"}]
+    assert verdict_changes(old, rows, "new presets") == [
+        "- c0: holds -> refuted (earlier cause)",
+        "- c1: refuted -> holds (new presets)",
+    ]

@@ -300,7 +300,32 @@ def claims(
 
 
 # -- the report --------------------------------------------------------------------------------
-def write_report(rows: list[dict[str, str]], t: Runs, out: Path, source: str) -> None:
+def verdict_changes(old_report: str, rows: list[dict[str, str]], cause: str) -> list[str]:
+    """The report's "Verdict changes" history: the lines it had, plus one per claim whose
+    verdict differs from the old report's, with ``cause``."""
+    kept, old = [], {}
+    in_changes = False
+    for line in old_report.splitlines():
+        if line.startswith("## "):
+            in_changes = line == "## Verdict changes"
+        elif in_changes and line.startswith("- "):
+            kept.append(line)
+        elif line.startswith("| ") and "**" in line:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            old[cells[0]] = cells[4].strip("*")
+    new = [
+        f"- {r['claim']}: {old[r['claim']]} -> {r['verdict']} ({cause})"
+        for r in rows
+        if r["claim"] in old and old[r["claim"]] != r["verdict"]
+    ]
+    return kept + new
+
+
+def write_report(
+    rows: list[dict[str, str]], t: Runs, out: Path, source: str, cause: str = "regenerated"
+) -> None:
+    previous = out / "REPORT.md"
+    changes = verdict_changes(previous.read_text() if previous.exists() else "", rows, cause)
     lines = [
         "# The seed claims, checked",
         "",
@@ -309,8 +334,10 @@ def write_report(rows: list[dict[str, str]], t: Runs, out: Path, source: str) ->
         "small model, one run per point; `--runs` with that file regenerates this report "
         "without measuring), the calibration in `results/calibration/`, the targets in "
         "`results/cpu_targets.json`, and the cost model's simulation of 8xH100 (NVLink) "
-        "and multi-node H100 (NDR InfiniBand) with published constants "
-        "(`conf/topology/`). Simulated numbers are predictions, not measurements. "
+        "and multi-node H100 (NDR InfiniBand) with constants fitted to published "
+        "measurements (`conf/topology/`; the fit and its errors against the published "
+        "tables: `results/published/CHECK.md`, sources: `results/published/SOURCES.md`). "
+        "Simulated numbers are predictions, not measurements. "
         "Verdict rules are stated per row.",
         "",
         "| claim | measured here | simulated 8xH100 | simulated multi-node | verdict | rule |",
@@ -338,6 +365,8 @@ def write_report(rows: list[dict[str, str]], t: Runs, out: Path, source: str) ->
             f"{r['buffer_reuses']} |"
         )
     lines += ["", "![decode throughput](claims_decode.png)", ""]
+    if changes:
+        lines += ["## Verdict changes", "", *changes, ""]
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
 
 
@@ -401,6 +430,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibration", default=str(ROOT / "results/calibration"))
     ap.add_argument("--targets", default=str(ROOT / "results/cpu_targets.json"))
     ap.add_argument("--out-dir", default=str(OUT))
+    ap.add_argument(
+        "--cause",
+        default="regenerated",
+        help="why verdicts may change (recorded beside each change in the report)",
+    )
     a = ap.parse_args(argv)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -414,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         t, _read_json(Path(a.calibration) / "validation.json"), _read_json(Path(a.targets)), layers
     )
     plot(t, out)
-    write_report(rows, t, out, _shown(saved))
+    write_report(rows, t, out, _shown(saved), a.cause)
     print((out / "REPORT.md").read_text())
 
 
