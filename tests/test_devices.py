@@ -215,3 +215,28 @@ def test_config_refusals_name_the_device_and_the_graph_problem() -> None:
     )
     assert graph_problems("naive", ParallelSpec(backend="nccl", cuda_graphs=True)) == []
     assert "tpu" in parallel_problems(ParallelSpec(device="tpu"))[0]
+
+
+def test_gpu_check_prints_its_plan_and_exits_0_without_a_gpu() -> None:
+    """CI has no GPU: ``--dry-run`` (and a plain run on a CPU host) prints the plan and exits
+    0, measuring nothing; every step the plan names exists and the budgets fit 6 minutes."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from experiments.gpu_check import STEPS
+
+    assert sum(s.budget_s for s in STEPS) <= 360
+    for extra in (["--dry-run"], []):
+        out = subprocess.run(
+            [sys.executable, "-m", "experiments.gpu_check", *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert all(s.name in out.stdout for s in STEPS)
+        if not torch.cuda.is_available():
+            assert ("dry run" if extra else "no CUDA device") in out.stdout

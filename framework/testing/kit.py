@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from framework.comm.communicator import CommError, Communicator
 from framework.comm.registry import build_communicator
-from framework.run.inputs import expected_sum, rank_input
+from framework.run.inputs import expected_sum
+from framework.run.inputs import rank_input as _cpu_input
 
 EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)
 CHECKS: dict[str, Callable[[str, dict[str, Any]], None]] = {}
@@ -41,6 +42,20 @@ def _me() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+# The device the checks put their inputs on (``run_checks(device=...)``): CPU by default; CUDA
+# for gloo with CUDA tensors (several ranks may share one GPU) or NCCL. Expected values are
+# always computed on the CPU, independently of the strategy.
+_device = torch.device("cpu")
+
+
+def rank_input(seed: int, rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    return _cpu_input(seed, rank, numel, dtype).to(_device)
+
+
+def _ones(*shape: int, **kw: Any) -> torch.Tensor:
+    return torch.ones(*shape, device=kw.pop("device", _device), **kw)
+
+
 @contextmanager
 def _opened(name: str, options: dict[str, Any], **extra: Any) -> Iterator[Communicator]:
     """A communicator for one check, closed however the check ends."""
@@ -52,6 +67,7 @@ def _opened(name: str, options: dict[str, Any], **extra: Any) -> Iterator[Commun
 
 
 def _expect_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    got, want = got.cpu(), want.cpu()
     if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
         bad = (got.to(torch.float64) != want.to(torch.float64)).nonzero()[:5].flatten().tolist()
         raise AssertionError(
@@ -76,7 +92,7 @@ def exact_sums(name: str, options: dict[str, Any]) -> None:
                     got, expected_sum(seed, world, numel, dtype), f"{dtype} numel {numel}"
                 )
         lib = rank_input(5, rank, 1000, torch.int64)
-        dist.all_reduce(lib)
+        dist.all_reduce(lib)  # the library collective itself, on the default group
         _expect_equal(
             comm.all_reduce(rank_input(5, rank, 1000, torch.int64)).wait(),
             lib,
@@ -93,12 +109,14 @@ def float_order(name: str, options: dict[str, Any]) -> None:
             xs = [
                 torch.randn(numel, generator=torch.Generator().manual_seed(r)) for r in range(world)
             ]
-            got = comm.all_reduce(xs[rank].clone()).wait()
+            got = comm.all_reduce(xs[rank].clone().to(_device)).wait().cpu()
             ref = sum(x.double() for x in xs)
             # any summation order of p float32 terms is within (p-1)*eps*sum|x| of the exact sum
             bound = (world - 1) * torch.finfo(torch.float32).eps * sum(x.abs() for x in xs)
             if not bool(((got.double() - ref).abs() <= bound.double() + 1e-30).all()):
                 raise AssertionError(f"float sum of {numel} beyond rounding of float64 reference")
+            if dist.get_backend() == "nccl":  # NCCL gathers CUDA tensors only
+                got = got.to(_device)
             copies = [torch.empty_like(got) for _ in range(world)]
             dist.all_gather(copies, got)
             if not all(torch.equal(c, got) for c in copies):
@@ -217,15 +235,15 @@ def _expect_comm_error(fn: Callable[[], Any], name: str, what: str) -> str:
 def bad_input(name: str, options: dict[str, Any]) -> None:
     """Clear errors on the calling rank, before anything goes on the wire."""
     with _opened(name, options) as comm:
-        _expect_comm_error(lambda: comm.all_reduce(torch.ones(4, 4).t()), name, "non-contiguous")
+        _expect_comm_error(lambda: comm.all_reduce(_ones(4, 4).t()), name, "non-contiguous")
         _expect_comm_error(
             lambda: comm.all_reduce(torch.ones(4, device="meta")), name, "wrong device"
         )
         _expect_comm_error(
-            lambda: comm.all_reduce(torch.ones(4, dtype=torch.complex64)), name, "unsupported dtype"
+            lambda: comm.all_reduce(_ones(4, dtype=torch.complex64)), name, "unsupported dtype"
         )
         _expect_comm_error(lambda: comm.all_reduce([1.0]), name, "not a tensor")
-    _expect_comm_error(lambda: comm.all_reduce(torch.ones(4)), name, "use after close()")
+    _expect_comm_error(lambda: comm.all_reduce(_ones(4)), name, "use after close()")
 
 
 @check
@@ -233,12 +251,12 @@ def validate_mismatch(name: str, options: dict[str, Any]) -> None:
     """validate=True: a shape mismatch or an extra call raises on EVERY rank, naming ranks."""
     rank, world = _me()
     with _opened(name, options, validate=True) as comm:
-        comm.all_reduce(torch.ones(8)).wait()
+        comm.all_reduce(_ones(8)).wait()
         if world == 1:
             return
         n = 8 if rank == 0 else 9
         msg = _expect_comm_error(
-            lambda: comm.all_reduce(torch.ones(n)).wait(), name, "shape mismatch with validate=True"
+            lambda: comm.all_reduce(_ones(n)).wait(), name, "shape mismatch with validate=True"
         )
         if "ranks [0, 1" not in msg:
             raise AssertionError(f"mismatch error does not name the ranks: {msg}")
@@ -246,16 +264,28 @@ def validate_mismatch(name: str, options: dict[str, Any]) -> None:
 
         def extra_call() -> None:
             if rank == world - 1:
-                comm.all_reduce(torch.ones(2)).wait()
+                comm.all_reduce(_ones(2)).wait()
             comm.flush()
 
         _expect_comm_error(extra_call, name, "extra all_reduce on one rank with validate=True")
 
 
 def run_checks(
-    name: str, options: dict[str, Any] | None = None, checks: list[str] | None = None
+    name: str,
+    options: dict[str, Any] | None = None,
+    checks: list[str] | None = None,
+    device: str = "cpu",
 ) -> list[str]:
-    """Run the kit's checks on this rank (call on every rank); return the names that passed."""
+    """Run the kit's checks on this rank (call on every rank); return the names that passed.
+
+    ``device="cuda"``: inputs are CUDA tensors on GPU ``rank mod count`` (ranks may share a
+    GPU: gloo stages CUDA tensors through host memory; NCCL needs a GPU per rank)."""
+    global _device
+    if device == "cuda":
+        _device = torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(_device)
+    else:
+        _device = torch.device(device)
     options = dict(options or {})
     passed = []
     for check_name in checks or list(CHECKS):
@@ -271,18 +301,26 @@ def run_checks(
 
 
 def check_strategy(
-    name: str, world_sizes: tuple[int, ...] = (1, 2, 3, 4), timeout_s: float = 300.0, **options: Any
+    name: str,
+    world_sizes: tuple[int, ...] = (1, 2, 3, 4),
+    timeout_s: float = 300.0,
+    device: str = "cpu",
+    backend: str = "gloo",
+    **options: Any,
 ) -> None:
     """Spawn ranks for each world size and run every check on ``name``; raise on failure."""
     from framework.testing.rankpool import RankPool
 
     for ws in world_sizes:
-        pool = RankPool(ws)
+        pool = RankPool(ws, backend=backend)
         try:
-            pool.run(run_checks, name, options, timeout_s=timeout_s)
+            pool.run(run_checks, name, options, None, device, timeout_s=timeout_s)
         finally:
             pool.close()
-        print(f"{name}: world size {ws}: {len(CHECKS)} checks passed", flush=True)
+        print(
+            f"{name}: world size {ws} ({backend}, {device} tensors): {len(CHECKS)} checks passed",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("strategy")
     ap.add_argument("--world-sizes", default="1,2,3,4")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     opts = {}
@@ -303,5 +343,5 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, SyntaxError):
             opts[key] = val
     sizes = tuple(int(s) for s in args.world_sizes.split(","))
-    check_strategy(args.strategy, sizes, **opts)
+    check_strategy(args.strategy, sizes, device=args.device, backend=args.backend, **opts)
     return 0

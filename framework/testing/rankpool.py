@@ -37,6 +37,7 @@ def _worker(
     stack_dir: str,
     pg_timeout_s: float,
     env: dict[str, str],
+    backend: str,
 ) -> None:
     os.environ.update(env)
     import torch
@@ -47,8 +48,10 @@ def _worker(
     torch.set_num_threads(1)
     stack_file = open(Path(stack_dir) / f"rank{rank}.stack", "w")  # noqa: SIM115 (lives on)
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    if backend == "nccl":  # one GPU per rank
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{store}",
         rank=rank,
         world_size=world,
@@ -69,7 +72,12 @@ def _worker(
 
 class RankPool:
     def __init__(
-        self, world_size: int, *, pg_timeout_s: float = 30.0, env: dict[str, str] | None = None
+        self,
+        world_size: int,
+        *,
+        pg_timeout_s: float = 30.0,
+        env: dict[str, str] | None = None,
+        backend: str = "gloo",
     ) -> None:
         self.world_size = world_size
         self._tmp = tempfile.TemporaryDirectory(prefix="commlab-pool-")
@@ -92,6 +100,7 @@ class RankPool:
                     self._tmp.name,
                     pg_timeout_s,
                     env,
+                    backend,
                 ),
             )
             for r in range(world_size)
