@@ -150,8 +150,9 @@ def test_presets_and_param_counts() -> None:
 def test_bad_tp_size() -> None:
     with pytest.raises(ValueError, match="num_heads"):
         TINY.validate_tp(5)
-    with pytest.raises(ValueError, match="num_kv_heads"):
+    with pytest.raises(ValueError, match="neither divides num_kv_heads=6 nor is a multiple"):
         dataclasses.replace(TINY, num_kv_heads=6).validate_tp(4)
+    dataclasses.replace(TINY, num_kv_heads=2).validate_tp(4)  # replicated KV heads
     with pytest.raises(ValueError, match="intermediate_size"):
         dataclasses.replace(TINY, intermediate_size=390).validate_tp(4)
     with pytest.raises(ValueError, match="num_heads"):
@@ -314,9 +315,11 @@ def test_init_random_identical_for_any_tp(tp: int) -> None:
             assert torch.equal(torch.cat([sd[name] for sd in shards], dim=shard[0]), ref)
 
 
-@pytest.mark.parametrize("tp", [2, 3, 4])
-def test_threaded_tp_matches_single_rank(tp: int) -> None:
-    ref_model, _ = tiny_model(seed=2)
+@pytest.mark.parametrize("tp, kv", [(2, 12), (3, 12), (4, 12), (4, 2), (6, 3), (8, 2)])
+def test_threaded_tp_matches_single_rank(tp: int, kv: int) -> None:
+    """Split KV heads (kv = 12) and replicated ones (tp a multiple of kv: 2 or 4 ranks per KV
+    head), against the unsharded model."""
+    ref_model, _ = tiny_model(seed=2, num_kv_heads=kv)
     prompts = random_prompts([6, 9, 4])
     tokens, mask = left_pad(prompts, 0)
     ref_model.reset_cache(3, 12)
@@ -325,7 +328,8 @@ def test_threaded_tp_matches_single_rank(tp: int) -> None:
     group = ThreadGroup(tp)
 
     def rank_fn(rank: int) -> tuple[Tensor, list[list[int]]]:
-        model = TPLlama(TINY, group.comm(rank), rank, tp).init_random(2)
+        cfg = dataclasses.replace(TINY, num_kv_heads=kv)
+        model = TPLlama(cfg, group.comm(rank), rank, tp).init_random(2)
         model.reset_cache(3, 12)
         logits = model(tokens, mask, micro_batches=2)
         return logits, generate(model, prompts, 5, micro_batches=3).tokens

@@ -67,18 +67,22 @@ def test_fusion_only_with_independent_work(pools, micro_batches: int) -> None:
     assert collectives == calls // micro_batches
 
 
-def hf_tp_generate(path: str, prompt: list[int], new_tokens: int) -> list[int]:
+def hf_tp_generate(path: str, prompt: list[int], new_tokens: int) -> tuple[list[int], int]:
+    """Tokens, and the K projection rows this rank loaded (its KV heads x head_dim)."""
     from framework.model.checkpoint import load_hf_checkpoint
 
     comm = build_communicator("bucketed")
     try:
         model = load_hf_checkpoint(path, comm, dist.get_rank(), dist.get_world_size())
-        return generate(model, [prompt], new_tokens).tokens[0]
+        k_rows = model.model.layers[0].self_attn.k_proj.weight.shape[0]
+        return generate(model, [prompt], new_tokens).tokens[0], k_rows
     finally:
         comm.close()
 
 
-def test_hf_checkpoint_tp2_matches_transformers(pools, tmp_path) -> None:
+@pytest.mark.parametrize("tp", [2, 4])
+def test_hf_checkpoint_matches_transformers(pools, tmp_path, tp: int) -> None:
+    """2 KV heads: split at TP 2, each replicated on 2 ranks at TP 4 (as vLLM does)."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
         vocab_size=256,
@@ -102,5 +106,6 @@ def test_hf_checkpoint_tp2_matches_transformers(pools, tmp_path) -> None:
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             pad_token_id=0,
         )[0, len(prompt) :].tolist()
-    outs = pools(2).run(hf_tp_generate, str(tmp_path), prompt, 8)
-    assert outs[0] == want and outs[1] == want
+    outs = pools(tp).run(hf_tp_generate, str(tmp_path), prompt, 8)
+    assert [tokens for tokens, _ in outs] == [want] * tp
+    assert {rows for _, rows in outs} == {cfg.hidden_size // cfg.num_attention_heads}

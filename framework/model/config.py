@@ -66,16 +66,31 @@ class ModelConfig:
         return self.head_dim
 
     def validate_tp(self, tp_size: int) -> None:
-        """Raise ValueError unless every sharded dimension splits evenly over tp_size."""
+        """Raise ValueError unless every sharded dimension splits evenly over tp_size.
+
+        KV heads either split (tp_size divides num_kv_heads) or, when tp_size is a multiple of
+        num_kv_heads, are replicated: each KV head held by tp_size / num_kv_heads ranks, as vLLM
+        does (Llama-3-70B's 8 KV heads at TP 16)."""
         if not isinstance(tp_size, int) or tp_size < 1:
             raise ValueError(f"tp_size must be a positive int, got {tp_size!r}")
-        for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+        for name in ("num_heads", "intermediate_size"):
             value = getattr(self, name)
             if value % tp_size != 0:
                 raise ValueError(
                     f"tp_size={tp_size} does not divide {name}={value}: tensor parallelism "
                     f"shards {name} evenly across ranks"
                 )
+        kv = self.num_kv_heads
+        if kv % tp_size != 0 and tp_size % kv != 0:
+            raise ValueError(
+                f"tp_size={tp_size} neither divides num_kv_heads={kv} nor is a multiple of it: "
+                f"KV heads are split evenly when tp_size divides them, or each replicated on "
+                f"tp_size / num_kv_heads ranks when tp_size is a multiple"
+            )
+
+    def kv_heads_per_rank(self, tp_size: int) -> int:
+        """Local KV heads: num_kv_heads / tp_size, or 1 when KV heads are replicated."""
+        return max(1, self.num_kv_heads // tp_size)
 
     @property
     def num_params(self) -> int:

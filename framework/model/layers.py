@@ -69,7 +69,7 @@ class Attention(nn.Module):
         self.comm = comm
         self.head_dim = cfg.hd
         self.n_heads = cfg.num_heads // tp_size  # local query heads
-        self.n_kv_heads = cfg.num_kv_heads // tp_size  # local kv heads
+        self.n_kv_heads = cfg.kv_heads_per_rank(tp_size)  # local kv heads (1 if replicated)
         d, hd = cfg.hidden_size, cfg.hd
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False, dtype=dtype)
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False, dtype=dtype)

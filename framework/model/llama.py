@@ -199,7 +199,7 @@ class TPLlama(nn.Module):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        kv = self.cfg.num_kv_heads // self.tp_size
+        kv = self.cfg.kv_heads_per_rank(self.tp_size)
         shape = (batch_size, kv, max_len, self.cfg.hd)
         opts = {"dtype": self.dtype, "device": self.device}
         self._k_cache = [torch.zeros(shape, **opts) for _ in range(self.cfg.num_layers)]

@@ -51,7 +51,10 @@ def param_shard(
     the weight is replicated on every rank.
 
     Heads are split in contiguous blocks, so q head j and kv head j // group stay on the
-    same rank (HF's repeat_kv grouping) for any tp_size that divides num_kv_heads.
+    same rank (HF's repeat_kv grouping) for any tp_size that divides num_kv_heads. When tp_size
+    is a multiple of num_kv_heads, each KV head is replicated on tp_size / num_kv_heads
+    consecutive ranks (rank r holds KV head r // replicas), as vLLM does: rank r's query heads
+    all belong to that KV head's group.
     """
     cfg.validate_tp(tp_size)
     if not 0 <= tp_rank < tp_size:
@@ -65,6 +68,9 @@ def param_shard(
         "kv_heads": cfg.num_kv_heads * cfg.hd,
         "intermediate": cfg.intermediate_size,
     }[kind]
+    if kind == "kv_heads" and tp_size > cfg.num_kv_heads:  # replicated KV heads
+        head = tp_rank // (tp_size // cfg.num_kv_heads)
+        return dim, head * cfg.hd, (head + 1) * cfg.hd
     size = full // tp_size
     return dim, tp_rank * size, (tp_rank + 1) * size
 
