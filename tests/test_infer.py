@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from conftest import CONF, ROOT, compose_config, run_on_rank
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
@@ -291,3 +293,57 @@ def test_same_seed_same_tokens_and_flat_memory(pools, tmp_path: Path) -> None:
     for res in runs:
         assert res["rss_growth"] < 0.05, res["rss_growth"]
         assert res["pending_max"] <= 2 * 2 * 2  # at most one layer's handles per micro-batch
+
+
+def _checkpoint_with_tokenizer(path: Path) -> Any:
+    """A tiny Llama checkpoint written by transformers, and a word-level tokenizer built
+    offline (BOS prepended by its post-processor, as Llama's tokenizer.json does)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["the", "a", "cat", "dog", "sat", "ran", "far", "on", "mat", "and"]
+    vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    vocab.update({f"w{i}": i for i in range(len(vocab), 64)})  # every model id decodes
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    tok.save(str(path / "tokenizer.json"))
+    return tok
+
+
+def test_text_prompts_are_encoded_and_continuations_decoded(pools, tmp_path: Path) -> None:
+    from framework.run.spec import load_prompts
+
+    ckpt = tmp_path / "ckpt"
+    tok = _checkpoint_with_tokenizer(ckpt)
+    texts = ["the cat sat on the mat", "a dog ran"]
+    cfg = cfg_for(
+        "model=hf",
+        f"model.checkpoint={ckpt}",
+        f"workload.text=[{texts[0]},{texts[1]}]",
+        "workload.new_tokens=5",
+    )
+    spec = run_spec(cfg, str(tmp_path))
+    prompts = load_prompts(spec, 64)
+    assert prompts == [[1, 2, 4, 6, 9, 2, 10], [1, 3, 5, 7]]  # <s> + the words' ids
+    res = pools(2).run(run_on_rank, spec)[0]
+    assert res["status"] == "ok", res
+    assert res["text"] == texts
+    assert res["continuations"] == [tok.decode(t) for t in res["tokens"]]
+    assert all(len(c.split()) == 5 for c in res["continuations"])  # 5 words, special-free
+    with pytest.raises(ConfigError, match=r"needs model\.checkpoint"):
+        validate_run(run_spec(cfg_for("workload.text=[hello]"), "."))
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=r"tokenizer\.json does not exist"):
+        validate_run(spec)

@@ -234,6 +234,18 @@ class Runner:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _texts(spec: RunSpec, tokens: list[list[int]]) -> dict[str, Any]:
+    """Text prompts: the prompts and the decoded continuations beside the token ids."""
+    if not spec.workload.text:
+        return {}
+    from framework.run.text import decode
+
+    return {
+        "text": list(spec.workload.text),
+        "continuations": decode(spec.model.checkpoint, tokens),
+    }
+
+
 def _rank_device(fabric: Any, spec: RunSpec) -> torch.device:
     """Fabric's device, except for CUDA tensors on gloo (Fabric launches those ranks as CPU
     processes): rank i takes GPU i mod count, so several ranks may share one GPU."""
@@ -308,6 +320,7 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "pending_max": max(r["pending_max"] for r in per_rank),
         "comm_extra": r0["extra"],
         "tokens": r0["tokens"],
+        **_texts(spec, r0["tokens"]),
         "tokens_agree_across_ranks": all(r["tokens"] == r0["tokens"] for r in per_rank),
     }
 

@@ -39,6 +39,7 @@ class WorkloadSpec:
     new_tokens: int = 16
     micro_batches: int = 1
     prompts: str | None = None  # JSON list of token-id lists; else drawn from the seed
+    text: list[str] | None = None  # prompts as text, encoded with the checkpoint's tokenizer
     temperature: float = 0.0
     top_k: int = 0
     warmup_tokens: int = 2
@@ -101,6 +102,15 @@ def model_config(spec: ModelSpec) -> ModelConfig:
 
 def load_prompts(spec: RunSpec, vocab_size: int) -> list[list[int]]:
     w = spec.workload
+    if w.text:
+        from framework.run.text import encode
+
+        if not spec.model.checkpoint:
+            raise ConfigError("workload.text needs model.checkpoint (its tokenizer encodes it)")
+        prompts = encode(spec.model.checkpoint, list(w.text))
+        if not all(prompts):
+            raise ConfigError("workload.text: a prompt encodes to no tokens")
+        return prompts
     if w.prompts:
         with open(w.prompts) as f:
             prompts = json.load(f)
@@ -219,6 +229,8 @@ def validate_run(spec: RunSpec) -> ModelConfig:
         problems.append(f"model.num_layers must be > 0, got {spec.model.num_layers}")
     if spec.model.checkpoint and not os.path.isdir(spec.model.checkpoint):
         problems.append(f"model.checkpoint: {spec.model.checkpoint} is not a directory")
+    if w.text is not None and w.prompts:
+        problems.append("workload.text and workload.prompts are two prompt sources: pick one")
     if problems:
         raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(problems))
     try:
