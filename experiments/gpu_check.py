@@ -1,19 +1,25 @@
 """Check a GPU host in one command: ``python -m experiments.gpu_check [--dry-run]``.
 
-Runs, on one GPU, in 6 minutes by design (each step has a time budget; the budgets add up to
-360 s, a step over its budget is marked in the report):
+Runs, on one GPU, in 6 minutes at most: each step runs in a process group of its own, killed
+when its time budget is spent (the budgets add up to 360 s), and a failed or timed-out step is
+recorded while the others still run:
 
 1. the conformance kit with CUDA tensors over gloo on 2 and 4 processes sharing GPU 0, for
-   every strategy that takes CUDA tensors on gloo;
+   every strategy that takes CUDA tensors on gloo (real multi-rank collectives);
 2. the conformance kit on NCCL at world size 1 for every strategy that runs on NCCL (the
    schedules launch on a CUDA communication stream there), and ``shm``'s refusal;
-3. TP inference (tiny preset) on CUDA: TP 1 over NCCL, TP 1 with the decode step in a CUDA
+3. the CUDA-stream launch on the device: a slow stand-in collective (a device sleep) must still
+   be running when the launch returns, and the caller's next kernel must see its result;
+4. TP inference (tiny preset) on CUDA: TP 1 over NCCL, TP 1 with the decode step in a CUDA
    graph, TP 1 with ``async_overlap`` and 2 micro-batches (the stream path end to end) and TP 2
    over gloo with both ranks on GPU 0; every run's tokens must equal the CPU run's;
-4. the decode step of ``llama3-8b`` cut to 2 layers (bf16, batch 1) against the cost model's
-   weight-streaming prediction (weights / HBM bandwidth), recording the error;
-5. ``naive`` against a bare library all-reduce (nccl-tests' method, ``framework.run.measure``)
+5. the decode step of ``llama3-8b`` cut to 2 layers (bf16, batch 1) against the cost model's
+   weight-streaming prediction (the weights a step reads / HBM bandwidth), with the error;
+6. ``naive`` against a bare library all-reduce (nccl-tests' method, ``framework.run.measure``)
    over gloo with CUDA tensors on 2 processes, 4 KiB to 64 MiB.
+
+One GPU cannot check NCCL beyond world size 1 (where a sum is its input): the NCCL collectives
+of tree and hierarchical, and a captured NCCL kernel, need a host with 2 or more GPUs.
 
 It writes ``results/gpu/<device name>.md`` with the machine description and every number, and
 exits 1 if a step failed (the others still run). On a host without a GPU, or with ``--dry-run``,
@@ -24,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -120,6 +128,38 @@ def kit_nccl(ctx: dict[str, Any]) -> list[str]:
     ]
 
 
+# -- the CUDA-stream launch, on the device ------------------------------------------------------
+def stream_protocol(ctx: dict[str, Any]) -> list[str]:
+    """A slow collective stand-in (a device sleep, then the add) on the communication stream:
+    the launch returns before it ran, and the caller's next kernel still sees its result."""
+    from collections import deque
+
+    from framework.comm.streams import StreamLauncher
+
+    x = torch.ones(1 << 20, device="cuda")
+    launcher = StreamLauncher()
+
+    def slow() -> None:
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU cycles
+        x.add_(1)
+
+    t0 = time.perf_counter()
+    fut = launcher.launch(x, slow, deque())
+    launch_s = time.perf_counter() - t0
+    pending = not fut.done()
+    y = fut.result() * 2  # queued on the caller's stream behind the event
+    torch.cuda.synchronize()
+    ok = bool((y == 4).all())
+    lines = [
+        f"- launch returned after {launch_s * 1e3:.2f} ms with the collective "
+        f"{'still running' if pending else 'ALREADY DONE'} on the device; the caller's next "
+        f"kernel saw {'the result' if ok else 'STALE DATA'}"
+    ]
+    if not (pending and ok):
+        raise AssertionError("\n".join(lines))
+    return lines
+
+
 # -- 3 and 4: TP inference --------------------------------------------------------------------
 def _run(strategy: str = "naive", **kw: Any) -> dict[str, Any]:
     from framework.run.runner import launch
@@ -185,7 +225,12 @@ def decode_8b(ctx: dict[str, Any]) -> list[str]:
         workload=WorkloadSpec(batch_size=1, prompt_len=16, new_tokens=64, warmup_tokens=8),
     )
     cfg = dataclasses.replace(get_config("llama3-8b"), num_layers=2)
-    params = sum(torch.Size(shape).numel() for shape in full_param_shapes(cfg).values())
+    # a decode step reads every weight once, except the embedding table (B rows of it)
+    params = sum(
+        torch.Size(shape).numel()
+        for name, shape in full_param_shapes(cfg).items()
+        if name != "model.embed_tokens.weight"
+    )
     hbm = ctx["hbm_gbps"]
     topo = dataclasses.replace(load_topology("h100_nvlink"), hbm_gbps=hbm)
     shape = DecodeShape(cfg.hidden_size, cfg.num_layers, params, batch=1)
@@ -193,7 +238,8 @@ def decode_8b(ctx: dict[str, Any]) -> list[str]:
     meas = r["itl_p50_s"]
     ctx["decode_8b"] = {"measured_s": meas, "predicted_s": pred, "params": params}
     return [
-        f"- llama3-8b, 2 layers ({params / 1e9:.2f} B parameters, bf16), batch 1, TP 1: "
+        f"- llama3-8b, 2 layers ({params / 1e9:.2f} B parameters read per step, bf16; the "
+        f"embedding table is not), batch 1, TP 1: "
         f"ITL p50 {meas * 1e3:.3f} ms measured, {pred * 1e3:.3f} ms predicted "
         f"(weights / {hbm:.0f} GB/s HBM): error {abs(pred - meas) / meas:.0%} "
         f"({'the model is optimistic' if pred < meas else 'the model is pessimistic'}: "
@@ -253,10 +299,16 @@ STEPS = [
     Step(
         "kit_gloo_cuda",
         "conformance kit, gloo + CUDA tensors, 2 and 4 processes on GPU 0",
-        110,
+        100,
         kit_gloo_cuda,
     ),
     Step("kit_nccl", "conformance kit on NCCL at world size 1; shm refuses NCCL", 40, kit_nccl),
+    Step(
+        "stream_protocol",
+        "the CUDA-stream launch: returns at once, the consumer waits on the device",
+        10,
+        stream_protocol,
+    ),
     Step(
         "tp_cuda",
         "TP inference on CUDA (TP 1 NCCL, CUDA graph, async_overlap; TP 2 gloo) = CPU tokens",
@@ -315,13 +367,51 @@ def print_plan() -> None:
     print(f"  writes {OUT.relative_to(ROOT)}/<device name>.md")
 
 
+def run_step(step: Step, ctx: dict[str, Any]) -> tuple[str, list[str], dict[str, Any]]:
+    """Run ``step`` in a process group of its own, killed when its budget is spent (a hang in
+    a collective or a capture must not eat the other steps' time). Returns (status, report
+    lines, what the step adds to the context)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "step.json"
+        cmd = [sys.executable, "-m", "experiments.gpu_check", "--step", step.name]
+        cmd += ["--ctx", json.dumps(ctx), "--result", str(result)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+        try:
+            proc.wait(timeout=step.budget_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return f"TIMED OUT after its {step.budget_s} s budget", [], {}
+        if not result.exists():
+            return f"FAILED (exit code {proc.returncode}, no result)", [], {}
+        got = json.loads(result.read_text())
+        return got["status"], got["lines"], got["ctx"]
+
+
+def _child(name: str, ctx: dict[str, Any], result: str) -> int:
+    step = next(s for s in STEPS if s.name == name)
+    before = dict(ctx)
+    try:
+        lines, status = step.run(ctx), "passed"
+    except Exception as e:  # recorded in the report; the other steps still run
+        lines, status = [f"```\n{type(e).__name__}: {e}\n```"], "FAILED"
+    found = {k: v for k, v in ctx.items() if k not in before}
+    Path(result).write_text(json.dumps({"status": status, "lines": lines, "ctx": found}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--step", help=argparse.SUPPRESS)  # internal: run one step (run_step)
+    ap.add_argument("--ctx", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--only", help="comma-separated step names")
     ap.add_argument("--hbm-gbps", type=float, help="HBM bandwidth for the decode prediction")
     ap.add_argument("--out-dir", default=str(OUT))
     args = ap.parse_args(argv)
+    if args.step:
+        return _child(args.step, json.loads(args.ctx), args.result)
     print_plan()
     if args.dry_run:
         print("dry run: nothing measured")
@@ -339,15 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         print(f"== {s.name}: {s.plan}", flush=True)
-        try:
-            lines = s.run(ctx)
-            status = "passed"
-        except Exception as e:  # record and go on: one broken step must not hide the others
-            lines, status = [f"```\n{type(e).__name__}: {e}\n```"], "FAILED"
+        status, lines, found = run_step(s, ctx)
+        ctx.update(found)
+        if status != "passed":
             failed.append(s.name)
         took = time.perf_counter() - t0
-        if took > s.budget_s:
-            status += f" (over its {s.budget_s} s budget)"
         sections += [f"## {s.name}: {status} in {took:.0f} s", "", s.plan, "", *lines, ""]
         print("\n".join(lines), flush=True)
     total = time.perf_counter() - t_all

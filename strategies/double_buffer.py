@@ -55,10 +55,12 @@ class DoubleBuffer(Schedule):
     def _finish(self, i: int, fut: Future, view: Tensor, x: Tensor) -> Tensor:
         try:
             fut.result()
-            x.view(-1).copy_(view)
-        finally:  # the slot is free again once its collective is over, failed or not
-            if fut.done():  # (not when an interrupt stopped the wait: it is still in flight)
+        except BaseException:
+            if fut.done():  # failed: the slot is free (an interrupt leaves it in flight)
                 self._in_flight[i] = None
+            raise
+        x.view(-1).copy_(view)  # on NCCL: ordered after the collective by result()
+        self._in_flight[i] = None
         return x
 
     def _release(self) -> None:

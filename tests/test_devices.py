@@ -183,7 +183,7 @@ def test_stream_launch_follows_the_event_protocol() -> None:
         rec.log.append("collective")
         t.mul_(2)
 
-    fut = launcher.launch(x, reduce, timings)
+    fut = launcher.launch(x, lambda: reduce(x), timings)
     start, end = _Event.count - 1, _Event.count
     assert rec.log == [
         "comm waits compute",  # the input is written on the compute stream
@@ -198,7 +198,8 @@ def test_stream_launch_follows_the_event_protocol() -> None:
     assert not fut.done() and not timings  # not complete: no timing read, nothing waited for
     rec.completed = True
     assert fut.done()
-    launcher.launch(torch.ones(2), reduce, timings)
+    y = torch.ones(2)
+    launcher.launch(y, lambda: reduce(y), timings)
     assert list(timings) == [(32, 2.5e-3)]  # the first launch's events, read once complete
     assert "HOST SYNC" not in rec.log
 
@@ -210,11 +211,13 @@ def test_config_refusals_name_the_device_and_the_graph_problem() -> None:
     assert parallel_problems(p) == [
         "parallel.cuda_graphs=true needs CUDA tensors; this run is on cpu"
     ]
-    assert graph_problems("naive", p)[0].startswith(
+    assert graph_problems("naive", {}, p)[0].startswith(
         "parallel.cuda_graphs=true: strategy 'naive' cannot be captured in a CUDA graph on gloo"
     )
-    assert graph_problems("naive", ParallelSpec(backend="nccl", cuda_graphs=True)) == []
+    assert graph_problems("naive", {}, ParallelSpec(backend="nccl", cuda_graphs=True)) == []
     assert "tpu" in parallel_problems(ParallelSpec(device="tpu"))[0]
+    nccl = ParallelSpec(backend="nccl", cuda_graphs=True)
+    assert "cannot be captured" in graph_problems("naive", {"validate": True}, nccl)[0]
 
 
 def test_gpu_check_prints_its_plan_and_exits_0_without_a_gpu() -> None:
@@ -240,3 +243,18 @@ def test_gpu_check_prints_its_plan_and_exits_0_without_a_gpu() -> None:
         assert all(s.name in out.stdout for s in STEPS)
         if not torch.cuda.is_available():
             assert ("dry run" if extra else "no CUDA device") in out.stdout
+
+
+def test_gpu_check_steps_run_in_their_own_process_with_a_hard_budget() -> None:
+    """A step that fails (here: no GPU) is recorded with its error; one that outlives its
+    budget is killed with its process group and recorded as timed out."""
+    import dataclasses
+
+    from experiments.gpu_check import STEPS, run_step
+
+    by_name = {s.name: s for s in STEPS}
+    if not torch.cuda.is_available():
+        status, lines, _ = run_step(by_name["stream_protocol"], {})
+        assert status == "FAILED" and lines and "Error" in lines[0]
+    slow = dataclasses.replace(by_name["kit_gloo_cuda"], budget_s=1)
+    assert run_step(slow, {})[0] == "TIMED OUT after its 1 s budget"

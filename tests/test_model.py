@@ -609,3 +609,17 @@ def test_static_decode_step_matches_dynamic(tp: int) -> None:
         assert static.tokens == dynamic.tokens
         for a, b in zip(static.logits, dynamic.logits, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_reset_cache_of_the_same_shape_zeroes_in_place() -> None:
+    """A captured CUDA graph reads the cache by address: a second generation of the same
+    shape must reuse the tensors (zeroed), not allocate new ones."""
+    model, _ = tiny_model()
+    model.reset_cache(2, 10)
+    k0, mask0 = model._k_cache[0], model._mask
+    model(torch.ones(2, 3, dtype=torch.long))
+    model.reset_cache(2, 10)
+    assert model._k_cache[0] is k0 and model._mask is mask0 and model.cache_pos == 0
+    assert not k0.any() and not mask0.any()
+    model.reset_cache(2, 11)
+    assert model._k_cache[0] is not k0

@@ -156,7 +156,7 @@ def _overlap(name: str) -> str:
 
 @pytest.mark.parametrize("name", ["bucketed", "async_overlap", "double_buffer"])
 def test_overlapping_inputs_in_flight_are_refused(pools, name: str) -> None:
-    assert "overlaps the memory of an all_reduce still in flight" in pools(2).run(_overlap, name)[0]
+    assert "overlaps the memory of a collective still in flight" in pools(2).run(_overlap, name)[0]
 
 
 # -- 6. one timeout, set once, for everything a communicator owns -----------------------------

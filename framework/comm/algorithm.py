@@ -1,7 +1,9 @@
 """Algorithms and schedules: the two kinds of strategy.
 
-An :class:`Algorithm` (naive, tree, hierarchical) knows how to put ONE all-reduce on the wire.
-Used on its own it is blocking. A :class:`Schedule` (bucketed, async_overlap, double_buffer,
+An :class:`Algorithm` (naive, tree, hierarchical) knows how to put ONE collective on the wire:
+``reduce_`` (all-reduce, in place) and, by default from the library, ``reduce_scatter_`` and
+``all_gather_`` (an algorithm overrides them where it has something better). Used on its own it
+is blocking. A :class:`Schedule` (bucketed, async_overlap, double_buffer,
 adaptive_threshold) decides *when* and *in what grouping* tensors are reduced and hands the
 actual reductions to an inner algorithm through ``launch()``, so any schedule can be crossed
 with any algorithm in a sweep (option ``inner``).
@@ -32,7 +34,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from framework.comm.communicator import Communicator, Handle
+from framework.comm.communicator import (
+    Communicator,
+    Handle,
+    ag_output,
+    library_wire_bytes,
+    rs_output,
+)
 from framework.comm.profiling import _enabled as _profiling
 from framework.comm.profiling import span
 from framework.comm.streams import StreamLauncher
@@ -45,6 +53,7 @@ class Algorithm(Communicator):
         super().__init__(group, **common)
         self._progress: ThreadPoolExecutor | None = None
         self._streams: StreamLauncher | None = None
+        self._thread_streams: dict[torch.device, Any] = {}  # gloo + CUDA: the thread's streams
         # (payload bytes, seconds) of recent collectives run through launch(): the adaptive
         # strategy fits its latency/bandwidth model on these.
         self.timings: deque[tuple[int, float]] = deque(maxlen=256)
@@ -55,35 +64,78 @@ class Algorithm(Communicator):
     def reduce_(self, x: Tensor) -> None:
         """Sum ``x`` in place over ``self.group`` (the base class counts the collective)."""
 
+    def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
+        """Write this rank's part of the sum of ``x`` into ``out`` (default: the library)."""
+        dist.reduce_scatter_tensor(out, x, group=self.group)
+
+    def all_gather_(self, x: Tensor, out: Tensor) -> None:
+        """Write every rank's ``x``, in rank order along dim 0, into ``out`` (the library)."""
+        dist.all_gather_into_tensor(out, x, group=self.group)
+
     def wire_bytes(self, nbytes: int) -> int:
         """Bytes this rank sends for one all-reduce of ``nbytes`` (algorithm-specific)."""
         return nbytes
 
-    def launch(self, x: Tensor) -> Future:
-        """Reduce ``x`` in place asynchronously; ``future.result()`` waits for it (on NCCL:
-        makes the caller's stream wait, see :mod:`framework.comm.streams`)."""
+    def op_wire_bytes(self, op: str, nbytes: int) -> int:
+        """Bytes this rank sends for ``op`` on ``nbytes`` of input; reduce-scatter and
+        all-gather default to the library's ring figures (override with the op methods)."""
+        if op == "all_reduce":
+            return self.wire_bytes(nbytes)
+        return library_wire_bytes(op, nbytes, self.world_size)
+
+    def output(self, op: str, x: Tensor) -> Tensor:
+        """The tensor ``op`` leaves its result in: ``x`` itself for an all-reduce."""
+        if op == "all_reduce":
+            return x
+        return (
+            rs_output(x, self.world_size)
+            if op == "reduce_scatter"
+            else ag_output(x, self.world_size)
+        )
+
+    def run_op(self, op: str, x: Tensor, out: Tensor) -> None:
+        """Put one ``op`` on the wire, blocking (the base class counts it first)."""
+        self._start(x, op)
+        with span(self._reduce_span):
+            if op == "all_reduce":
+                self.reduce_(x)
+            elif op == "reduce_scatter":
+                self.reduce_scatter_(x, out)
+            else:
+                self.all_gather_(x, out)
+
+    def launch(self, x: Tensor, op: str = "all_reduce", out: Tensor | None = None) -> Future:
+        """Run ``op`` on ``x`` asynchronously (into ``out``, from :meth:`output`, for the ops
+        that do not work in place); ``future.result()`` waits for it and returns the result
+        (on NCCL: makes the caller's stream wait, see :mod:`framework.comm.streams`)."""
+        out = x if out is None else out
         if self.backend == "nccl":
             if self._streams is None:
                 self._streams = StreamLauncher()
-            return self._streams.launch(x, self._stream_reduce, self.timings)  # type: ignore[return-value]
+            return self._streams.launch(x, lambda: self.run_op(op, x, out), self.timings, out)  # type: ignore[return-value]
         if self._progress is None:
             self._progress = ThreadPoolExecutor(1, thread_name_prefix=f"commlab-{self.name}")
-        return self._progress.submit(self._timed_reduce, x)
+        ready = None
+        if x.is_cuda:  # gloo with CUDA tensors: x is written on the caller's stream
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(x.device))
+        return self._progress.submit(self._timed, op, x, out, ready)
 
-    def _timed_reduce(self, x: Tensor) -> Tensor:
+    def _timed(self, op: str, x: Tensor, out: Tensor, ready: Any = None) -> Tensor:
         t0 = time.perf_counter()
-        self._start(x)
-        with span(self._reduce_span):
-            self.reduce_(x)
-        if x.is_cuda:  # the thread's host time only means "done" once the stream has drained
-            torch.cuda.current_stream(x.device).synchronize()
-        self.timings.append((x.numel() * x.element_size(), time.perf_counter() - t0))
-        return x
-
-    def _stream_reduce(self, x: Tensor) -> None:
-        self._start(x)
-        with span(self._reduce_span):
-            self.reduce_(x)
+        if ready is None:
+            self.run_op(op, x, out)
+        else:  # on a stream of this thread's own, after the caller's writes to x
+            stream = self._thread_streams.get(x.device)
+            if stream is None:
+                stream = self._thread_streams[x.device] = torch.cuda.Stream(x.device)
+            stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                self.run_op(op, x, out)
+            stream.synchronize()  # "done" on the host means done on the device
+        if op == "all_reduce":  # the adaptive fit models all-reduces
+            self.timings.append((x.numel() * x.element_size(), time.perf_counter() - t0))
+        return out
 
     def _all_reduce(self, x: Tensor) -> Handle:
         self._start(x)
@@ -94,10 +146,20 @@ class Algorithm(Communicator):
             self.reduce_(x)
         return Handle(self, None, x)
 
-    def _start(self, x: Tensor) -> None:
-        """Before every ``reduce_``: count it, and start its clock (:meth:`wait_work`)."""
+    def _reduce_scatter(self, x: Tensor) -> Handle:
+        out = self.output("reduce_scatter", x)
+        self.run_op("reduce_scatter", x, out)
+        return Handle(self, None, out)
+
+    def _all_gather(self, x: Tensor) -> Handle:
+        out = self.output("all_gather", x)
+        self.run_op("all_gather", x, out)
+        return Handle(self, None, out)
+
+    def _start(self, x: Tensor, op: str = "all_reduce") -> None:
+        """Before every collective: count it, and start its clock (:meth:`wait_work`)."""
         self._deadline = time.monotonic() + self.timeout_s
-        self._count(x)
+        self._count(x, op)
 
     def wait_work(self, work: Any) -> None:
         """Wait for an asynchronous library operation (``isend``/``irecv``, ``async_op=True``)
@@ -128,10 +190,9 @@ class Algorithm(Communicator):
             f"late){detail}"
         )
 
-    def _count(self, x: Tensor) -> None:
-        """One collective on the wire; called by the base class before every ``reduce_``."""
-        self.stats.collectives += 1
-        self.stats.wire_bytes += self.wire_bytes(x.nbytes)
+    def _count(self, x: Tensor, op: str = "all_reduce") -> None:
+        """One collective on the wire; called by the base class before every one."""
+        self.stats.count_collective(op, self.op_wire_bytes(op, x.nbytes))
 
     def _release(self) -> None:
         if self._progress is not None:
@@ -189,6 +250,17 @@ class Schedule(Communicator):
             for b, devices in type(self).supports.items()
             if b in self.inner.supports
         }
+
+    def _reduce_scatter(self, x: Tensor) -> Handle:
+        """Launch through ``inner`` asynchronously; ``wait()`` waits (schedules override)."""
+        return self._launch_op("reduce_scatter", x)
+
+    def _all_gather(self, x: Tensor) -> Handle:
+        return self._launch_op("all_gather", x)
+
+    def _launch_op(self, op: str, x: Tensor) -> Handle:
+        fut = self.inner.launch(x, op, self.inner.output(op, x))
+        return Handle(self, fut.result)
 
     def _release(self) -> None:
         self.inner._release()

@@ -1,9 +1,10 @@
-"""The one interface every all-reduce strategy implements.
+"""The one interface every collective strategy implements: all-reduce, reduce-scatter, all-gather.
 
-A tensor-parallel layer calls ``comm.all_reduce(partial)`` and later ``handle.wait()``; what
-happens in between (a blocking library call, fusion into a bucket, an asynchronous launch, a
-tree of point-to-point messages) is the strategy's business. The base class owns everything
-that must be identical across strategies so that measurements are comparable:
+A tensor-parallel layer calls ``comm.all_reduce(partial)`` (with sequence parallelism,
+``comm.reduce_scatter(partial)`` and ``comm.all_gather(shard)``) and later ``handle.wait()``;
+what happens in between (a blocking library call, fusion into a bucket, an asynchronous
+launch, a tree of point-to-point messages) is the strategy's business. The base class owns
+everything that must be identical across strategies so that measurements are comparable:
 
 * input checks (contiguity, device, dtype, use after close) raised on the calling rank with the
   strategy's name, before anything touches the wire;
@@ -52,8 +53,18 @@ DEFAULT_DTYPES = frozenset(
     }
 )
 
-_OP_ALL_REDUCE, _OP_FLUSH, _OP_CLOSE = 1, 2, 3
-_OP_NAMES = {_OP_ALL_REDUCE: "all_reduce", _OP_FLUSH: "flush", _OP_CLOSE: "close"}
+_OP_ALL_REDUCE, _OP_FLUSH, _OP_CLOSE, _OP_REDUCE_SCATTER, _OP_ALL_GATHER = 1, 2, 3, 4, 5
+_OP_NAMES = {
+    _OP_ALL_REDUCE: "all_reduce",
+    _OP_FLUSH: "flush",
+    _OP_CLOSE: "close",
+    _OP_REDUCE_SCATTER: "reduce_scatter",
+    _OP_ALL_GATHER: "all_gather",
+}
+# The collectives of the interface, in the order the counters list them.
+OPS = ("all_reduce", "reduce_scatter", "all_gather")
+_OP_CODES = {"all_reduce": _OP_ALL_REDUCE, "reduce_scatter": _OP_REDUCE_SCATTER}
+_OP_CODES["all_gather"] = _OP_ALL_GATHER
 _DTYPE_CODES = {dt: i for i, dt in enumerate(sorted(DEFAULT_DTYPES, key=str))}
 
 # What the library collectives handle: gloo sums CPU tensors and CUDA tensors (staged through
@@ -78,9 +89,11 @@ class CommError(RuntimeError):
 class CommStats:
     """Counters a researcher needs to see what a strategy did. Reset with ``reset()``.
 
-    ``calls`` logical all_reduce calls; ``collectives`` operations put on the wire (fusion makes
-    it smaller than ``calls``); ``bytes`` payload bytes reduced; ``wire_bytes`` bytes this rank
-    sent according to the algorithm; ``wait_s`` seconds the caller was blocked inside
+    The totals count every op; ``by_op[op]`` holds ``calls``, ``collectives``, ``bytes`` and
+    ``wire_bytes`` of each of :data:`OPS` alone (``as_dict`` flattens them as
+    ``<op>_<counter>``). ``calls`` logical calls; ``collectives`` operations put on the wire
+    (fusion makes it smaller than ``calls``); ``bytes`` input bytes; ``wire_bytes`` bytes this
+    rank sent according to the algorithm; ``wait_s`` seconds the caller was blocked inside
     ``all_reduce``/``wait``/``flush`` (exposed communication); ``buffer_allocs`` and
     ``buffer_reuses`` count communication buffers created and handed out again; ``extra`` holds
     strategy-specific readings (the adaptive strategy's fitted alpha, beta and threshold).
@@ -93,17 +106,44 @@ class CommStats:
     wait_s: float = 0.0
     buffer_allocs: int = 0
     buffer_reuses: int = 0
+    by_op: dict[str, dict[str, int]] = field(default_factory=lambda: _zero_ops())
     extra: dict[str, float] = field(default_factory=dict)
 
     def reset(self) -> None:
         for f in fields(self):
-            if f.name != "extra":
+            if f.name == "by_op":
+                self.by_op = _zero_ops()
+            elif f.name != "extra":
                 setattr(self, f.name, type(getattr(self, f.name))())
 
+    def count_call(self, op: str, nbytes: int) -> None:
+        self.calls += 1
+        self.bytes += nbytes
+        mine = self.by_op[op]
+        mine["calls"] += 1
+        mine["bytes"] += nbytes
+
+    def count_collective(self, op: str, wire_bytes: int) -> None:
+        self.collectives += 1
+        self.wire_bytes += wire_bytes
+        mine = self.by_op[op]
+        mine["collectives"] += 1
+        mine["wire_bytes"] += wire_bytes
+
     def as_dict(self) -> dict[str, float]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NESTED}
+        for op, counters in self.by_op.items():
+            out.update({f"{op}_{k}": v for k, v in counters.items()})
         out.update(self.extra)
         return out
+
+
+_NESTED = ("by_op", "extra")
+OP_COUNTERS = ("calls", "collectives", "bytes", "wire_bytes")
+
+
+def _zero_ops() -> dict[str, dict[str, int]]:
+    return {op: dict.fromkeys(OP_COUNTERS, 0) for op in OPS}
 
 
 class Handle:
@@ -228,7 +268,23 @@ class Communicator(ABC):
     # -- public API -------------------------------------------------------------------------
     def all_reduce(self, x: Tensor) -> Handle:
         """Start summing ``x`` over the group; the caller gives ``x`` up until ``wait()``."""
-        self._check_input(x)
+        return self._call("all_reduce", x)
+
+    def reduce_scatter(self, x: Tensor) -> Handle:
+        """Start summing ``x`` over the group; ``wait()`` returns this rank's part of the sum:
+        rows ``[r n/p, (r+1) n/p)`` of dim 0 (n rows, p ranks, rank r), a new tensor.
+
+        Dim 0 must divide by p (a ``CommError`` otherwise): the caller pads, as the
+        sequence-parallel model pads its tokens and counts the padding."""
+        return self._call("reduce_scatter", x)
+
+    def all_gather(self, x: Tensor) -> Handle:
+        """Start gathering ``x`` from every rank; ``wait()`` returns them concatenated along
+        dim 0 in rank order, a new tensor. Every rank passes the same shape."""
+        return self._call("all_gather", x)
+
+    def _call(self, op: str, x: Tensor) -> Handle:
+        self._check_input(x, op)
         # the hot path of every strategy: timed inline (no context manager), about 1 us
         outer = self._depth == 0
         self._depth += 1
@@ -236,14 +292,14 @@ class Communicator(ABC):
         try:
             if outer and _profiling():
                 with record_function(self._blocked_span):
-                    return self._issue(x)
-            return self._issue(x)
+                    return self._issue(op, x)
+            return self._issue(op, x)
         finally:
             self._depth -= 1
             if outer:
                 self.stats.wait_s += time.perf_counter() - t0
 
-    def _issue(self, x: Tensor) -> Handle:
+    def _issue(self, op: str, x: Tensor) -> Handle:
         lo = x.data_ptr()
         hi = lo + x.nbytes
         spans = self._spans
@@ -254,14 +310,18 @@ class Communicator(ABC):
             i = bisect.bisect_left(spans, (hi,))
             if i > 0 and spans[i - 1][1] > lo:
                 raise self._error(
-                    "input overlaps the memory of an all_reduce still in flight (the caller "
+                    "input overlaps the memory of a collective still in flight (the caller "
                     "gives x up until wait()); wait for it first or pass a copy"
                 )
         if self._check_group is not None:
-            self._fingerprint(_OP_ALL_REDUCE, x)
-        self.stats.calls += 1
-        self.stats.bytes += x.nbytes
-        h = self._all_reduce(x)
+            self._fingerprint(_OP_CODES[op], x)
+        self.stats.count_call(op, x.nbytes)
+        if op == "all_reduce":
+            h = self._all_reduce(x)
+        elif op == "reduce_scatter":
+            h = self._reduce_scatter(x)
+        else:
+            h = self._all_gather(x)
         if not h.done and hi > lo:
             h._span = (lo, hi)
             self._hold_span(h._span)
@@ -309,8 +369,9 @@ class Communicator(ABC):
     @property
     def graph_safe(self) -> bool:
         """Whether a CUDA graph can capture this communicator's collectives: each is enqueued
-        on the capturing stream with no host synchronisation, thread or host-side transport."""
-        return self.backend in self.graph_safe_backends
+        on the capturing stream with no host synchronisation, thread or host-side transport
+        (``validate=True`` is not: its fingerprint check reads the gathered rows on the host)."""
+        return self.backend in self.graph_safe_backends and self._check_group is None
 
     @property
     def pending(self) -> int:
@@ -346,6 +407,25 @@ class Communicator(ABC):
     @abstractmethod
     def _all_reduce(self, x: Tensor) -> Handle:
         """Return a handle whose completion leaves the sum in the returned tensor."""
+
+    def _reduce_scatter(self, x: Tensor) -> Handle:
+        """Default for any strategy: the library's reduce-scatter on the private group,
+        blocking (algorithms and schedules override it)."""
+        out = rs_output(x, self.world_size)
+        self.stats.count_collective(
+            "reduce_scatter", library_wire_bytes("reduce_scatter", x.nbytes, self.world_size)
+        )
+        dist.reduce_scatter_tensor(out, x, group=self.group)
+        return Handle(self, None, out)
+
+    def _all_gather(self, x: Tensor) -> Handle:
+        """Default for any strategy: the library's all-gather on the private group, blocking."""
+        out = ag_output(x, self.world_size)
+        self.stats.count_collective(
+            "all_gather", library_wire_bytes("all_gather", x.nbytes, self.world_size)
+        )
+        dist.all_gather_into_tensor(out, x, group=self.group)
+        return Handle(self, None, out)
 
     def _flush(self) -> None:
         """Put anything held back (a partly filled bucket) on the wire before handles finish."""
@@ -385,7 +465,7 @@ class Communicator(ABC):
         if self._closed:
             raise self._error("used after close()")
 
-    def _check_input(self, x: Any) -> None:
+    def _check_input(self, x: Any, op: str = "all_reduce") -> None:
         if self._closed:
             raise self._error("used after close()")
         if self._broken:
@@ -394,7 +474,7 @@ class Communicator(ABC):
                 "mismatch): close it and build a new communicator"
             )
         if not isinstance(x, Tensor):
-            raise self._error(f"all_reduce needs a torch.Tensor, got {type(x).__name__}")
+            raise self._error(f"{op} needs a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in self.supported_dtypes:
             ok = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.supported_dtypes))
             raise self._error(f"dtype {x.dtype} is not supported (supported: {ok})")
@@ -410,8 +490,15 @@ class Communicator(ABC):
             )
         if not x.is_contiguous():
             raise self._error(
-                f"all_reduce needs a contiguous tensor (shape {tuple(x.shape)}, strides "
+                f"{op} needs a contiguous tensor (shape {tuple(x.shape)}, strides "
                 f"{x.stride()}); call .contiguous() first"
+            )
+        if op != "all_reduce" and x.dim() == 0:
+            raise self._error(f"{op} needs a tensor with a dim 0, got a scalar")
+        if op == "reduce_scatter" and x.shape[0] % self.world_size:
+            raise self._error(
+                f"reduce_scatter needs dim 0 divisible by the group size {self.world_size}, "
+                f"got shape {tuple(x.shape)}: pad dim 0 to a multiple of it first"
             )
 
     def _fingerprint(self, op: int, x: Tensor | None) -> None:
@@ -440,10 +527,32 @@ class Communicator(ABC):
 
 def _describe(row: list[int]) -> str:
     op, seq, _, numel, ndim = row[:5]
-    if op != _OP_ALL_REDUCE:
+    if op in (_OP_FLUSH, _OP_CLOSE):
         return f"{_OP_NAMES[op]} #{seq}"
     dtype = {v: k for k, v in _DTYPE_CODES.items()}.get(row[2])
-    return f"all_reduce #{seq} shape {tuple(row[5 : 5 + min(ndim, 4)])} {dtype} numel {numel}"
+    shape = tuple(row[5 : 5 + min(ndim, 4)])
+    return f"{_OP_NAMES[op]} #{seq} shape {shape} {dtype} numel {numel}"
+
+
+def rs_output(x: Tensor, p: int) -> Tensor:
+    """A new tensor for this rank's part of a reduce-scatter of ``x`` over ``p`` ranks."""
+    return x.new_empty((x.shape[0] // p, *x.shape[1:]))
+
+
+def ag_output(x: Tensor, p: int) -> Tensor:
+    """A new tensor for the all-gather of ``x`` over ``p`` ranks (dim 0 times p)."""
+    return x.new_empty((x.shape[0] * p, *x.shape[1:]))
+
+
+def library_wire_bytes(op: str, nbytes: int, p: int) -> int:
+    """Bytes one rank sends in the library's ring form of ``op`` on ``nbytes`` of input
+    (nccl-tests' bus-bandwidth convention): all-reduce 2(p-1)/p n, reduce-scatter (p-1)/p n,
+    all-gather (p-1) n."""
+    if op == "all_reduce":
+        return 2 * (p - 1) * nbytes // p
+    if op == "reduce_scatter":
+        return (p - 1) * nbytes // p
+    return (p - 1) * nbytes
 
 
 def _describe_support(supports: dict[str, frozenset[str]]) -> str:

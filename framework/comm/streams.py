@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -50,8 +51,14 @@ class StreamLauncher:
         self._timing: deque[tuple[int, Any, Any]] = deque()
 
     def launch(
-        self, x: Tensor, reduce: Callable[[Tensor], None], timings: deque[tuple[int, float]]
+        self,
+        x: Tensor,
+        work: Callable[[], None],
+        timings: deque[tuple[int, float]],
+        out: Tensor | None = None,
     ) -> StreamFuture:
+        """Enqueue ``work()`` (the collective on ``x``) on the communication stream; the
+        future's result is ``out`` (default ``x``: in place)."""
         cuda = self.cuda
         stream = self._streams.get(x.device)
         if stream is None:
@@ -60,11 +67,16 @@ class StreamLauncher:
         start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
         with cuda.stream(stream):
             start.record(stream)
-            reduce(x)
+            try:
+                work()
+            except Exception as e:  # fail through the future, as a thread's error would
+                failed: Future = Future()
+                failed.set_exception(e)
+                return failed  # type: ignore[return-value]
             end.record(stream)
         self._harvest(timings)
         self._timing.append((x.nbytes, start, end))
-        return StreamFuture(cuda, end, x)
+        return StreamFuture(cuda, end, x if out is None else out)
 
     def _harvest(self, timings: deque[tuple[int, float]]) -> None:
         """Move the timings of completed collectives into ``timings`` (oldest first)."""

@@ -67,6 +67,7 @@ def generate(
     on_prefill_end: Callable[[], None] | None = None,
     on_step_end: Callable[[int], None] | None = None,
     decode_step: Callable[[Tensor], Tensor] | None = None,
+    cache_len: int | None = None,
 ) -> GenerateOutput:
     """Generate ``new_tokens`` tokens for each prompt (greedy when temperature == 0).
 
@@ -76,7 +77,8 @@ def generate(
     synchronise an accelerator: a timing callback should do so itself.
     ``decode_step(tokens)`` replaces the decode forward (tokens (B, 1) -> logits (B, 1, V),
     advancing the cache): a CUDA-graph replay, say (``framework.run.graphs``).
-    The model's KV cache is reset to exactly max prompt length + new_tokens positions.
+    The model's KV cache is reset to exactly max prompt length + new_tokens positions, or to
+    ``cache_len`` (a warm-up that must leave the cache shaped as the measured run's).
     """
     cfg = model.cfg
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -109,7 +111,10 @@ def generate(
         # Same seed on every rank -> same draws from identical logits -> same tokens.
         gen = torch.Generator(device=model.device).manual_seed(seed)
 
-    model.reset_cache(len(prompts), max_len=prompt_len + new_tokens)
+    need = prompt_len + new_tokens
+    if cache_len is not None and cache_len < need:
+        raise ValueError(f"cache_len={cache_len} is shorter than prompt + new tokens ({need})")
+    model.reset_cache(len(prompts), max_len=cache_len or need)
     chosen: list[Tensor] = []
     kept: list[Tensor] = []
     logits = model(tokens, mask, micro_batches=micro_batches, last_only=True)  # (B, 1, V)

@@ -191,7 +191,9 @@ class TPLlama(nn.Module):
     def reset_cache(self, batch_size: int, max_len: int | None = None) -> None:
         """(Re)allocate an empty KV cache for ``batch_size`` sequences of up to ``max_len``
         positions (default cfg.max_seq_len). Shape per layer: (B, local kv heads, max_len,
-        head_dim). Pass the smallest max_len you need: cache memory scales with it."""
+        head_dim). Pass the smallest max_len you need: cache memory scales with it. A cache of
+        the same shape is zeroed in place, not reallocated, so a captured CUDA graph that reads
+        it stays valid across generations."""
         max_len = self.cfg.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= self.cfg.max_seq_len:
             raise ValueError(
@@ -202,6 +204,11 @@ class TPLlama(nn.Module):
         kv = self.cfg.kv_heads_per_rank(self.tp_size)
         shape = (batch_size, kv, max_len, self.cfg.hd)
         opts = {"dtype": self.dtype, "device": self.device}
+        if self._k_cache and tuple(self._k_cache[0].shape) == shape:
+            for t in (*self._k_cache, *self._v_cache, self._mask):
+                t.zero_()
+            self.cache_pos = 0
+            return
         self._k_cache = [torch.zeros(shape, **opts) for _ in range(self.cfg.num_layers)]
         self._v_cache = [torch.zeros(shape, **opts) for _ in range(self.cfg.num_layers)]
         self._mask = torch.zeros((batch_size, max_len), dtype=torch.bool, device=self.device)

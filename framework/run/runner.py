@@ -83,7 +83,7 @@ class Runner:
         self.comm = None
         self.model = None
         self.device = _rank_device(fabric, spec)
-        self.graph_capture_s = 0.0
+        self.graph = None  # the decode step's CUDA graph (parallel.cuda_graphs)
 
     # -- stages ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -118,15 +118,20 @@ class Runner:
                 model_config(spec.model), self.comm, self.rank, self.world_size, dtype, device
             ).init_random(spec.seed)
         self.prompts = load_prompts(spec, self.model.cfg.vocab_size)
-
-    def _generate(self, new_tokens: int, **hooks: Any):
-        w = self.spec.workload
-        if self.spec.parallel.cuda_graphs:
+        if spec.parallel.cuda_graphs:
             from framework.run.graphs import GraphDecode
 
-            graph = GraphDecode(self.model, self.comm, w.micro_batches)
-            hooks["decode_step"] = graph
-        out = generate(
+            self.graph = GraphDecode(self.model, self.comm, spec.workload.micro_batches)
+
+    def _generate(self, new_tokens: int, **hooks: Any):
+        """Warm-up and measured run alike; with a CUDA graph both use the measured run's cache
+        shape, so the graph captured in the warm-up's first decode step (``warmup_tokens``
+        >= 2; else in the measured run's) is replayed, not recaptured, in the measured run."""
+        w = self.spec.workload
+        if self.graph is not None:
+            hooks["decode_step"] = self.graph
+            hooks["cache_len"] = max(len(p) for p in self.prompts) + w.new_tokens
+        return generate(
             self.model,
             self.prompts,
             new_tokens,
@@ -136,9 +141,6 @@ class Runner:
             seed=self.spec.seed,
             **hooks,
         )
-        if self.spec.parallel.cuda_graphs:
-            self.graph_capture_s = graph.capture_s
-        return out
 
     def warmup(self) -> None:
         if self.spec.workload.warmup_tokens:
@@ -199,7 +201,7 @@ class Runner:
             },
             "tokens": out.tokens,
             "prompt_tokens": sum(len(p) for p in self.prompts),
-            "graph_capture_s": self.graph_capture_s,
+            "graph_capture_s": self.graph.capture_s if self.graph is not None else 0.0,
         }
 
     def teardown(self) -> None:
@@ -310,7 +312,9 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "collectives_per_token": d["collectives"] / per_step,
         "bytes_per_token": d["bytes"] / per_step,
         "wire_bytes_per_token": d["wire_bytes"] / per_step,
+        # on CUDA the host is not blocked while the device waits: host time only
         "exposed_comm_s": exposed,
+        "exposed_comm_is_host_time": resolve_device(spec.parallel) == "cuda",
         "exposed_comm_share": exposed / decode_s if decode_s > 0 else float("nan"),
         "prefill_exposed_comm_s": max(r["prefill_wait_s"] for r in per_rank),
         "buffer_allocs": r0["buffer_allocs"],

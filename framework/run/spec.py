@@ -75,9 +75,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_backend(parallel: ParallelSpec) -> str:
+    """auto: NCCL when CUDA devices are present and the tensors may be on them, else gloo."""
     if parallel.backend != "auto":
         return parallel.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if torch.cuda.is_available() and parallel.device != "cpu" else "gloo"
 
 
 def resolve_device(parallel: ParallelSpec) -> str:
@@ -185,12 +186,17 @@ def parallel_problems(p: ParallelSpec) -> list[str]:
     return problems
 
 
-def graph_problems(strategy: str, p: ParallelSpec) -> list[str]:
+def graph_problems(strategy: str, options: dict[str, Any], p: ParallelSpec) -> list[str]:
     """A CUDA graph can only capture a strategy whose collectives are all graph-safe."""
     from framework.comm.registry import get_strategy
 
     if not p.cuda_graphs or strategy not in available_strategies():
         return []
+    if options.get("validate"):
+        return [
+            "parallel.cuda_graphs=true with strategy.validate=true: the fingerprint exchange "
+            "synchronises with the host and cannot be captured"
+        ]
     backend = resolve_backend(p)
     if backend in get_strategy(strategy).graph_safe_backends:
         return []
@@ -206,7 +212,7 @@ def validate_run(spec: RunSpec) -> ModelConfig:
     """Raise ConfigError listing every problem; return the model config when all is well."""
     w, p = spec.workload, spec.parallel
     problems = strategy_problems(spec.strategy, spec.strategy_options) + parallel_problems(p)
-    problems += graph_problems(spec.strategy, p)
+    problems += graph_problems(spec.strategy, spec.strategy_options, p)
     for name in ("batch_size", "prompt_len", "new_tokens", "micro_batches"):
         if getattr(w, name) <= 0:
             problems.append(f"workload.{name} must be > 0, got {getattr(w, name)}")
