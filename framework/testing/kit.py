@@ -123,6 +123,108 @@ def float_order(name: str, options: dict[str, Any]) -> None:
                 raise AssertionError("ranks received different float results")
 
 
+def _shapes(world: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """(rows per rank, columns): one element, odd sizes, and a message of about 3 MiB."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    return [(1, 1), (3, 7), ((3 << 20) // (257 * esize * world) + 1, 257)]
+
+
+def _rs_want(seed: int, rank: int, world: int, rows: int, cols: int, dtype: torch.dtype):
+    total = expected_sum(seed, world, world * rows * cols, dtype).view(world * rows, cols)
+    return total[rank * rows : (rank + 1) * rows]
+
+
+def _ag_want(seed: int, world: int, rows: int, cols: int, dtype: torch.dtype):
+    return torch.cat([_cpu_input(seed, j, rows * cols, dtype) for j in range(world)]).view(
+        world * rows, cols
+    )
+
+
+@check
+def scatter_gather_exact(name: str, options: dict[str, Any]) -> None:
+    """reduce_scatter and all_gather, every dtype, one element to several MiB: this rank's rows
+    of the exact sum, and every rank's input in rank order, as the library gives them."""
+    rank, world = _me()
+    with _opened(name, options) as comm:
+        for k, dtype in enumerate(EXACT_DTYPES):
+            for rows, cols in _shapes(world, dtype):
+                seed = 1000 + rows + 31 * k
+                x = rank_input(seed, rank, world * rows * cols, dtype).view(world * rows, cols)
+                got = comm.reduce_scatter(x).wait()
+                want = _rs_want(seed, rank, world, rows, cols, dtype)
+                _expect_equal(got, want, f"reduce_scatter {dtype} {tuple(x.shape)}")
+                y = rank_input(seed, rank, rows * cols, dtype).view(rows, cols)
+                got = comm.all_gather(y).wait()
+                want = _ag_want(seed, world, rows, cols, dtype)
+                _expect_equal(got, want, f"all_gather {dtype} {tuple(y.shape)}")
+        lib_in = rank_input(6, rank, world * 10, torch.int64)
+        lib = torch.empty(10, dtype=torch.int64, device=_device)
+        dist.reduce_scatter_tensor(lib, lib_in.clone())  # the library itself, default group
+        _expect_equal(comm.reduce_scatter(lib_in).wait(), lib, "against reduce_scatter_tensor")
+        s = comm.stats.by_op
+        if s["reduce_scatter"]["calls"] != 3 * len(EXACT_DTYPES) + 1 or s["all_reduce"]["calls"]:
+            raise AssertionError(f"per-op counters wrong: {s}")
+
+
+@check
+def scatter_gather_floats(name: str, options: dict[str, Any]) -> None:
+    """Random floats: reduce_scatter within rounding of a float64 sum, all_gather bit-exact;
+    a dim 0 that does not divide by the group size is refused on every rank."""
+    rank, world = _me()
+    with _opened(name, options) as comm:
+        xs = [
+            torch.randn(world * 5, 3, generator=torch.Generator().manual_seed(r))
+            for r in range(world)
+        ]
+        got = comm.reduce_scatter(xs[rank].clone().to(_device)).wait().cpu()
+        ref = sum(x.double() for x in xs)[rank * 5 : (rank + 1) * 5]
+        mag = sum(x.abs() for x in xs)[rank * 5 : (rank + 1) * 5].double()
+        bound = (world - 1) * torch.finfo(torch.float32).eps * mag
+        if not bool(((got.double() - ref).abs() <= bound + 1e-30).all()):
+            raise AssertionError("reduce_scatter float sum beyond rounding of the reference")
+        got = comm.all_gather(xs[rank][:4].clone().to(_device)).wait().cpu()
+        if not torch.equal(got, torch.cat([x[:4] for x in xs])):
+            raise AssertionError("all_gather changed the bits of a float input")
+        if world > 1:
+            _expect_comm_error(
+                lambda: comm.reduce_scatter(_ones(world + 1, 2)), name, "uneven dim 0"
+            )
+        _expect_comm_error(lambda: comm.all_gather(_ones(())), name, "scalar all_gather")
+
+
+@check
+def mixed_ops_in_flight(name: str, options: dict[str, Any]) -> None:
+    """The three ops interleaved, several in flight, waited out of order."""
+    rank, world = _me()
+    with _opened(name, options) as comm:
+        calls = []
+        for i, (op, rows, dtype) in enumerate(
+            [
+                ("all_reduce", 5, torch.float32),
+                ("reduce_scatter", 3, torch.float32),
+                ("all_gather", 2, torch.int32),
+                ("reduce_scatter", 1, torch.int64),
+                ("all_reduce", 9, torch.int32),
+                ("all_gather", 7, torch.float32),
+            ]
+        ):
+            seed = 2000 + i
+            if op == "all_reduce":
+                h = comm.all_reduce(rank_input(seed, rank, rows * 4, dtype).view(rows, 4))
+                want = expected_sum(seed, world, rows * 4, dtype).view(rows, 4)
+            elif op == "reduce_scatter":
+                x = rank_input(seed, rank, world * rows * 4, dtype).view(world * rows, 4)
+                h, want = comm.reduce_scatter(x), _rs_want(seed, rank, world, rows, 4, dtype)
+            else:
+                x = rank_input(seed, rank, rows * 4, dtype).view(rows, 4)
+                h, want = comm.all_gather(x), _ag_want(seed, world, rows, 4, dtype)
+            calls.append((op, h, want))
+        for op, h, want in reversed(calls):
+            _expect_equal(h.wait(), want, f"{op} waited out of order")
+        if comm.pending:
+            raise AssertionError(f"{comm.pending} handles still pending after every wait")
+
+
 @check
 def handles_in_flight(name: str, options: dict[str, Any]) -> None:
     """Several handles in flight, mixed dtypes, waited out of order; writing results is safe."""
@@ -268,6 +370,17 @@ def validate_mismatch(name: str, options: dict[str, Any]) -> None:
             comm.flush()
 
         _expect_comm_error(extra_call, name, "extra all_reduce on one rank with validate=True")
+    if world == 1:
+        return
+    with _opened(name, options, validate=True) as comm:
+        x = _ones(world * 2, 3)
+        msg = _expect_comm_error(
+            lambda: (comm.all_gather(x) if rank == 0 else comm.reduce_scatter(x)).wait(),
+            name,
+            "different ops with validate=True",
+        )
+        if "all_gather" not in msg or "reduce_scatter" not in msg:
+            raise AssertionError(f"mismatch error does not name both ops: {msg}")
 
 
 def run_checks(
