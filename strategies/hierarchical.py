@@ -13,6 +13,12 @@ with the backend's collectives) or ``shm`` (a shared-memory segment per node, se
 :mod:`framework.comm.shm`: every node rank gets the node sum from the segment, leaders all-reduce
 across nodes with the library, and the leader's result is broadcast through the segment).
 
+Reduce-scatter and all-gather are two-level too when every node has the same number of ranks
+g (p = m g): the input is reordered so that node-local rank l holds the parts of every rank
+with local index l, reduce-scattered inside the node, then reduce-scattered across the nodes
+among the ranks of the same local index (a "rail"); all-gather runs the rails first, then the
+node, and reorders back. With uneven nodes they are the library's, flat.
+
 Devices: CPU tensors on gloo (gloo's reduce takes host memory only), CUDA tensors on NCCL with
 ``intra=library``; ``intra=shm`` is gloo and CPU only.
 """
@@ -63,17 +69,22 @@ class Hierarchical(Algorithm):
         self.leader = self.node_ranks[0]
         self.is_leader = r % k == 0
         leaders = [n[0] for n in nodes]
+        self.uniform = p % k == 0  # every node has k ranks: two-level scatter and gather
+        # rail l: the ranks of local index l, node by node (rail 0 is the leaders)
+        rails = [[n[i] for n in nodes] for i in range(k)] if self.uniform else [leaders]
         # Every rank creates every multi-rank group in the same order (new_group's contract),
-        # keeping the two it belongs to: its node's and, for leaders, the leaders'.
+        # keeping those it belongs to: its node's and its rail's (for leaders, the leaders').
         self._groups = [
             (g, acquire_group(g, self.backend, self.timeout_s))
-            for g in [*nodes, leaders]
+            for g in [*nodes, *rails]
             if len(g) > 1
         ]
         mine = {tuple(g): pg for g, (pg, _) in self._groups}
         self.stats.extra.update(num_nodes=self.num_nodes, ranks_per_node=k)
         self.node_group = mine.get(tuple(self.node_ranks))
         self.leader_group = mine.get(tuple(leaders)) if self.is_leader else None
+        my_rail = rails[r % k] if self.uniform else []
+        self.rail_group = mine.get(tuple(my_rail))
         self.segment = None
         if intra == "shm" and self.node_group is not None:  # only a node's members set it up
             self.segment = shm_segment_for(
@@ -86,6 +97,49 @@ class Hierarchical(Algorithm):
         if not self.is_leader:
             return nbytes  # one message to the leader (the broadcast is received)
         return (local - 1) * nbytes + 2 * (n - 1) * nbytes // n
+
+    def op_wire_bytes(self, op: str, nbytes: int) -> int:
+        if op == "all_reduce" or not self.uniform:
+            return super().op_wire_bytes(op, nbytes)
+        g, m = self.ranks_per_node, self.num_nodes
+        if op == "reduce_scatter":  # the node's ring on n bytes, then the rail's on n / g
+            return (g - 1) * nbytes // g + (m - 1) * nbytes // (g * m)
+        return (m - 1) * nbytes + (g - 1) * m * nbytes  # the rail's ring, then the node's
+
+    def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
+        if not self.uniform:
+            super().reduce_scatter_(x, out)
+            return
+        g, m = self.ranks_per_node, self.num_nodes
+        q = x.numel() // self.world_size
+        # (g, m, q): block l holds the parts of the ranks of local index l, node by node
+        mixed = x.view(m, g, q).transpose(0, 1).contiguous().view(-1)
+        node_sum = x.new_empty(m * q)
+        self._scatter(node_sum, mixed, self.node_group)
+        self._scatter(out.view(-1), node_sum, self.rail_group)
+
+    def all_gather_(self, x: Tensor, out: Tensor) -> None:
+        if not self.uniform:
+            super().all_gather_(x, out)
+            return
+        g, m, n = self.ranks_per_node, self.num_nodes, x.numel()
+        rail = x.new_empty(m * n)
+        self._gather(rail, x.view(-1), self.rail_group)
+        node = x.new_empty(g * m * n)  # (g, m, n): block l is rail l's gather
+        self._gather(node, rail, self.node_group)
+        out.view(m, g, n).copy_(node.view(g, m, n).transpose(0, 1))
+
+    def _scatter(self, out: Tensor, x: Tensor, group: Any) -> None:
+        if group is None:  # a group of one: the part is the whole
+            out.copy_(x)
+        else:
+            self.wait_work(dist.reduce_scatter_tensor(out, x, group=group, async_op=True))
+
+    def _gather(self, out: Tensor, x: Tensor, group: Any) -> None:
+        if group is None:
+            out.copy_(x)
+        else:
+            self.wait_work(dist.all_gather_into_tensor(out, x, group=group, async_op=True))
 
     def reduce_(self, x: Tensor) -> None:
         if self.segment is not None:
@@ -110,4 +164,4 @@ class Hierarchical(Algorithm):
         for ranks, (g, generation) in self._groups:
             release_group(ranks, self.backend, self.timeout_s, g, generation)
         self._groups = []
-        self.node_group = self.leader_group = None
+        self.node_group = self.leader_group = self.rail_group = None

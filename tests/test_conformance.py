@@ -44,7 +44,7 @@ def test_hierarchical_node_maps(pools, world_size: int, ranks_per_node: int) -> 
         run_checks,
         "hierarchical",
         {"ranks_per_node": ranks_per_node},
-        ["exact_sums", "float_order", "handles_in_flight"],
+        ["exact_sums", "float_order", "handles_in_flight", "scatter_gather_exact"],
     )
 
 
