@@ -11,6 +11,15 @@ to the library all-reduce, and ``stats.extra["shm"]`` is 0; ``hierarchical`` wit
 ``intra=shm`` is the strategy for several hosts. Summation order is rank order per element
 (slot 0 + slot 1 + ...), exact for integers; every rank receives the same bits.
 
+``mode``: ``twoshot`` is the protocol above (copy in, reduce a slice each, copy the result
+out: two barriers); ``oneshot`` copies in and lets every rank sum every slot itself in rank
+order (one barrier, p times the reads: vLLM's CPU shared-memory all-reduce is one-shot);
+``auto`` (the default) takes one-shot up to ``oneshot_max_bytes``, by default the crossover
+measured on this host per world size (``ONESHOT_MAX_BYTES``, from ``experiments.shm_modes``:
+none on this 2-core VM, where two-shot is never slower, so auto runs two-shot here).
+Both sum in rank order: the modes give the same bits. Reduce-scatter and all-gather run
+natively in the segment (the two halves of the two-shot all-reduce).
+
 Devices: CPU tensors on gloo only (the segment is host memory); a CUDA tensor or an NCCL group
 is refused with a ``CommError``.
 """
@@ -25,27 +34,78 @@ from torch import Tensor
 from framework import HOST_ONLY, Algorithm, register_strategy
 from framework.comm.shm import shm_segment_for
 
+MODES = ("oneshot", "twoshot", "auto")
+# auto: one-shot up to these bytes per world size, two-shot above; measured on this host by
+# `python -m experiments.shm_modes` (results/shm_modes.md). Here they never cross: two-shot is
+# as fast or faster from 256 B to 4 MiB at 2, 3 and 4 ranks (a flag barrier costs about a
+# microsecond when the ranks run in step, less than reading p whole inputs; with more ranks
+# than cores one-shot's longer summing stretches every round), so auto is two-shot here. A
+# host where a barrier is dearer (more cores, a slower interconnect) should be re-measured.
+ONESHOT_MAX_BYTES = {2: 0, 3: 0, 4: 0}
+
 
 @register_strategy("shm")
 class Shm(Algorithm):
     supports = HOST_ONLY
 
-    def __init__(self, group=None, *, chunk_bytes: int = 1 << 20, **common: Any) -> None:
+    def __init__(
+        self,
+        group=None,
+        *,
+        chunk_bytes: int = 1 << 20,
+        mode: str = "auto",
+        oneshot_max_bytes: int | None = None,
+        **common: Any,
+    ) -> None:
         self.require_positive(chunk_bytes=chunk_bytes)
+        self.require_one_of("mode", mode, MODES)
+        self.require_at_least(0, oneshot_max_bytes=oneshot_max_bytes)
         super().__init__(group, **common)
+        self.mode = mode
+        if oneshot_max_bytes is None:  # beyond the measured sizes: the largest measured p's
+            oneshot_max_bytes = ONESHOT_MAX_BYTES.get(
+                self.world_size, ONESHOT_MAX_BYTES[max(ONESHOT_MAX_BYTES)]
+            )
+        self.oneshot_max_bytes = oneshot_max_bytes
         self.segment = shm_segment_for(self.group, self.backend, chunk_bytes, self.timeout_s)
         self.stats.extra["shm"] = float(self.segment is not None)
+        self.stats.extra["shm_oneshot"] = 0.0  # all-reduces that took the one-shot path
+
+    def oneshot(self, nbytes: int) -> bool:
+        return self.mode == "oneshot" or (self.mode == "auto" and nbytes <= self.oneshot_max_bytes)
 
     def wire_bytes(self, nbytes: int) -> int:
         if self.segment is None:
             return 2 * (self.world_size - 1) * nbytes // self.world_size
+        if self.oneshot(nbytes):
+            return nbytes  # my input in; every rank reads the others
         return nbytes + nbytes // self.world_size  # my chunk in, my reduced slice
+
+    def op_wire_bytes(self, op: str, nbytes: int) -> int:
+        if op == "all_reduce" or self.segment is None:
+            return super().op_wire_bytes(op, nbytes)
+        return nbytes  # reduce_scatter and all_gather: my input in
 
     def reduce_(self, x: Tensor) -> None:
         if self.segment is None:
             dist.all_reduce(x, group=self.group)
+        elif self.oneshot(x.nbytes):
+            self.stats.extra["shm_oneshot"] += 1
+            self.segment.all_reduce_oneshot_(x)
         else:
             self.segment.all_reduce_(x)
+
+    def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
+        if self.segment is None:
+            super().reduce_scatter_(x, out)
+        else:
+            self.segment.reduce_scatter_(x, out)
+
+    def all_gather_(self, x: Tensor, out: Tensor) -> None:
+        if self.segment is None:
+            super().all_gather_(x, out)
+        else:
+            self.segment.all_gather_(x, out)
 
     def _release(self) -> None:
         super()._release()

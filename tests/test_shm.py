@@ -36,8 +36,47 @@ def test_hierarchical_with_shm_inside_nodes(pools, world_size: int, ranks_per_no
 
 
 def test_chunked_messages(pools) -> None:
-    """Chunks far smaller than the message: the multi-chunk path and its odd tails."""
-    pools(3).run(run_checks, "shm", {"chunk_bytes": 1000}, ["exact_sums", "float_order"])
+    """Chunks far smaller than the message: the multi-chunk path and its odd tails, for the
+    three ops and both all-reduce modes."""
+    checks = ["exact_sums", "float_order", "scatter_gather_exact"]
+    pools(3).run(run_checks, "shm", {"chunk_bytes": 1000}, checks)
+    pools(3).run(run_checks, "shm", {"chunk_bytes": 1000, "mode": "oneshot"}, checks[:2])
+
+
+SHM_MODE_CHECKS = ["exact_sums", "float_order", "handles_in_flight", "mixed_ops_in_flight"]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mode": "oneshot"},
+        {"mode": "twoshot"},
+        # sizes on both sides of the limit: one-shot rounds (one barrier) next to two-shot
+        # rounds, reduce-scatters and all-gathers, in any order
+        {"mode": "auto", "oneshot_max_bytes": 4096},
+    ],
+)
+def test_modes(pools, world_size: int, options: dict) -> None:
+    pools(world_size).run(run_checks, "shm", options, SHM_MODE_CHECKS)
+
+
+def _mode_bits(mode: str) -> list[float]:
+    from framework import build_communicator
+
+    comm = build_communicator("shm", mode=mode, timeout_s=20)
+    try:
+        x = torch.randn(10_001, generator=torch.Generator().manual_seed(dist.get_rank()))
+        return comm.all_reduce(x).wait().tolist()
+    finally:
+        comm.close()
+
+
+def test_modes_give_the_same_bits(pools) -> None:
+    """Both modes sum slot 0 + slot 1 + ... per element: identical floats, not just close."""
+    one = pools(3).run(_mode_bits, "oneshot")
+    two = pools(3).run(_mode_bits, "twoshot")
+    assert one == two and one[0] == one[1] == one[2]
 
 
 def _dead_pid() -> int:

@@ -121,8 +121,14 @@ def queued_on_this_cpu(stat_fd: int) -> bool:
     return fields[0] == b"R" and int(fields[36]) == _sched_getcpu()
 
 
-_OP_ALL_REDUCE, _OP_BROADCAST = 1, 2
-_OP_NAMES = {_OP_ALL_REDUCE: "all_reduce", _OP_BROADCAST: "broadcast"}
+_OP_ALL_REDUCE, _OP_BROADCAST, _OP_REDUCE_SCATTER, _OP_ALL_GATHER, _OP_ONESHOT = 1, 2, 3, 4, 5
+_OP_NAMES = {
+    _OP_ALL_REDUCE: "all_reduce",
+    _OP_BROADCAST: "broadcast",
+    _OP_REDUCE_SCATTER: "reduce_scatter",
+    _OP_ALL_GATHER: "all_gather",
+    _OP_ONESHOT: "one-shot all_reduce",
+}
 _DTYPES = [
     torch.float32,
     torch.float64,
@@ -142,11 +148,11 @@ def _fingerprint(op: int, x: Tensor, root: int = 0) -> int:
     """(op, root, dtype, element count) in one int64, published with each round; the low 8
     bits are left for the round number (:meth:`ShmSegment._arrive` adds it)."""
     code = _DTYPE_CODE.get(x.dtype, 0)
-    return (op << 61) | ((root & 0x7F) << 54) | (code << 48) | ((x.numel() & (2**40 - 1)) << 8)
+    return (op << 60) | ((root & 0x3F) << 54) | (code << 48) | ((x.numel() & (2**40 - 1)) << 8)
 
 
 def _describe(fp: int) -> str:
-    op, root, code = fp >> 61, (fp >> 54) & 0x7F, (fp >> 48) & 0x3F
+    op, root, code = (fp >> 60) & 0x7, (fp >> 54) & 0x3F, (fp >> 48) & 0x3F
     numel = (fp >> 8) & (2**40 - 1)
     dtype = str(_DTYPES[code - 1]).removeprefix("torch.") if code else "?"
     what = _OP_NAMES.get(op, f"op {op}") + (f" from rank {root}" if op == _OP_BROADCAST else "")
@@ -278,6 +284,7 @@ class ShmSegment:
         self.capacity = capacity = max(_LINE, -(-capacity // _LINE) * _LINE)
         self.timeout_s = timeout_s
         self._round = 0
+        self._unsettled: int | None = None  # a one-shot round whose second barrier is pending
         self._waiting_since: float | None = None  # first slow wait of this collective
         self._broken: str | None = None
         head = 2 * p * _LINE + -(-8 * p // _LINE) * _LINE
@@ -322,6 +329,7 @@ class ShmSegment:
         if self.world_size == 1:
             return
         self._begin(fresh)
+        self._settle()
         fp = _fingerprint(_OP_ALL_REDUCE, x)
         plan = self._plan(x)
         if plan is not None:  # fits in one chunk: the hot path of TP decode, views cached
@@ -332,6 +340,110 @@ class ShmSegment:
         for lo in range(0, flat.numel(), self.capacity // x.element_size()):
             seg = flat[lo : lo + self.capacity // x.element_size()]
             self._round_large(seg, *self._views(seg.dtype, seg.numel()), fp)
+
+    def all_reduce_oneshot_(self, x: Tensor) -> None:
+        """Sum ``x`` in place in one stage and one barrier: every rank copies its input into
+        its slot and, once every rank has arrived, sums every slot itself, in rank order (the
+        same order, hence the same bits, as :meth:`all_reduce_`).
+
+        No second barrier: consecutive one-shot rounds alternate between the two halves of
+        each slot, and a rank writes a half only after every rank arrived at the round before,
+        i.e. finished reading that half two rounds ago. Any other collective first completes
+        the skipped barrier (:meth:`_settle`). p times the reads of two-shot's slices: the
+        faster only for small messages."""
+        self._check()
+        p = self.world_size
+        if p == 1:
+            return
+        self._begin(True)
+        fp = _fingerprint(_OP_ONESHOT, x)
+        half = self.capacity // 2 // x.element_size()
+        flat = x.view(-1)
+        for lo in range(0, flat.numel(), half):
+            c = min(half, flat.numel() - lo)
+            g = self._round = self._round + 1
+            mine, slots = self._oneshot_views(x.dtype, c, g % 2)
+            seg = flat[lo : lo + c]
+            mine.copy_(seg)
+            self._arrive(_ARRIVED, g, fp=fp)
+            torch.add(slots[0], slots[1], out=seg)  # this rank's slot holds its own copy
+            for slot in slots[2:]:
+                seg.add_(slot)
+            self._unsettled = g
+
+    def _oneshot_views(self, dtype: torch.dtype, m: int, parity: int) -> tuple:
+        """(my slot's half, every slot's half) of ``m`` elements, cached: slicing costs
+        microseconds on a small VM, as much as the exchange itself."""
+        key = ("oneshot", dtype, m, parity)
+        views = self._plans.get(key)
+        if views is None:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            p = self.world_size
+            cap = self.capacity // torch.empty((), dtype=dtype).element_size()
+            lo = parity * (cap // 2)
+            slots = self._data.view(dtype).view(p + 1, cap)[:p, lo : lo + m]
+            views = self._plans[key] = (slots[self.rank], list(slots))
+        return views
+
+    def _settle(self) -> None:
+        """Complete the barrier the last one-shot round skipped: every rank has read every
+        slot, so any collective may overwrite them."""
+        if self._unsettled is not None:
+            g, self._unsettled = self._unsettled, None
+            self._arrive(_REDUCED, g)
+
+    def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
+        """This rank's part (rows ``[r n/p, (r+1) n/p)`` of dim 0) of the sum of ``x`` into
+        ``out``: each rank copies in, then sums only its own part of every slot, in rank
+        order. Large messages go in rounds of ``capacity / p`` columns of every part."""
+        self._check()
+        p, r = self.world_size, self.rank
+        if p == 1:
+            out.copy_(x.view_as(out))
+            return
+        self._begin(True)
+        self._settle()
+        fp = _fingerprint(_OP_REDUCE_SCATTER, x)
+        q = x.numel() // p
+        parts, mine = x.view(p, q), out.view(-1)
+        cap = self.capacity // x.element_size()
+        slots = self._data.view(x.dtype).view(p + 1, cap)
+        width = max(1, cap // p)
+        for lo in range(0, q, width):
+            c = min(width, q - lo)
+            g = self._round = self._round + 1
+            slots[r, : p * c].view(p, c).copy_(parts[:, lo : lo + c])
+            self._arrive(_ARRIVED, g, fp=fp)
+            seg = mine[lo : lo + c]
+            torch.add(slots[0, r * c : (r + 1) * c], slots[1, r * c : (r + 1) * c], out=seg)
+            for j in range(2, p):
+                seg.add_(slots[j, r * c : (r + 1) * c])
+            self._arrive(_REDUCED, g)
+
+    def all_gather_(self, x: Tensor, out: Tensor) -> None:
+        """Every rank's ``x`` into ``out`` in rank order: copy in, one barrier, copy every
+        slot out (in rounds of ``capacity`` bytes for large messages)."""
+        self._check()
+        p, r = self.world_size, self.rank
+        flat = x.view(-1)
+        n = flat.numel()
+        if p == 1:
+            out.view(-1).copy_(flat)
+            return
+        self._begin(True)
+        self._settle()
+        fp = _fingerprint(_OP_ALL_GATHER, x)
+        blocks = out.view(p, n)
+        cap = self.capacity // x.element_size()
+        slots = self._data.view(x.dtype).view(p + 1, cap)
+        for lo in range(0, n, cap):
+            c = min(cap, n - lo)
+            g = self._round = self._round + 1
+            slots[r, :c].copy_(flat[lo : lo + c])
+            self._arrive(_ARRIVED, g, fp=fp)
+            blocks[:, lo : lo + c].copy_(slots[:p, :c])
+            self._arrive(_REDUCED, g)
 
     def _round1(
         self, x: Tensor, mine: Tensor, parts: list[Tensor], out: Tensor, result: Tensor, fp: int
@@ -404,6 +516,7 @@ class ShmSegment:
         if p == 1:
             return
         self._begin(fresh)
+        self._settle()
         fp = _fingerprint(_OP_BROADCAST, x, root)
         flat = x.view(-1)
         cap = self.capacity // x.element_size()
