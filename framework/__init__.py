@@ -25,6 +25,7 @@ __all__ = [
     "CommError",
     "CommStats",
     "Communicator",
+    "Composed",
     "Handle",
     "Schedule",
     "available_strategies",

@@ -5,7 +5,7 @@ strategy author's world is this folder: the interface, the two base classes, the
 buffers, private groups, the shared-memory transport, profiling spans and launcher facts.
 """
 
-from framework.comm.algorithm import Algorithm, Schedule
+from framework.comm.algorithm import Algorithm, Composed, Schedule
 from framework.comm.communicator import (
     HOST_ONLY,
     HOST_OR_NCCL,
@@ -31,6 +31,7 @@ __all__ = [
     "CommError",
     "CommStats",
     "Communicator",
+    "Composed",
     "Handle",
     "Schedule",
     "available_strategies",

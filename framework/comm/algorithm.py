@@ -203,6 +203,74 @@ class Algorithm(Communicator):
         return dist.get_global_rank(self.group, group_rank)
 
 
+def _check_inner(name: str, inner: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Refuse a bad ``inner``/``inner_options`` before any rank touches the wire."""
+    from framework.comm.registry import inner_algorithms  # the registry imports this module
+
+    if inner not in inner_algorithms():
+        raise ValueError(
+            f"strategy {name!r}: inner={inner!r} is not an algorithm; "
+            f"choose one of {inner_algorithms()}"
+        )
+    options = dict(options or {})
+    shared = sorted(set(options) & {"timeout_s", "validate"})
+    if shared:
+        raise ValueError(
+            f"strategy {name!r}: set {shared} on the strategy, not in "
+            f"inner_options; it passes them on to {inner!r}"
+        )
+    return options
+
+
+def _build_inner(owner: Communicator, group: Any, inner: str, options: dict[str, Any]):
+    """``owner``'s inner algorithm: it shares the owner's private group and counters, and the
+    owner runs only where it does (``supports`` narrowed to the inner's)."""
+    from framework.comm.registry import get_strategy
+
+    algo = get_strategy(inner)(
+        group, _parent=owner, timeout_s=owner.timeout_s, validate=owner.validate, **options
+    )
+    owner.supports = {
+        b: devices & algo.supports[b]
+        for b, devices in type(owner).supports.items()
+        if b in algo.supports
+    }
+    return algo
+
+
+class Composed(Algorithm):
+    """An algorithm built on another algorithm's operations (``inner``, default ``naive``:
+    the library's), as two-shot is a reduce-scatter and an all-gather. Counted as one
+    collective of its own; the inner operations it calls are not counted again."""
+
+    def __init__(
+        self,
+        group=None,
+        *,
+        inner: str = "naive",
+        inner_options: dict[str, Any] | None = None,
+        **common: Any,
+    ) -> None:
+        inner_options = _check_inner(self.name, inner, inner_options)
+        super().__init__(group, **common)
+        self.inner = _build_inner(self, group, inner, inner_options)
+        self.inner_name = inner
+
+    def inner_op(self, op: str, x: Tensor, out: Tensor) -> None:
+        """``op`` on the inner algorithm, on this collective's clock (``timeout_s`` in all)."""
+        self.inner._deadline = self._deadline
+        if op == "reduce_scatter":
+            self.inner.reduce_scatter_(x, out)
+        elif op == "all_gather":
+            self.inner.all_gather_(x, out)
+        else:
+            self.inner.reduce_(x)
+
+    def _release(self) -> None:
+        super()._release()
+        self.inner._release()
+
+
 class Schedule(Communicator):
     """A strategy that schedules reductions and sends them through an inner algorithm.
 
@@ -220,36 +288,10 @@ class Schedule(Communicator):
         inner_options: dict[str, Any] | None = None,
         **common: Any,
     ) -> None:
-        from framework.comm.registry import get_strategy, inner_algorithms  # imports this module
-
-        if inner not in inner_algorithms():
-            raise ValueError(
-                f"strategy {self.name!r}: inner={inner!r} is not an algorithm; "
-                f"choose one of {inner_algorithms()}"
-            )
-        inner_options = dict(inner_options or {})
-        shared = sorted(set(inner_options) & {"timeout_s", "validate"})
-        if shared:
-            raise ValueError(
-                f"strategy {self.name!r}: set {shared} on the schedule, not in "
-                f"inner_options; the schedule passes them on to {inner!r}"
-            )
+        inner_options = _check_inner(self.name, inner, inner_options)
         super().__init__(group, **common)
-        cls = get_strategy(inner)
-        self.inner: Algorithm = cls(
-            group,
-            _parent=self,
-            timeout_s=self.timeout_s,
-            validate=self.validate,
-            **inner_options,
-        )
+        self.inner = _build_inner(self, group, inner, inner_options)
         self.inner_name = inner
-        # a schedule runs where its inner algorithm runs
-        self.supports = {
-            b: devices & self.inner.supports[b]
-            for b, devices in type(self).supports.items()
-            if b in self.inner.supports
-        }
 
     def _reduce_scatter(self, x: Tensor) -> Handle:
         """Launch through ``inner`` asynchronously; ``wait()`` waits (schedules override)."""

@@ -1,0 +1,35 @@
+"""oneshot: every rank gathers every input and sums them itself, in rank order.
+
+One latency step (the all-gather) instead of two-shot's two, at the price of every rank
+receiving p - 1 whole inputs: the kind of all-reduce vLLM, SGLang and TensorRT-LLM take for
+small messages (their custom one-shot kernels, and vLLM's CPU shared-memory all-reduce). The
+gather is ``inner``'s (default ``naive``: the library's all-gather; ``inner=shm`` gathers
+through shared memory). Summation order is rank order per element (input 0 + input 1 + ...),
+so every rank computes the same bits without a broadcast.
+
+Devices: those of ``inner``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from framework import Composed, register_strategy
+
+
+@register_strategy("oneshot")
+class OneShot(Composed):
+    def wire_bytes(self, nbytes: int) -> int:
+        return self.inner.op_wire_bytes("all_gather", nbytes)
+
+    def reduce_(self, x: Tensor) -> None:
+        p = self.world_size
+        if p == 1:
+            return
+        flat = x.view(-1)
+        gathered = flat.new_empty(p * flat.numel())
+        self.inner_op("all_gather", flat, gathered)
+        rows = gathered.view(p, -1)
+        flat.copy_(rows[0])
+        for j in range(1, p):
+            flat.add_(rows[j])
