@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework import HOST_OR_NCCL, Algorithm, CommError, register_strategy
+from framework.comm.communicator import library_all_gather, library_reduce_scatter
 from framework.comm.env import ranks_per_node_from_env
 from framework.comm.groups import acquire_group, release_group
 from framework.comm.shm import shm_segment_for
@@ -133,13 +134,13 @@ class Hierarchical(Algorithm):
         if group is None:  # a group of one: the part is the whole
             out.copy_(x)
         else:
-            self.wait_work(dist.reduce_scatter_tensor(out, x, group=group, async_op=True))
+            self.wait_work(library_reduce_scatter(out, x, group=group, async_op=True))
 
     def _gather(self, out: Tensor, x: Tensor, group: Any) -> None:
         if group is None:
             out.copy_(x)
         else:
-            self.wait_work(dist.all_gather_into_tensor(out, x, group=group, async_op=True))
+            self.wait_work(library_all_gather(out, x, group=group, async_op=True))
 
     def reduce_(self, x: Tensor) -> None:
         if self.segment is not None:

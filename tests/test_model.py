@@ -78,8 +78,8 @@ class ThreadGroup:
         group = self
 
         class Handle:
-            def __init__(self, key: int) -> None:
-                self.key = key
+            def __init__(self, key: int, op: str) -> None:
+                self.key, self.op = key, op
 
             def wait(self) -> Tensor:
                 with group.cond:
@@ -87,25 +87,44 @@ class ThreadGroup:
                         lambda: all(p is not None for p in group.parts[self.key]), timeout=60
                     )
                     if not ok:
-                        raise TimeoutError(f"all-reduce {self.key} never completed")
+                        raise TimeoutError(f"{self.op} {self.key} never completed")
+                    parts = group.parts[self.key]
+                    if self.op == "all_gather":
+                        return torch.cat(parts)
                     if self.key not in group.sums:
                         # Fixed rank order -> every rank gets bit-identical sums.
-                        total = group.parts[self.key][0]
-                        for part in group.parts[self.key][1:]:
+                        total = parts[0]
+                        for part in parts[1:]:
                             total = total + part
                         group.sums[self.key] = total
-                    return group.sums[self.key].clone()
+                    total = group.sums[self.key]
+                    if self.op == "reduce_scatter":
+                        rows = total.shape[0] // group.size
+                        return total[rank * rows : (rank + 1) * rows].clone()
+                    return total.clone()
 
         class Comm:
-            calls = 0
+            def __init__(self) -> None:
+                self.calls = 0
+                self.ops: list[str] = []
 
-            def all_reduce(self, x: Tensor) -> Handle:
+            def _post(self, x: Tensor, op: str) -> Handle:
                 key = self.calls
                 self.calls += 1
+                self.ops.append(op)
                 with group.cond:
                     group.parts.setdefault(key, [None] * group.size)[rank] = x
                     group.cond.notify_all()
-                return Handle(key)
+                return Handle(key, op)
+
+            def all_reduce(self, x: Tensor) -> Handle:
+                return self._post(x, "all_reduce")
+
+            def reduce_scatter(self, x: Tensor) -> Handle:
+                return self._post(x, "reduce_scatter")
+
+            def all_gather(self, x: Tensor) -> Handle:
+                return self._post(x, "all_gather")
 
         return Comm()
 
@@ -623,3 +642,40 @@ def test_reset_cache_of_the_same_shape_zeroes_in_place() -> None:
     assert not k0.any() and not mask0.any()
     model.reset_cache(2, 11)
     assert model._k_cache[0] is not k0
+
+
+@pytest.mark.parametrize("tp, micro_batches", [(2, 1), (3, 2), (4, 1), (4, 3)])
+def test_sequence_parallel_matches_single_rank(tp: int, micro_batches: int) -> None:
+    """Reduce-scatter over tokens, norms on the token shard, all-gather before each
+    column-parallel projection: the unsharded model's tokens, logits within the TP
+    tolerance, padded token counts (5 prompts of 7 tokens do not divide by 2, 3 or 4), and
+    below sp_min_tokens the decode steps all-reduce."""
+    ref_model, _ = tiny_model(seed=2)
+    prompts = random_prompts([7, 5, 7, 3, 6])
+    ref = generate(ref_model, prompts, 4, return_logits=True)
+    group = ThreadGroup(tp)
+
+    def rank_fn(rank: int) -> tuple[Any, Any, TPLlama]:
+        comm = group.comm(rank)
+        model = TPLlama(TINY, comm, rank, tp).init_random(2)
+        model.set_sequence_parallel(True, min_tokens=6)  # prefill (35 tokens) only
+        out = generate(model, prompts, 4, micro_batches=micro_batches, return_logits=True)
+        return out, comm.ops, model
+
+    for out, ops, model in run_ranks(tp, rank_fn):
+        assert out.tokens == ref.tokens
+        for a, b in zip(out.logits, ref.logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        layers = TINY.num_layers
+        prefill = ops[: micro_batches * (4 * layers + 1)]
+        assert prefill.count("reduce_scatter") == 2 * layers * micro_batches
+        assert prefill.count("all_gather") == (2 * layers + 1) * micro_batches
+        assert set(ops[len(prefill) :]) == {"all_reduce"}  # 5 tokens per decode step < 6
+        assert model.sp_steps == 1
+        bounds = [
+            (e - s) * 7
+            for s, e in __import__("framework.model.layers", fromlist=["x"]).split_batch(
+                5, micro_batches
+            )
+        ]
+        assert model.sp_padded_tokens == sum(-n % tp for n in bounds)

@@ -38,6 +38,8 @@ from framework.comm.communicator import (
     Communicator,
     Handle,
     ag_output,
+    library_all_gather,
+    library_reduce_scatter,
     library_wire_bytes,
     rs_output,
 )
@@ -66,11 +68,11 @@ class Algorithm(Communicator):
 
     def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
         """Write this rank's part of the sum of ``x`` into ``out`` (default: the library)."""
-        dist.reduce_scatter_tensor(out, x, group=self.group)
+        library_reduce_scatter(out, x, group=self.group)
 
     def all_gather_(self, x: Tensor, out: Tensor) -> None:
         """Write every rank's ``x``, in rank order along dim 0, into ``out`` (the library)."""
-        dist.all_gather_into_tensor(out, x, group=self.group)
+        library_all_gather(out, x, group=self.group)
 
     def wire_bytes(self, nbytes: int) -> int:
         """Bytes this rank sends for one all-reduce of ``nbytes`` (algorithm-specific)."""

@@ -139,7 +139,7 @@ class CommStats:
 
 
 _NESTED = ("by_op", "extra")
-OP_COUNTERS = ("calls", "collectives", "bytes", "wire_bytes")
+OP_COUNTERS = ("calls", "collectives", "bytes", "wire_bytes", "wait_s")
 
 
 def _zero_ops() -> dict[str, dict[str, int]]:
@@ -155,7 +155,7 @@ class Handle:
     (blocking strategies) costs nothing to wait.
     """
 
-    __slots__ = ("_comm", "_error", "_finish", "_result", "_span")
+    __slots__ = ("_comm", "_error", "_finish", "_input", "_op", "_result", "_span")
 
     def __init__(self, comm: Communicator, finish: Callable[[], Tensor] | None, result=None):
         self._comm = comm
@@ -163,6 +163,11 @@ class Handle:
         self._result = result
         self._error: BaseException | None = None
         self._span: tuple[int, int] | None = None  # the input's bytes while in flight
+        # the input itself while in flight: its memory must not be freed and reused by the
+        # caller's next input while the span still counts as given up (reduce-scatter and
+        # all-gather inputs are often temporaries nobody else holds)
+        self._input: Tensor | None = None
+        self._op = "all_reduce"  # set by the communicator that issued it
         if finish is not None:
             comm._pending[id(self)] = self
 
@@ -180,8 +185,12 @@ class Handle:
                 "wait() after close(): the communicator's groups and "
                 "buffers are released; wait before closing"
             )
+        outer = self._comm._depth == 0
+        t0 = time.perf_counter()
         with self._comm._blocked():
             self._complete()
+        if outer:  # the caller blocked on this op (a nested wait is its caller's time)
+            self._comm.stats.by_op[self._op]["wait_s"] += time.perf_counter() - t0
         return self._result
 
     def _complete(self) -> None:
@@ -196,8 +205,9 @@ class Handle:
             comm._release_span(self._span)
         try:
             self._result = finish()
+            self._input = None
         except Exception as e:
-            self._error = e
+            self._error, self._input = e, None
             raise
         except BaseException:  # an interrupt stopped the wait, not the collective: retryable
             self._finish = finish
@@ -297,7 +307,9 @@ class Communicator(ABC):
         finally:
             self._depth -= 1
             if outer:
-                self.stats.wait_s += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                self.stats.wait_s += dt
+                self.stats.by_op[op]["wait_s"] += dt
 
     def _issue(self, op: str, x: Tensor) -> Handle:
         lo = x.data_ptr()
@@ -322,8 +334,9 @@ class Communicator(ABC):
             h = self._reduce_scatter(x)
         else:
             h = self._all_gather(x)
+        h._op = op
         if not h.done and hi > lo:
-            h._span = (lo, hi)
+            h._span, h._input = (lo, hi), x
             self._hold_span(h._span)
         return h
 
@@ -415,7 +428,7 @@ class Communicator(ABC):
         self.stats.count_collective(
             "reduce_scatter", library_wire_bytes("reduce_scatter", x.nbytes, self.world_size)
         )
-        dist.reduce_scatter_tensor(out, x, group=self.group)
+        library_reduce_scatter(out, x, group=self.group)
         return Handle(self, None, out)
 
     def _all_gather(self, x: Tensor) -> Handle:
@@ -424,7 +437,7 @@ class Communicator(ABC):
         self.stats.count_collective(
             "all_gather", library_wire_bytes("all_gather", x.nbytes, self.world_size)
         )
-        dist.all_gather_into_tensor(out, x, group=self.group)
+        library_all_gather(out, x, group=self.group)
         return Handle(self, None, out)
 
     def _flush(self) -> None:
@@ -542,6 +555,12 @@ def rs_output(x: Tensor, p: int) -> Tensor:
 def ag_output(x: Tensor, p: int) -> Tensor:
     """A new tensor for the all-gather of ``x`` over ``p`` ranks (dim 0 times p)."""
     return x.new_empty((x.shape[0] * p, *x.shape[1:]))
+
+
+# The library's tensor forms of the two ops: torch 2.13 renamed them (``*_single``) and warns
+# on the old names, which older releases (the package takes torch>=2.3) only have.
+library_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+library_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def library_wire_bytes(op: str, nbytes: int, p: int) -> int:

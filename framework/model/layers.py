@@ -1,13 +1,21 @@
-"""Layers of one TP rank: both collectives of a decoder layer are on this screen.
+"""Layers of one TP rank: every collective of a decoder layer is on this screen.
 
 The two row-parallel projections (attention's ``o_proj``, the MLP's ``down_proj``) produce
 partial sums; each is reduced with ONE explicit ``comm.all_reduce(partial)`` inside the layer
-that produces it, as vLLM's RowParallelLinear does. The communicator is duck-typed
-(:class:`AllReducer`), so this package never imports the communication core.
+that produces it, as vLLM's RowParallelLinear does. With sequence parallelism (a
+:class:`SeqShard` passed in) the residual stream is split over tokens: the reduction becomes
+``comm.reduce_scatter`` (each rank keeps its token shard of the sum), the norms run on the
+shard, and an explicit ``comm.all_gather`` brings the normed tokens back before each
+column-parallel projection: the same bytes on the wire, 1/p of the norm and residual work
+(Megatron-LM's sequence parallelism; vLLM's rewrite of all-reduce + RMSNorm). The
+communicator is duck-typed (:class:`AllReducer`), so this package never imports the
+communication core.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -23,9 +31,53 @@ class AllReduceHandle(Protocol):
 
 class AllReducer(Protocol):
     """What the model needs from a communicator (framework.Communicator satisfies it);
-    a Protocol so tests can pass tiny stand-ins."""
+    a Protocol so tests can pass tiny stand-ins. ``reduce_scatter`` and ``all_gather`` are
+    only called with sequence parallelism on."""
 
     def all_reduce(self, x: Tensor) -> AllReduceHandle: ...
+
+    def reduce_scatter(self, x: Tensor) -> AllReduceHandle: ...
+
+    def all_gather(self, x: Tensor) -> AllReduceHandle: ...
+
+
+@dataclass(frozen=True)
+class SeqShard:
+    """Sequence parallelism for one micro-batch: its ``batch x seq`` tokens, flattened and
+    padded with zero rows to a multiple of the TP size, split into equal shards of rows (rank
+    r holds rows ``[r rows, (r+1) rows)``). Zero rows stay zero through the norms and add
+    nothing to any sum; they are dropped after every gather."""
+
+    batch: int
+    seq: int
+    tp_size: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def padded(self) -> int:
+        return math.ceil(self.tokens / self.tp_size) * self.tp_size
+
+    @property
+    def rows(self) -> int:
+        return self.padded // self.tp_size
+
+    def pad(self, x: Tensor) -> Tensor:
+        """(batch, seq, D) -> (padded, D), contiguous."""
+        flat = x.reshape(self.tokens, x.shape[-1])
+        if self.padded == self.tokens:
+            return flat.contiguous()
+        return torch.cat([flat, flat.new_zeros(self.padded - self.tokens, flat.shape[1])])
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """(padded, D) -> (batch, seq, D)."""
+        return x[: self.tokens].view(self.batch, self.seq, x.shape[-1])
+
+    def shard(self, x: Tensor, rank: int) -> Tensor:
+        """This rank's rows of (batch, seq, D)."""
+        return self.pad(x)[rank * self.rows : (rank + 1) * self.rows]
 
 
 class RMSNorm(nn.Module):
@@ -85,10 +137,12 @@ class Attention(nn.Module):
         k_cache: Tensor,
         v_cache: Tensor,
         pos: int | Tensor,
+        sp: SeqShard | None = None,
     ) -> AllReduceHandle:
         """``pos``: the cache position of the first new token; an int (attend over the cache
         up to the new tokens) or a 1-element device tensor (one token, attend over the whole
-        cache under ``mask``: fixed shapes for CUDA graphs)."""
+        cache under ``mask``: fixed shapes for CUDA graphs). ``sp``: reduce-scatter the
+        output over tokens instead of all-reducing it."""
         b, t, _ = x.shape  # x: (b, t, D), already normed
         hd = self.head_dim
         q = self.q_proj(x).view(b, t, self.n_heads, hd).transpose(1, 2)  # (b, Hl, t, hd)
@@ -115,7 +169,9 @@ class Attention(nn.Module):
         )  # (b, Hl, t, hd)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * hd)  # (b, t, Hl*hd)
         partial = self.o_proj(out)  # (b, t, D): this rank's heads' contribution only
-        return self.comm.all_reduce(partial)
+        if sp is None:
+            return self.comm.all_reduce(partial)
+        return self.comm.reduce_scatter(sp.pad(partial))  # (rows, D): my tokens of the sum
 
 
 class MLP(nn.Module):
@@ -132,10 +188,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, i, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(i, d, bias=False, dtype=dtype)
 
-    def forward(self, x: Tensor) -> AllReduceHandle:
+    def forward(self, x: Tensor, sp: SeqShard | None = None) -> AllReduceHandle:
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (b, t, I/tp)
         partial = self.down_proj(h)  # (b, t, D): partial sum over this rank's channels
-        return self.comm.all_reduce(partial)
+        if sp is None:
+            return self.comm.all_reduce(partial)
+        return self.comm.reduce_scatter(sp.pad(partial))  # (rows, D): my tokens of the sum
 
 
 class DecoderLayer(nn.Module):
@@ -143,6 +201,7 @@ class DecoderLayer(nn.Module):
         self, cfg: ModelConfig, comm: AllReducer, tp_size: int, dtype: torch.dtype
     ) -> None:
         super().__init__()
+        self.comm = comm
         self.self_attn = Attention(cfg, comm, tp_size, dtype)
         self.mlp = MLP(cfg, comm, tp_size, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -159,11 +218,19 @@ class DecoderLayer(nn.Module):
         k_cache: Tensor,
         v_cache: Tensor,
         pos: int | Tensor,
+        sp: SeqShard | None = None,
     ) -> AllReduceHandle:
-        return self.self_attn(self.input_layernorm(h), cos, sin, mask, k_cache, v_cache, pos)
+        """``h``: the residual stream, (b, t, D), or with ``sp`` this rank's token shard."""
+        x = self.input_layernorm(h)
+        if sp is not None:  # the norm ran on my tokens; attention needs every token
+            x = sp.unpad(self.comm.all_gather(x).wait())
+        return self.self_attn(x, cos, sin, mask, k_cache, v_cache, pos, sp)
 
-    def feed_forward(self, h: Tensor) -> AllReduceHandle:
-        return self.mlp(self.post_attention_layernorm(h))
+    def feed_forward(self, h: Tensor, sp: SeqShard | None = None) -> AllReduceHandle:
+        x = self.post_attention_layernorm(h)
+        if sp is not None:
+            x = sp.unpad(self.comm.all_gather(x).wait())
+        return self.mlp(x, sp)
 
 
 class LlamaBody(nn.Module):

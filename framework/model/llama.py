@@ -11,7 +11,11 @@ Every rank holds:
 The two row-parallel projections produce partial sums; each is reduced with ONE
 explicit ``comm.all_reduce(partial)`` inside the layer that produces it. An exact
 forward therefore performs exactly ``2 * num_layers * micro_batches`` all-reduces
-and nothing else communicates. The communicator is duck-typed:
+and nothing else communicates. With sequence parallelism (``set_sequence_parallel``) a
+forward of enough tokens instead performs, per micro-batch, ``2 * num_layers``
+reduce-scatters and ``2 * num_layers + 1`` all-gathers (the last brings the normed tokens to
+the head), and the residual stream between them is this rank's shard of the tokens. The
+communicator is duck-typed:
 
     handle = comm.all_reduce(x)   # the caller gives x up
     y = handle.wait()             # summed tensor (may or may not be x itself)
@@ -33,7 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from framework.model.config import ModelConfig
-from framework.model.layers import AllReduceHandle, AllReducer, LlamaBody, rope_tables, split_batch
+from framework.model.layers import (
+    AllReduceHandle,
+    AllReducer,
+    LlamaBody,
+    SeqShard,
+    rope_tables,
+    split_batch,
+)
 from framework.model.sharding import full_param_shapes, param_shard, slice_dim
 
 _INIT_STD = 0.02
@@ -96,6 +107,20 @@ class TPLlama(nn.Module):
         self._v_cache: list[Tensor] = []
         self._mask: Tensor | None = None  # (B, cache_len) bool: real (True) vs pad
         self.cache_pos = 0  # number of positions already written to the cache
+        # sequence parallelism (set_sequence_parallel) and what it did
+        self.sequence_parallel = False
+        self.sp_min_tokens = 0
+        self.sp_steps = 0  # forwards that ran sequence-parallel
+        self.sp_padded_tokens = 0  # zero rows added to reach a multiple of the TP size
+
+    def set_sequence_parallel(self, enabled: bool, min_tokens: int = 0) -> TPLlama:
+        """Split the residual stream over tokens between the TP ranks in every forward of at
+        least ``min_tokens`` tokens (batch x new tokens); below it (decode with a small
+        batch) all-reduce as usual, the gate vLLM puts on its sequence-parallel pass."""
+        if min_tokens < 0:
+            raise ValueError(f"sp_min_tokens must be >= 0, got {min_tokens}")
+        self.sequence_parallel, self.sp_min_tokens = enabled, min_tokens
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -285,7 +310,8 @@ class TPLlama(nn.Module):
         # and real queries never see pad keys.
         diag = k_abs[None, :] == q_abs[:, None]  # (t, L)
         mask = ((causal & seen[:, None, :]) | diag)[:, None]  # (B, 1, t, L) bool
-        out = self._layers(tokens, cos, sin, mask, pos, micro_batches, last_only)
+        sp = self.sequence_parallel and self.tp_size > 1 and b * t >= self.sp_min_tokens
+        out = self._layers(tokens, cos, sin, mask, pos, micro_batches, last_only, sp)
         self.cache_pos = pos + t
         return out
 
@@ -323,12 +349,20 @@ class TPLlama(nn.Module):
         pos: int | Tensor,
         micro_batches: int,
         last_only: bool,
+        sequence_parallel: bool = False,
     ) -> Tensor:
-        """Embedding, the decoder layers (with their all-reduces) and the head."""
+        """Embedding, the decoder layers (with their collectives) and the head."""
         bounds = split_batch(tokens.shape[0], micro_batches)
         x = self.model.embed_tokens(tokens)  # (B, t, D)
         mbs = [slice(s, e) for s, e in bounds]
-        resid = [x[m] for m in mbs]  # residual stream per micro-batch, (b_i, t, D)
+        t = tokens.shape[1]
+        sps = [SeqShard(e - s, t, self.tp_size) if sequence_parallel else None for s, e in bounds]
+        if sequence_parallel:  # every rank embeds every token and keeps its shard: no comm
+            self.sp_steps += 1
+            self.sp_padded_tokens += sum(sp.padded - sp.tokens for sp in sps)
+            resid = [sp.shard(x[m], self.tp_rank) for sp, m in zip(sps, mbs)]  # (rows, D)
+        else:
+            resid = [x[m] for m in mbs]  # residual stream per micro-batch, (b_i, t, D)
         mlp_pending: list[AllReduceHandle | None] = [None] * len(mbs)
 
         # Domino-style schedule per layer:
@@ -346,17 +380,25 @@ class TPLlama(nn.Module):
                     resid[i] = resid[i] + handle.wait()
                     mlp_pending[i] = None
                 attn_pending.append(
-                    layer.attention(resid[i], cos[m], sin[m], mask[m], k_cache[m], v_cache[m], pos)
+                    layer.attention(
+                        resid[i], cos[m], sin[m], mask[m], k_cache[m], v_cache[m], pos, sps[i]
+                    )
                 )
             for i in range(len(mbs)):
                 resid[i] = resid[i] + attn_pending[i].wait()
-                mlp_pending[i] = layer.feed_forward(resid[i])
+                mlp_pending[i] = layer.feed_forward(resid[i], sps[i])
 
         outs = []
-        for i in range(len(mbs)):
+        for i, sp in enumerate(sps):
             handle = mlp_pending[i]
             h = resid[i] if handle is None else resid[i] + handle.wait()
-            if last_only:
-                h = h[:, -1:]  # (b_i, 1, D)
-            outs.append(self._lm_head(self.model.norm(h)))  # (b_i, t or 1, V)
+            if sp is not None:  # norm my tokens, then gather every token for the head
+                h = sp.unpad(self.comm.all_gather(self.model.norm(h)).wait())
+                if last_only:
+                    h = h[:, -1:]
+            else:
+                if last_only:
+                    h = h[:, -1:]  # (b_i, 1, D)
+                h = self.model.norm(h)
+            outs.append(self._lm_head(h))  # (b_i, t or 1, V)
         return torch.cat(outs, dim=0)  # (B, t or 1, V)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from framework.comm.communicator import OP_COUNTERS, OPS
 from framework.comm.profiling import profiled
 from framework.comm.registry import build_communicator
 from framework.model.generate import generate
@@ -118,6 +119,9 @@ class Runner:
                 model_config(spec.model), self.comm, self.rank, self.world_size, dtype, device
             ).init_random(spec.seed)
         self.prompts = load_prompts(spec, self.model.cfg.vocab_size)
+        self.model.set_sequence_parallel(
+            spec.parallel.sequence_parallel, spec.parallel.sp_min_tokens
+        )
         if spec.parallel.cuda_graphs:
             from framework.run.graphs import GraphDecode
 
@@ -170,6 +174,7 @@ class Runner:
             self.fabric.log_dict({"itl_s": stamps[-1] - stamps[-2]}, step=step)
             self.fabric.call("on_decode_step_end", runner=self, step=step)
 
+        self.model.sp_steps = self.model.sp_padded_tokens = 0
         dist.barrier()
         with profiled(self.spec.profile, self.spec.out_dir, self.rank, self.device.type == "cuda"):
             t0 = time.perf_counter()
@@ -181,6 +186,13 @@ class Runner:
         decode = {
             k: end[k] - snap.get(k, 0)
             for k in ("calls", "collectives", "bytes", "wire_bytes", "wait_s")
+        }
+        per_op = {
+            phase: {
+                op: {c: end[f"{op}_{c}"] - base.get(f"{op}_{c}", 0) for c in OP_COUNTERS}
+                for op in OPS
+            }
+            for phase, base, end in (("prefill", {}, snap), ("decode", snap, end))
         }
         return {
             "ttft_s": stamps[0] - t0,
@@ -194,10 +206,15 @@ class Runner:
             # resident memory from the end of prefill to the end of decode: a leak shows here
             "rss_growth": (_rss_bytes() - rss[0]) / rss[0] if rss[0] else 0.0,
             "pending_max": max(pending, default=0),
+            "per_op": per_op,
+            "sp_steps": self.model.sp_steps,
+            "sp_padded_tokens": self.model.sp_padded_tokens,
             "extra": {
                 k: v
                 for k, v in end.items()
-                if k not in decode and k not in ("buffer_allocs", "buffer_reuses")
+                if k not in decode
+                and k not in ("buffer_allocs", "buffer_reuses")
+                and not k.startswith(tuple(f"{op}_" for op in OPS))
             },
             "tokens": out.tokens,
             "prompt_tokens": sum(len(p) for p in self.prompts),
@@ -234,6 +251,14 @@ class Runner:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _per_op(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    out = per_rank[0]["per_op"]
+    for phase, ops in out.items():
+        for op, counters in ops.items():
+            counters["wait_s"] = max(r["per_op"][phase][op]["wait_s"] for r in per_rank)
+    return out
 
 
 def _texts(spec: RunSpec, tokens: list[list[int]]) -> dict[str, Any]:
@@ -323,6 +348,13 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "rss_growth": max(r["rss_growth"] for r in per_rank),
         "pending_max": max(r["pending_max"] for r in per_rank),
         "comm_extra": r0["extra"],
+        # per op and phase: calls, collectives, bytes, wire_bytes (rank 0), wait_s (max
+        # over ranks): where sequence parallelism moves the traffic
+        "per_op": _per_op(per_rank),
+        "sequence_parallel": spec.parallel.sequence_parallel,
+        "sp_min_tokens": spec.parallel.sp_min_tokens,
+        "sp_steps": r0["sp_steps"],
+        "sp_padded_tokens": r0["sp_padded_tokens"],
         "tokens": r0["tokens"],
         **_texts(spec, r0["tokens"]),
         "tokens_agree_across_ranks": all(r["tokens"] == r0["tokens"] for r in per_rank),

@@ -56,6 +56,10 @@ class ParallelSpec:
     # GPUs among the ranks (rank i on GPU i mod count: several processes may share one)
     device: str = "auto"
     cuda_graphs: bool = False  # capture the decode step in a CUDA graph (graph-safe strategies)
+    # split the residual stream over tokens (reduce-scatter + all-gather instead of
+    # all-reduce) in every forward of at least sp_min_tokens tokens (batch x new tokens)
+    sequence_parallel: bool = False
+    sp_min_tokens: int = 0
 
 
 @dataclass
@@ -166,6 +170,8 @@ def parallel_problems(p: ParallelSpec) -> list[str]:
         problems.append(f"parallel.timeout_s must be > 0, got {p.timeout_s}")
     if p.threads_per_rank < 1:
         problems.append(f"parallel.threads_per_rank must be >= 1, got {p.threads_per_rank}")
+    if p.sp_min_tokens < 0:
+        problems.append(f"parallel.sp_min_tokens must be >= 0, got {p.sp_min_tokens}")
     backend = resolve_backend(p)
     if backend not in ("gloo", "nccl"):
         problems.append(f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")
