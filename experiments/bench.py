@@ -1,4 +1,4 @@
-"""nccl-tests-style all-reduce benchmark of a strategy: ``python -m experiments.bench [overrides]``.
+"""nccl-tests-style benchmark of a strategy: ``python -m experiments.bench [overrides]``.
 
 Examples::
 
@@ -18,8 +18,14 @@ refilled from a saved copy before every iteration, outside the timed region. Eac
 every iteration's time; the times are reduced elementwise with MAX over ranks (the slowest rank
 sets the pace), and the reported ``time`` is the MEDIAN over iterations of those maxima.
 
-``algbw`` = bytes reduced per iteration / time (with many_small, K * size: the whole burst),
-``busbw`` = algbw * 2(n-1)/n (nccl-tests' all-reduce convention; 0 for n = 1); GB/s = 1e9 B/s.
+``bench.op`` picks the collective: ``all_reduce`` (default), ``reduce_scatter`` or
+``all_gather``. As in nccl-tests, ``size`` is the whole buffer: the all-reduce's, the
+reduce-scatter's input, the all-gather's output (each rank contributes size / n; sizes are
+rounded down to a multiple of n elements).
+
+``algbw`` = size / time (with many_small, K * size: the whole burst), ``busbw`` = algbw times
+nccl-tests' factor for the op: 2(n-1)/n for all-reduce, (n-1)/n for reduce-scatter and
+all-gather (0 for n = 1); GB/s = 1e9 B/s.
 ``#wrong`` is a separate correctness check after the timed loop: every rank fills its input with
 small integers from a seed (:mod:`framework.run.inputs`, exact in every dtype up to 32 ranks),
 runs one more all-reduce (burst) and counts the elements that differ from the sum it computes
@@ -79,6 +85,7 @@ CSV_COLUMNS = [
     "busbw_gbps",
     "wrong",
     "strategy",
+    "op",
     "world_size",
     "mode",
     "tensors",
@@ -117,6 +124,9 @@ def validate_bench(
         )
     if b.dtype not in BENCH_DTYPES:
         problems.append(f"bench.dtype must be one of {list(BENCH_DTYPES)}, got {b.dtype!r}")
+    ops = ("all_reduce", "reduce_scatter", "all_gather")
+    if b.op not in ops:
+        problems.append(f"bench.op must be one of {list(ops)}, got {b.op!r}")
     if b.rounds < 1:
         problems.append(f"bench.rounds must be >= 1, got {b.rounds}")
     if b.background_load < 0:
@@ -152,6 +162,7 @@ def sweep_spec(bench: BenchSpec) -> SweepSpec:
         many_small=bench.many_small,
         rounds=bench.rounds,
         memcpy=bench.memcpy,
+        op=bench.op,
     )
 
 
@@ -251,6 +262,7 @@ def main(cfg: DictConfig) -> float:
             {
                 **r,
                 "strategy": name,
+                "op": bench.op,
                 "world_size": parallel.world_size,
                 "mode": mode,
                 "tensors": tensors,
@@ -260,7 +272,7 @@ def main(cfg: DictConfig) -> float:
         ]
         backend = resolve_backend(parallel)
         title = (
-            f"all_reduce  strategy: {name}  world_size: {parallel.world_size}  "
+            f"{bench.op}  strategy: {name}  world_size: {parallel.world_size}  "
             f"backend: {backend}  dtype: {bench.dtype}  mode: {mode}  "
             f"iters: {bench.iters}  warmup: {bench.warmup}"
         )
@@ -286,6 +298,7 @@ def main(cfg: DictConfig) -> float:
             "options": opts,
             "world_size": parallel.world_size,
             "backend": backend,
+            "op": bench.op,
             "dtype": bench.dtype,
             "mode": mode,
             "bench": asdict(bench),

@@ -27,6 +27,7 @@ class BenchSpec:
     rounds: int = 1  # alternate strategy and baseline this many times per size
     memcpy: bool = False  # also time a single-core copy of each size (the memory limit)
     background_load: int = 0  # busy processes running on the host during the measurement
+    op: str = "all_reduce"  # all_reduce | reduce_scatter | all_gather (nccl-tests' sizes)
 
 
 def register_configs() -> None:

@@ -337,12 +337,15 @@ def exposed_time(comm_s: float, overlappable_compute_s: float) -> float:
     return max(0.0, comm_s - overlappable_compute_s)
 
 
-def busbw_gbps(p: int, n: float, t: float) -> float:
-    """nccl-tests' bus bandwidth of an all-reduce in GB/s: algbw * 2(p-1)/p, algbw = n / t.
+def busbw_gbps(p: int, n: float, t: float, op: str = "all_reduce") -> float:
+    """nccl-tests' bus bandwidth in GB/s: algbw = n / t times the op's factor, 2(p-1)/p for
+    all-reduce, (p-1)/p for reduce-scatter and all-gather (``n``: the whole buffer, the
+    reduce-scatter's input or the all-gather's output, as nccl-tests' size column).
 
     The one definition: the benchmark's busbw column is computed by it too. 0 for one rank
     (nothing crosses a bus) or a zero time."""
-    return n / t * 2 * (p - 1) / p / 1e9 if t > 0 else 0.0
+    factor = 2 * (p - 1) / p if op == "all_reduce" else (p - 1) / p
+    return n / t * factor / 1e9 if t > 0 else 0.0
 
 
 # -- TP decode ---------------------------------------------------------------------------

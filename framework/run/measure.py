@@ -25,7 +25,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from framework.comm.communicator import CommStats
+from framework.comm.communicator import (
+    CommStats,
+    ag_output,
+    library_all_gather,
+    library_reduce_scatter,
+    rs_output,
+)
 from framework.costmodel import busbw_gbps
 from framework.run.inputs import expected_sum, rank_input
 
@@ -53,6 +59,9 @@ class SweepSpec:
     many_small: int = 0  # > 0: a burst of this many tensors per iteration, all issued first
     rounds: int = 1  # passes over the communicators, interleaved so drift hits each alike
     memcpy: bool = False  # also time one core copying each size (the memory limit)
+    # all_reduce | reduce_scatter | all_gather; a size is the whole buffer, as in nccl-tests:
+    # the reduce-scatter's input, the all-gather's output (each rank sends size / p)
+    op: str = "all_reduce"
 
 
 class Done:
@@ -108,6 +117,16 @@ class RawAllReduce:
         dist.all_reduce(x, group=self.group)
         return Done(x)
 
+    def reduce_scatter(self, x: torch.Tensor) -> Done:
+        out = rs_output(x, dist.get_world_size(self.group))
+        library_reduce_scatter(out, x, group=self.group)
+        return Done(out)
+
+    def all_gather(self, x: torch.Tensor) -> Done:
+        out = ag_output(x, dist.get_world_size(self.group))
+        library_all_gather(out, x, group=self.group)
+        return Done(out)
+
     def reset_stats(self) -> None:
         self.stats.reset()
 
@@ -122,17 +141,19 @@ def _refill(xs: list[torch.Tensor], saved: list[torch.Tensor], cuda: bool) -> No
         torch.cuda.synchronize(xs[0].device)
 
 
-def _burst(comm: Any, xs: list[torch.Tensor], cuda: bool) -> None:
-    """One iteration: every all-reduce issued before any wait (one tensor: issue, wait)."""
-    handles = [comm.all_reduce(x) for x in xs]
-    for h in handles:
-        h.wait()
+def _burst(
+    comm: Any, xs: list[torch.Tensor], cuda: bool, op: str = "all_reduce"
+) -> list[torch.Tensor]:
+    """One iteration: every collective issued before any wait (one tensor: issue, wait)."""
+    handles = [getattr(comm, op)(x) for x in xs]
+    outs = [h.wait() for h in handles]
     if cuda:  # wait() may return before the stream has drained
         torch.cuda.synchronize(xs[0].device)
+    return outs
 
 
 def time_iterations(
-    comm: Any, xs: list[torch.Tensor], saved: list[torch.Tensor], iters: int
+    comm: Any, xs: list[torch.Tensor], saved: list[torch.Tensor], iters: int, op: str = "all_reduce"
 ) -> list[float]:
     """Seconds per iteration on this rank, after a barrier; refills happen outside the timing."""
     cuda = xs[0].device.type == "cuda"
@@ -141,7 +162,7 @@ def time_iterations(
     for _ in range(iters):
         _refill(xs, saved, cuda)
         t0 = time.perf_counter()
-        _burst(comm, xs, cuda)
+        _burst(comm, xs, cuda, op)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -192,19 +213,24 @@ def sweep(
     comm = comms[0]
     rows: list[dict[str, Any]] = []
     stats: list[dict[str, Any]] = []
-    for nbytes in spec.sizes:
-        count = nbytes // elem
-        saved = [rank_input(j, rank, count, spec.dtype).to(device) for j in range(k)]
+    op = spec.op
+    for size in spec.sizes:
+        count = size // elem
+        if op != "all_reduce":  # the whole buffer splits into p equal parts
+            count = max(count // world, 1) * world
+        nbytes = count * elem
+        n_in = count // world if op == "all_gather" else count  # each rank's input
+        saved = [rank_input(j, rank, n_in, spec.dtype).to(device) for j in range(k)]
         xs = [s.clone() for s in saved]
         for c in comms:
             for _ in range(spec.warmup):
                 _refill(xs, saved, cuda)
-                _burst(c, xs, cuda)
+                _burst(c, xs, cuda, op)
         comm.reset_stats()
         times: list[list[float]] = [[] for _ in comms]
         for _ in range(spec.rounds):
             for i, c in enumerate(comms):
-                times[i] += time_iterations(c, xs, saved, spec.iters)
+                times[i] += time_iterations(c, xs, saved, spec.iters, op)
         n_iter = spec.iters * spec.rounds
         st = comm.stats.as_dict()
         stats.append(
@@ -225,8 +251,8 @@ def sweep(
             "redop": "sum",
             "time_us": round(med * 1e6, 3),
             "algbw_gbps": _sig(algbw),
-            "busbw_gbps": _sig(busbw_gbps(world, nbytes * k, med)),
-            "wrong": _count_wrong(comms, xs, saved, world, device),
+            "busbw_gbps": _sig(busbw_gbps(world, nbytes * k, med, op)),
+            "wrong": _count_wrong(comms, xs, saved, world, device, op),
         }
         if len(comms) > 1:
             base = slowest_rank_median(times[1], device)
@@ -246,16 +272,27 @@ def _count_wrong(
     saved: list[torch.Tensor],
     world: int,
     device: torch.device,
+    op: str = "all_reduce",
 ) -> int:
-    """Elements differing from the exact sum after one more burst per communicator, max over
-    ranks. Tensor ``j`` of the burst holds :func:`rank_input` with seed ``j``."""
+    """Elements differing from the exact result after one more burst per communicator, max
+    over ranks. Tensor ``j`` of the burst holds :func:`rank_input` with seed ``j``."""
     cuda = device.type == "cuda"
-    want = [expected_sum(j, world, x.numel(), x.dtype).to(device) for j, x in enumerate(xs)]
+    rank = dist.get_rank()
+    want = []
+    for j, x in enumerate(xs):
+        n = x.numel()
+        if op == "all_gather":
+            w = torch.cat([rank_input(j, r, n, x.dtype) for r in range(world)])
+        elif op == "reduce_scatter":
+            w = expected_sum(j, world, n, x.dtype)[rank * n // world : (rank + 1) * n // world]
+        else:
+            w = expected_sum(j, world, n, x.dtype)
+        want.append(w.to(device))
     wrong = 0
     for c in comms:
         _refill(xs, saved, cuda)
-        _burst(c, xs, cuda)
-        wrong += sum(int((x != w).sum().item()) for x, w in zip(xs, want))
+        outs = _burst(c, xs, cuda, op)
+        wrong += sum(int((o != w).sum().item()) for o, w in zip(outs, want))
     return int(max_over_ranks(float(wrong), device))
 
 
