@@ -218,6 +218,7 @@ class Runner:
             },
             "tokens": out.tokens,
             "prompt_tokens": sum(len(p) for p in self.prompts),
+            "prompt_len": max(len(p) for p in self.prompts),
             "graph_capture_s": self.graph.capture_s if self.graph is not None else 0.0,
         }
 
@@ -327,6 +328,8 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "background_load": w.background_load,
         "new_tokens": w.new_tokens,
         "ttft_s": ttft,
+        "prompt_tokens": r0["prompt_tokens"],
+        "prompt_len": r0["prompt_len"],  # the longest prompt (the others are left-padded)
         "prefill_tokens_per_s": r0["prompt_tokens"] / ttft if ttft else float("nan"),
         "itl_p50_s": _percentile(itl, 50),
         "itl_p90_s": _percentile(itl, 90),
