@@ -69,6 +69,17 @@ import yaml
 ALGORITHMS = ("naive", "tree", "hierarchical", "shm")
 # GPU custom all-reduce kernels (NVLink peer memory), predicted from a topology's ``custom_ar``
 PEER_ALGORITHMS = ("oneshot", "twoshot")
+# Fitted on a host like the algorithms (``experiments.calibrate_ops``): the other two ops of
+# naive and shm (``<strategy>/<op>``, n = the whole buffer) and the one- and two-shot
+# all-reduce strategies (over the library's ops).
+OP_KEYS = (
+    "naive/reduce_scatter",
+    "naive/all_gather",
+    "shm/reduce_scatter",
+    "shm/all_gather",
+    "oneshot",
+    "twoshot",
+)
 
 
 def _topology_dir() -> Path:
@@ -128,7 +139,7 @@ def load_topology(name_or_path: str | Path) -> Topology:
     if not path.suffix:
         path = TOPOLOGY_DIR / f"{name_or_path}.yaml"
     d = yaml.safe_load(path.read_text())
-    unknown = sorted(set(d.get("fits") or {}) - set(ALGORITHMS))
+    unknown = sorted(set(d.get("fits") or {}) - set(ALGORITHMS) - set(OP_KEYS))
     if unknown:
         raise ValueError(
             f"{path}: fits for unknown algorithms {unknown}; the model has "
@@ -210,7 +221,17 @@ def _features(algorithm: str, p: int, n: float, chunk: float) -> tuple[float, fl
         return 2.0 * k * (p - 1), (3.0 + 1.0 / p) * n
     if algorithm == "hierarchical":  # all ranks one node (g = p): a tree reduce + broadcast
         return _features("tree", p, n, chunk)
-    raise ValueError(f"unknown algorithm {algorithm!r}; known: {ALGORITHMS}")
+    if algorithm in ("naive/reduce_scatter", "naive/all_gather"):  # half a ring all-reduce
+        return p - 1.0, (p - 1) / p * n
+    if algorithm == "shm/reduce_scatter":  # per round two barriers; copy in, sum my part
+        return 2.0 * (p - 1) * max(1, math.ceil(n / chunk)), (2.0 + 1.0 / p) * n
+    if algorithm == "shm/all_gather":  # per round two barriers; copy my part in, all out
+        return 2.0 * (p - 1) * max(1, math.ceil(n / p / chunk)), (1.0 + 1.0 / p) * n
+    if algorithm == "oneshot":  # gather p inputs ((p-1) n received), then sum them (p n read)
+        return p - 1.0, (2.0 * p - 1.0) * n
+    if algorithm == "twoshot":  # a reduce-scatter and an all-gather of the result
+        return 2.0 * (p - 1), 2.0 * (p - 1) / p * n
+    raise ValueError(f"unknown algorithm {algorithm!r}; known: {ALGORITHMS + OP_KEYS}")
 
 
 def fit(
@@ -279,6 +300,58 @@ def allreduce_time(
         pr.base_s + alpha * lat + beta / pr.bandwidth_factor * byt + topo.gamma_s_per_byte * reduce
         for pr in protocols
     )
+
+
+def collective_time(topo: Topology, op: str, p: int, n: float) -> float:
+    """The library's ``op`` on ``n`` bytes (the whole buffer, as nccl-tests counts it): the
+    all-reduce as :func:`library_time`; reduce-scatter and all-gather as rings, (p-1) steps
+    moving (p-1)/p n bytes, at the fastest protocol (each is half a ring all-reduce)."""
+    if op == "all_reduce":
+        return library_time(topo, p, n)
+    if p <= 1:
+        return 0.0
+    if p <= topo.ranks_per_node:
+        alpha, beta = topo.intra.alpha_s, topo.intra.beta_s_per_byte
+    else:
+        alpha = topo.inter.alpha_s
+        beta = max(topo.inter.beta_s_per_byte / topo.nics_per_node, topo.intra.beta_s_per_byte)
+    protocols = list(topo.protocols.values()) or [Protocol(topo.base_s)]
+    reduce = (p - 1) / p * n if op == "reduce_scatter" else 0.0
+    return min(
+        pr.base_s
+        + alpha * (p - 1)
+        + beta / pr.bandwidth_factor * (p - 1) / p * n
+        + topo.gamma_s_per_byte * reduce
+        for pr in protocols
+    )
+
+
+def sequence_parallel_forward(
+    topo: Topology, p: int, tokens: int, hidden: int, layers: int, dtype_bytes: int = 2
+) -> dict[str, float]:
+    """One forward's communication and norm/residual work, all-reduce TP against sequence
+    parallelism (seconds). SP replaces each all-reduce by a reduce-scatter and an all-gather
+    of the same bytes (tokens padded to a multiple of p) plus one all-gather before the head,
+    and does the norms and residual adds (about 6 passes over tokens x hidden per layer at
+    HBM bandwidth) on 1/p of the tokens."""
+    n = tokens * hidden * dtype_bytes
+    padded = -(-tokens // p) * p * hidden * dtype_bytes
+    comm_ar = 2 * layers * collective_time(topo, "all_reduce", p, n)
+    comm_sp = 2 * layers * (
+        collective_time(topo, "reduce_scatter", p, padded)
+        + collective_time(topo, "all_gather", p, padded)
+    ) + collective_time(topo, "all_gather", p, padded)
+    passes = 6 * layers
+    elem_ar = passes * n / (topo.hbm_gbps * 1e9) if topo.hbm_gbps else 0.0
+    elem_sp = passes * padded / p / (topo.hbm_gbps * 1e9) if topo.hbm_gbps else 0.0
+    return {
+        "comm_ar_s": comm_ar,
+        "comm_sp_s": comm_sp,
+        "elementwise_ar_s": elem_ar,
+        "elementwise_sp_s": elem_sp,
+        "ar_s": comm_ar + elem_ar,
+        "sp_s": comm_sp + elem_sp,
+    }
 
 
 def library_time(topo: Topology, p: int, n: float) -> float:

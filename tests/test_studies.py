@@ -31,6 +31,24 @@ def test_model_matches_measurement_on_this_host(pools) -> None:
     assert median_error(errors) <= 0.25, report
 
 
+def test_op_models_match_measurement_on_this_host(pools) -> None:
+    """Reduce-scatter, all-gather, one-shot and two-shot (experiments.calibrate_ops): fitted
+    on world sizes 2 and 4, within 25% median error over 2, 3 and 4, as the all-reduce."""
+    import statistics
+
+    from experiments.calibrate_ops import _measure, row_errors
+    from framework.costmodel import OP_KEYS
+
+    sizes = [1024 << (2 * i) for i in range(5)]  # 1 KiB .. 256 KiB
+    rows = []
+    for ws in (2, 3, 4):
+        rows += pools(ws).run(_measure, list(OP_KEYS), sizes, 5, timeout_s=300)[0]
+    errs = row_errors(rows, {2, 4})
+    assert set(errs) == set(OP_KEYS)
+    report = {k: round(statistics.median(v), 3) for k, v in errs.items()}
+    assert statistics.median(e for v in errs.values() for e in v) <= 0.25, report
+
+
 def test_decode_step_model_matches_measurement_on_this_host(pools) -> None:
     """Compute from a run with no communication, all-reduces from the fitted model plus the
     measured in-situ extra; every quantity measured in the same interleaved rounds."""
