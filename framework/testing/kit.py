@@ -124,9 +124,10 @@ def float_order(name: str, options: dict[str, Any]) -> None:
 
 
 def _shapes(world: int, dtype: torch.dtype) -> list[tuple[int, int]]:
-    """(rows per rank, columns): one element, odd sizes, and a message of about 3 MiB."""
+    """(rows per rank, columns): one element, odd sizes, and a message of about 1 MiB (over
+    several shm chunks of the default size once gathered)."""
     esize = torch.empty((), dtype=dtype).element_size()
-    return [(1, 1), (3, 7), ((3 << 20) // (257 * esize * world) + 1, 257)]
+    return [(1, 1), (3, 7), ((1 << 20) // (257 * esize * world) + 1, 257)]
 
 
 def _rs_want(seed: int, rank: int, world: int, rows: int, cols: int, dtype: torch.dtype):
