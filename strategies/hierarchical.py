@@ -17,7 +17,8 @@ Reduce-scatter and all-gather are two-level too when every node has the same num
 g (p = m g): the input is reordered so that node-local rank l holds the parts of every rank
 with local index l, reduce-scattered inside the node, then reduce-scattered across the nodes
 among the ranks of the same local index (a "rail"); all-gather runs the rails first, then the
-node, and reorders back. With uneven nodes they are the library's, flat.
+node, and reorders back. With uneven nodes they are the library's, flat. Both use the
+library's groups inside a node, also with ``intra=shm``.
 
 Devices: CPU tensors on gloo (gloo's reduce takes host memory only), CUDA tensors on NCCL with
 ``intra=library``; ``intra=shm`` is gloo and CPU only.

@@ -72,7 +72,9 @@ class Shm(Algorithm):
         self.stats.extra["shm_oneshot"] = 0.0  # all-reduces that took the one-shot path
 
     def oneshot(self, nbytes: int) -> bool:
-        return self.mode == "oneshot" or (self.mode == "auto" and nbytes <= self.oneshot_max_bytes)
+        return self.mode == "oneshot" or (
+            self.mode == "auto" and 0 < nbytes <= self.oneshot_max_bytes
+        )
 
     def wire_bytes(self, nbytes: int) -> int:
         if self.segment is None:
@@ -96,16 +98,17 @@ class Shm(Algorithm):
             self.segment.all_reduce_(x)
 
     def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
-        if self.segment is None:
+        # a slot must hold at least one element of every rank's part
+        if self.segment is None or self.segment.capacity < self.world_size * x.element_size():
             super().reduce_scatter_(x, out)
         else:
-            self.segment.reduce_scatter_(x, out)
+            self.segment.reduce_scatter_(x, out, fresh=self._fresh)
 
     def all_gather_(self, x: Tensor, out: Tensor) -> None:
         if self.segment is None:
             super().all_gather_(x, out)
         else:
-            self.segment.all_gather_(x, out)
+            self.segment.all_gather_(x, out, fresh=self._fresh)
 
     def _release(self) -> None:
         super()._release()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections import deque
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
@@ -258,3 +259,22 @@ def test_gpu_check_steps_run_in_their_own_process_with_a_hard_budget() -> None:
         assert status == "FAILED" and lines and "Error" in lines[0]
     slow = dataclasses.replace(by_name["kit_gloo_cuda"], budget_s=1)
     assert run_step(slow, {})[0] == "TIMED OUT after its 1 s budget"
+
+
+def test_a_graph_replay_counts_the_captured_collectives_per_op() -> None:
+    """A CUDA-graph replay bypasses Python: GraphDecode adds the capture's counts, totals and
+    per op, for every replay (the capture itself needs a GPU; the bookkeeping does not)."""
+    from framework import CommStats
+    from framework.run.graphs import GraphDecode, _counters
+
+    stats = CommStats()
+    stats.count_call("reduce_scatter", 64)
+    stats.count_collective("reduce_scatter", 32)
+    before = _counters(stats)
+    g = GraphDecode(model=None, comm=SimpleNamespace(stats=stats), micro_batches=1)
+    g._per_step = {"calls": 2, "collectives": 2, "all_reduce/calls": 2, "all_reduce/bytes": 80}
+    g._replayed(stats)
+    g._replayed(stats)
+    assert stats.calls == before["calls"] + 4 and stats.collectives == before["collectives"] + 4
+    assert stats.by_op["all_reduce"]["calls"] == 4 and stats.by_op["all_reduce"]["bytes"] == 160
+    assert stats.by_op["reduce_scatter"]["calls"] == 1 and stats.wait_s == 0.0

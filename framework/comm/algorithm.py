@@ -60,7 +60,8 @@ class Algorithm(Communicator):
         # strategy fits its latency/bandwidth model on these.
         self.timings: deque[tuple[int, float]] = deque(maxlen=256)
         self._reduce_span = f"commlab.{self.name}.reduce"
-        self._deadline = 0.0  # when the all-reduce in progress must be done (monotonic)
+        self._deadline = 0.0  # when the collective in progress must be done (monotonic)
+        self._fresh = True  # False while a Composed owner runs its later steps (inner_op)
 
     @abstractmethod
     def reduce_(self, x: Tensor) -> None:
@@ -114,7 +115,8 @@ class Algorithm(Communicator):
         if self.backend == "nccl":
             if self._streams is None:
                 self._streams = StreamLauncher()
-            return self._streams.launch(x, lambda: self.run_op(op, x, out), self.timings, out)  # type: ignore[return-value]
+            timings = self.timings if op == "all_reduce" else deque()  # the fit models all-reduce
+            return self._streams.launch(x, lambda: self.run_op(op, x, out), timings, out)  # type: ignore[return-value]
         if self._progress is None:
             self._progress = ThreadPoolExecutor(1, thread_name_prefix=f"commlab-{self.name}")
         ready = None
@@ -188,7 +190,7 @@ class Algorithm(Communicator):
         caller's tensor and scratch buffers, so the communicator is unusable from now on."""
         self._broken = self._owner._broken = True
         return self._error(
-            f"all_reduce not complete within timeout_s={self.timeout_s} s (a peer is lost or "
+            f"collective not complete within timeout_s={self.timeout_s} s (a peer is lost or "
             f"late){detail}"
         )
 
@@ -243,7 +245,8 @@ def _build_inner(owner: Communicator, group: Any, inner: str, options: dict[str,
 class Composed(Algorithm):
     """An algorithm built on another algorithm's operations (``inner``, default ``naive``:
     the library's), as two-shot is a reduce-scatter and an all-gather. Counted as one
-    collective of its own; the inner operations it calls are not counted again."""
+    collective of its own; the inner operations it calls are not counted again. Its own
+    reduce-scatter and all-gather are the inner algorithm's."""
 
     def __init__(
         self,
@@ -258,9 +261,24 @@ class Composed(Algorithm):
         self.inner = _build_inner(self, group, inner, inner_options)
         self.inner_name = inner
 
-    def inner_op(self, op: str, x: Tensor, out: Tensor) -> None:
-        """``op`` on the inner algorithm, on this collective's clock (``timeout_s`` in all)."""
+    def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
+        """The inner algorithm's (shm's native one, hierarchical's two levels, ...)."""
+        self.inner_op("reduce_scatter", x, out)
+
+    def all_gather_(self, x: Tensor, out: Tensor) -> None:
+        self.inner_op("all_gather", x, out)
+
+    def op_wire_bytes(self, op: str, nbytes: int) -> int:
+        if op == "all_reduce":
+            return self.wire_bytes(nbytes)
+        return self.inner.op_wire_bytes(op, nbytes)
+
+    def inner_op(self, op: str, x: Tensor, out: Tensor, first: bool = True) -> None:
+        """``op`` on the inner algorithm, on this collective's clock (``timeout_s`` in all:
+        ``first=False`` for every step after the first, so a transport with a clock of its own,
+        shm's segment, runs it on from the first step)."""
         self.inner._deadline = self._deadline
+        self.inner._fresh = first
         if op == "reduce_scatter":
             self.inner.reduce_scatter_(x, out)
         elif op == "all_gather":

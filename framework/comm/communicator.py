@@ -91,7 +91,9 @@ class CommStats:
 
     The totals count every op; ``by_op[op]`` holds ``calls``, ``collectives``, ``bytes`` and
     ``wire_bytes`` of each of :data:`OPS` alone (``as_dict`` flattens them as
-    ``<op>_<counter>``). ``calls`` logical calls; ``collectives`` operations put on the wire
+    ``<op>_<counter>``; an op's ``wait_s`` is the time blocked issuing and waiting its
+    handles: time blocked in ``flush()`` or ``close()`` counts in the total ``wait_s`` only).
+    ``calls`` logical calls; ``collectives`` operations put on the wire
     (fusion makes it smaller than ``calls``); ``bytes`` input bytes; ``wire_bytes`` bytes this
     rank sent according to the algorithm; ``wait_s`` seconds the caller was blocked inside
     ``all_reduce``/``wait``/``flush`` (exposed communication); ``buffer_allocs`` and
@@ -187,10 +189,12 @@ class Handle:
             )
         outer = self._comm._depth == 0
         t0 = time.perf_counter()
-        with self._comm._blocked():
-            self._complete()
-        if outer:  # the caller blocked on this op (a nested wait is its caller's time)
-            self._comm.stats.by_op[self._op]["wait_s"] += time.perf_counter() - t0
+        try:
+            with self._comm._blocked():
+                self._complete()
+        finally:  # the caller blocked on this op (a nested wait is its caller's time)
+            if outer:
+                self._comm.stats.by_op[self._op]["wait_s"] += time.perf_counter() - t0
         return self._result
 
     def _complete(self) -> None:
@@ -248,7 +252,8 @@ class Communicator(ABC):
         self.timeout_s = timeout_s
         self._closed = False
         self._broken = False  # a collective failed half-way: refuse new work, skip the flush
-        self._owner = _parent if _parent is not None else self  # the communicator the user holds
+        # the communicator the user holds (the top of a chain of inner algorithms)
+        self._owner = _parent._owner if _parent is not None else self
         self._seq = 0
         self._pending: dict[int, Handle] = {}
         self._leases: list[tuple[dist.ProcessGroup, int]] = []  # groups to hand back on close

@@ -393,7 +393,7 @@ class ShmSegment:
             g, self._unsettled = self._unsettled, None
             self._arrive(_REDUCED, g)
 
-    def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
+    def reduce_scatter_(self, x: Tensor, out: Tensor, fresh: bool = True) -> None:
         """This rank's part (rows ``[r n/p, (r+1) n/p)`` of dim 0) of the sum of ``x`` into
         ``out``: each rank copies in, then sums only its own part of every slot, in rank
         order. Large messages go in rounds of ``capacity / p`` columns of every part."""
@@ -402,7 +402,7 @@ class ShmSegment:
         if p == 1:
             out.copy_(x.view_as(out))
             return
-        self._begin(True)
+        self._begin(fresh)
         self._settle()
         fp = _fingerprint(_OP_REDUCE_SCATTER, x)
         q = x.numel() // p
@@ -421,7 +421,7 @@ class ShmSegment:
                 seg.add_(slots[j, r * c : (r + 1) * c])
             self._arrive(_REDUCED, g)
 
-    def all_gather_(self, x: Tensor, out: Tensor) -> None:
+    def all_gather_(self, x: Tensor, out: Tensor, fresh: bool = True) -> None:
         """Every rank's ``x`` into ``out`` in rank order: copy in, one barrier, copy every
         slot out (in rounds of ``capacity`` bytes for large messages)."""
         self._check()
@@ -431,7 +431,7 @@ class ShmSegment:
         if p == 1:
             out.view(-1).copy_(flat)
             return
-        self._begin(True)
+        self._begin(fresh)
         self._settle()
         fp = _fingerprint(_OP_ALL_GATHER, x)
         blocks = out.view(p, n)

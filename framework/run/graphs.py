@@ -21,7 +21,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-_COUNTED = ("calls", "collectives", "bytes", "wire_bytes")
+_COUNTED = ("calls", "collectives", "bytes", "wire_bytes", "wait_s")
+
+
+def _counters(stats: Any) -> dict[str, float]:
+    """Every counter a replay changes: the totals and each op's (``"<op>/<counter>"``)."""
+    out = {k: getattr(stats, k) for k in _COUNTED}
+    for op, counters in stats.by_op.items():
+        out.update({f"{op}/{k}": v for k, v in counters.items()})
+    return out
+
+
+def _restore(stats: Any, values: dict[str, float]) -> None:
+    for k, v in values.items():
+        op, _, counter = k.rpartition("/")
+        if op:
+            stats.by_op[op][counter] = v
+        else:
+            setattr(stats, k, v)
 
 
 class GraphDecode:
@@ -48,9 +65,7 @@ class GraphDecode:
         self.pos.fill_(model.cache_pos)
         if self.capture:
             self.graph.replay()
-            stats = self.comm.stats
-            for k, v in self._per_step.items():
-                setattr(stats, k, getattr(stats, k) + v)
+            self._replayed(self.comm.stats)
             out = self.logits
         else:
             out = model.decode_static(self.tokens, self.pos, self.micro_batches)
@@ -65,8 +80,7 @@ class GraphDecode:
             return
         t0 = time.perf_counter()
         stats = self.comm.stats
-        before = {k: getattr(stats, k) for k in _COUNTED}
-        wait_before = stats.wait_s
+        before = _counters(stats)
         self.tokens.copy_(tokens)
         self.pos.fill_(model.cache_pos)
         # Warm-up on a side stream (lazy initialisation must not be captured), then capture.
@@ -76,13 +90,17 @@ class GraphDecode:
         with torch.cuda.stream(side):
             model.decode_static(self.tokens, self.pos, self.micro_batches)
         torch.cuda.current_stream(device).wait_stream(side)
-        mid = {k: getattr(stats, k) for k in _COUNTED}
+        mid = _counters(stats)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = model.decode_static(self.tokens, self.pos, self.micro_batches)
         torch.cuda.synchronize(device)
-        self._per_step = {k: getattr(stats, k) - mid[k] for k in _COUNTED}
-        for k, v in before.items():  # warm-up and capture are set-up, not decode steps
-            setattr(stats, k, v)
-        stats.wait_s = wait_before
+        after = _counters(stats)
+        self._per_step = {k: after[k] - mid[k] for k in after if not k.endswith("wait_s")}
+        _restore(stats, before)  # warm-up and capture are set-up, not decode steps
         self.capture_s = time.perf_counter() - t0
+
+    def _replayed(self, stats: Any) -> None:
+        """Count one replay: the capture's collectives, totals and per op (no wait time)."""
+        now = _counters(stats)
+        _restore(stats, {k: now[k] + self._per_step.get(k, 0) for k in now})
