@@ -248,7 +248,7 @@ def sweep(
             "size": nbytes,
             "count": count,
             "type": str(spec.dtype).removeprefix("torch."),
-            "redop": "sum",
+            "redop": "none" if op == "all_gather" else "sum",  # as nccl-tests prints
             "time_us": round(med * 1e6, 3),
             "algbw_gbps": _sig(algbw),
             "busbw_gbps": _sig(busbw_gbps(world, nbytes * k, med, op)),
