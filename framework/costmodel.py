@@ -289,11 +289,7 @@ def allreduce_time(
     protocols = list(topo.protocols.values()) or [Protocol(topo.base_s)]
     if algorithm == "hierarchical":
         return min(_hierarchical(topo, p, n, topo.ranks_per_node, chunk, pr) for pr in protocols)
-    if p <= topo.ranks_per_node:
-        alpha, beta = topo.intra.alpha_s, topo.intra.beta_s_per_byte
-    else:  # one channel per NIC, and never faster than the links inside a node
-        alpha = topo.inter.alpha_s
-        beta = max(topo.inter.beta_s_per_byte / topo.nics_per_node, topo.intra.beta_s_per_byte)
+    alpha, beta = _library_link(topo, p)
     lat, byt = features(algorithm if algorithm != "shm" else "naive", p, n, chunk)
     reduce = (p - 1) / p * n if algorithm == "naive" else n
     return min(
@@ -310,11 +306,7 @@ def collective_time(topo: Topology, op: str, p: int, n: float) -> float:
         return library_time(topo, p, n)
     if p <= 1:
         return 0.0
-    if p <= topo.ranks_per_node:
-        alpha, beta = topo.intra.alpha_s, topo.intra.beta_s_per_byte
-    else:
-        alpha = topo.inter.alpha_s
-        beta = max(topo.inter.beta_s_per_byte / topo.nics_per_node, topo.intra.beta_s_per_byte)
+    alpha, beta = _library_link(topo, p)
     protocols = list(topo.protocols.values()) or [Protocol(topo.base_s)]
     reduce = (p - 1) / p * n if op == "reduce_scatter" else 0.0
     return min(
@@ -352,6 +344,15 @@ def sequence_parallel_forward(
         "ar_s": comm_ar + elem_ar,
         "sp_s": comm_sp + elem_sp,
     }
+
+
+def _library_link(topo: Topology, p: int) -> tuple[float, float]:
+    """(alpha, beta) of a library ring or tree over ``p`` ranks: the node's links inside a
+    node; across nodes one channel per NIC, never faster than the links inside a node."""
+    if p <= topo.ranks_per_node:
+        return topo.intra.alpha_s, topo.intra.beta_s_per_byte
+    beta = max(topo.inter.beta_s_per_byte / topo.nics_per_node, topo.intra.beta_s_per_byte)
+    return topo.inter.alpha_s, beta
 
 
 def library_time(topo: Topology, p: int, n: float) -> float:

@@ -100,12 +100,16 @@ class Algorithm(Communicator):
         """Put one ``op`` on the wire, blocking (the base class counts it first)."""
         self._start(x, op)
         with span(self._reduce_span):
-            if op == "all_reduce":
-                self.reduce_(x)
-            elif op == "reduce_scatter":
-                self.reduce_scatter_(x, out)
-            else:
-                self.all_gather_(x, out)
+            self._op(op, x, out)
+
+    def _op(self, op: str, x: Tensor, out: Tensor) -> None:
+        """The algorithm's method for ``op``, uncounted and on the caller's clock."""
+        if op == "all_reduce":
+            self.reduce_(x)
+        elif op == "reduce_scatter":
+            self.reduce_scatter_(x, out)
+        else:
+            self.all_gather_(x, out)
 
     def launch(self, x: Tensor, op: str = "all_reduce", out: Tensor | None = None) -> Future:
         """Run ``op`` on ``x`` asynchronously (into ``out``, from :meth:`output`, for the ops
@@ -242,11 +246,12 @@ def _build_inner(owner: Communicator, group: Any, inner: str, options: dict[str,
     return algo
 
 
-class Composed(Algorithm):
-    """An algorithm built on another algorithm's operations (``inner``, default ``naive``:
-    the library's), as two-shot is a reduce-scatter and an all-gather. Counted as one
-    collective of its own; the inner operations it calls are not counted again. Its own
-    reduce-scatter and all-gather are the inner algorithm's."""
+class _WithInner(Communicator):
+    """A strategy that sends its collectives through an inner algorithm: ``inner`` names a
+    registered algorithm, ``inner_options`` are passed to it (for example ``{"ranks_per_node":
+    2}`` for ``hierarchical``). The options every communicator has (``timeout_s``,
+    ``validate``) are set once, on the outer strategy, and passed on to the inner algorithm,
+    so one timeout governs every group and segment the communicator owns."""
 
     def __init__(
         self,
@@ -260,6 +265,13 @@ class Composed(Algorithm):
         super().__init__(group, **common)
         self.inner = _build_inner(self, group, inner, inner_options)
         self.inner_name = inner
+
+
+class Composed(_WithInner, Algorithm):
+    """An algorithm built on another algorithm's operations (``inner``, default ``naive``:
+    the library's), as two-shot is a reduce-scatter and an all-gather. Counted as one
+    collective of its own; the inner operations it calls are not counted again. Its own
+    reduce-scatter and all-gather are the inner algorithm's."""
 
     def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
         """The inner algorithm's (shm's native one, hierarchical's two levels, ...)."""
@@ -279,39 +291,16 @@ class Composed(Algorithm):
         shm's segment, runs it on from the first step)."""
         self.inner._deadline = self._deadline
         self.inner._fresh = first
-        if op == "reduce_scatter":
-            self.inner.reduce_scatter_(x, out)
-        elif op == "all_gather":
-            self.inner.all_gather_(x, out)
-        else:
-            self.inner.reduce_(x)
+        self.inner._op(op, x, out)
 
     def _release(self) -> None:
         super()._release()
         self.inner._release()
 
 
-class Schedule(Communicator):
-    """A strategy that schedules reductions and sends them through an inner algorithm.
-
-    ``inner`` names a registered algorithm; ``inner_options`` are passed to it (for example
-    ``{"ranks_per_node": 2}`` for ``hierarchical``). The options every communicator has
-    (``timeout_s``, ``validate``) are set once, on the schedule, and passed on to the inner
-    algorithm, so one timeout governs every group and segment the communicator owns.
-    """
-
-    def __init__(
-        self,
-        group=None,
-        *,
-        inner: str = "naive",
-        inner_options: dict[str, Any] | None = None,
-        **common: Any,
-    ) -> None:
-        inner_options = _check_inner(self.name, inner, inner_options)
-        super().__init__(group, **common)
-        self.inner = _build_inner(self, group, inner, inner_options)
-        self.inner_name = inner
+class Schedule(_WithInner):
+    """A strategy that schedules reductions and sends them through an inner algorithm
+    (``inner``, ``inner_options``: see :class:`_WithInner`)."""
 
     def _reduce_scatter(self, x: Tensor) -> Handle:
         """Launch through ``inner`` asynchronously; ``wait()`` waits (schedules override)."""

@@ -63,8 +63,11 @@ _OP_NAMES = {
 }
 # The collectives of the interface, in the order the counters list them.
 OPS = ("all_reduce", "reduce_scatter", "all_gather")
-_OP_CODES = {"all_reduce": _OP_ALL_REDUCE, "reduce_scatter": _OP_REDUCE_SCATTER}
-_OP_CODES["all_gather"] = _OP_ALL_GATHER
+_OP_CODES = {
+    "all_reduce": _OP_ALL_REDUCE,
+    "reduce_scatter": _OP_REDUCE_SCATTER,
+    "all_gather": _OP_ALL_GATHER,
+}
 _DTYPE_CODES = {dt: i for i, dt in enumerate(sorted(DEFAULT_DTYPES, key=str))}
 
 # What the library collectives handle: gloo sums CPU tensors and CUDA tensors (staged through
