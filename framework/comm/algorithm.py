@@ -265,6 +265,14 @@ class _WithInner(Communicator):
         super().__init__(group, **common)
         self.inner = _build_inner(self, group, inner, inner_options)
         self.inner_name = inner
+        self.exact = self.inner.exact  # a schedule over a quantized wire is not exact
+
+    def error_bound(self, op: str, inputs: list[Tensor], rank: int) -> Tensor:
+        """The inner algorithm's, for a composition that puts each call on the wire as it is
+        (a schedule that fuses calls changes the quantization blocks and states none)."""
+        if isinstance(self, Schedule):
+            return super().error_bound(op, inputs, rank)
+        return self.inner.error_bound(op, inputs, rank)
 
 
 class Composed(_WithInner, Algorithm):

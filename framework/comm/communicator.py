@@ -239,6 +239,9 @@ class Communicator(ABC):
     supports: ClassVar[dict[str, frozenset[str]]] = LIBRARY_SUPPORT
     # backends on which every collective of this strategy can be captured in a CUDA graph
     graph_safe_backends: ClassVar[frozenset[str]] = frozenset()
+    # False for a strategy whose results may differ from the exact sum by more than float
+    # rounding (a quantized wire): :meth:`error_bound` states by how much, the kit checks it
+    exact: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -447,6 +450,15 @@ class Communicator(ABC):
         )
         library_all_gather(out, x, group=self.group)
         return Handle(self, None, out)
+
+    def error_bound(self, op: str, inputs: list[Tensor], rank: int) -> Tensor:
+        """Per element of ``rank``'s result of ``op`` on every rank's ``inputs`` (in rank
+        order), the most it may differ from the exact result (float64, the result's shape).
+        Only an inexact strategy states one; an exact one is held to the exact result."""
+        raise NotImplementedError(
+            f"strategy {self.name!r} states no error bound (an exact strategy is held to the "
+            f"exact result)"
+        )
 
     def _flush(self) -> None:
         """Put anything held back (a partly filled bucket) on the wire before handles finish."""
