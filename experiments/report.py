@@ -24,9 +24,10 @@ INFER_COLS = [
     "job",
     "status",
     "strategy",
-    "inner",
+    "options",
     "world_size",
     "micro_batches",
+    "repeats",
     "decode_tokens_per_s",
     "ttft_s",
     "itl_p50_s",
@@ -37,8 +38,16 @@ INFER_COLS = [
     "exposed_comm_share",
     "buffer_allocs",
     "buffer_reuses",
+    "agreement",
+    "kl_mean",
+    "logit_max_abs_err",
+    "wire_bytes_vs_exact",
     "error",
 ]
+# from a run's numerics block (workload.reference=exact)
+NUMERICS_COLS = ("agreement", "kl_mean", "logit_max_abs_err", "wire_bytes_vs_exact")
+# strategy options that say nothing about what ran
+_QUIET_OPTIONS = {"timeout_s", "validate"}
 BENCH_COLS = [
     "job",
     "strategy",
@@ -85,7 +94,7 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                     }
                 )
             continue
-        infer.append({"job": _job_name(f, root), **{c: r.get(c) for c in INFER_COLS[1:]}})
+        infer.append(infer_row(r, _job_name(f, root)))
     for f in _results(root, "bench.csv"):
         with open(f, newline="") as fh:
             for row in csv.DictReader(fh):
@@ -103,6 +112,22 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                 }
             )
     return infer, bench
+
+
+def infer_row(r: dict[str, Any], job: str) -> dict[str, Any]:
+    """One infer job's table row: the columns, the numerics, and the spread of repeats."""
+    row = {"job": job, **{c: r.get(c) for c in INFER_COLS[1:]}}
+    row["options"] = options_label(r.get("strategy_options") or {})
+    row.update({c: (r.get("numerics") or {}).get(c) for c in NUMERICS_COLS})
+    row["spread"] = r.get("spread") or {}
+    return row
+
+
+def options_label(options: dict[str, Any]) -> str:
+    """The options that set what ran, compact: ``fmt=int4 block=32 inner=shm``."""
+    return " ".join(
+        f"{k}={v}" for k, v in sorted(options.items()) if k not in _QUIET_OPTIONS and v is not None
+    )
 
 
 def _job_type(job: Path) -> str:
@@ -126,9 +151,17 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v).replace("|", "/").replace("\n", " ")[:80]
 
 
+def _cell(row: dict[str, Any], col: str) -> str:
+    """A value; a median over repeats shows its interval: ``12.3 [11.9, 13.0]``."""
+    spread = (row.get("spread") or {}).get(col)
+    if spread and len(spread.get("runs", ())) > 1:
+        return f"{spread['median']:.4g} [{spread['lo']:.4g}, {spread['hi']:.4g}]"
+    return _fmt(row.get(col))
+
+
 def markdown(rows: list[dict[str, Any]], cols: list[str]) -> str:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    out += ["| " + " | ".join(_cell(r, c) for c in cols) + " |" for r in rows]
     return "\n".join(out)
 
 
@@ -165,24 +198,56 @@ def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(strategies)), 4))
         width = 0.8 / len(sizes)
         for i, ws in enumerate(sizes):
-            vals = [
+            picked = [
                 next(
                     (
-                        r[key]
+                        r
                         for r in ok
                         if r["strategy"] == s and r["world_size"] == ws and r[key] is not None
                     ),
-                    0.0,
+                    None,
                 )
                 for s in strategies
             ]
-            ax.bar([j + i * width for j in range(len(strategies))], vals, width, label=f"TP={ws}")
+            vals = [r[key] if r else 0.0 for r in picked]
+            # error bars: the interval of the median over repeats (none for a single run)
+            spans = [(r.get("spread") or {}).get(key) if r else None for r in picked]
+            err = [
+                [v - sp["lo"] if sp else 0.0 for v, sp in zip(vals, spans, strict=True)],
+                [sp["hi"] - v if sp else 0.0 for v, sp in zip(vals, spans, strict=True)],
+            ]
+            xs = [j + i * width for j in range(len(strategies))]
+            ax.bar(xs, vals, width, label=f"TP={ws}", yerr=err, capsize=3)
         ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(strategies))])
         ax.set_xticklabels(strategies, rotation=30, ha="right")
         ax.set_ylabel(label)
         ax.legend()
         paths.append(_save(fig, root / f"infer_{key}.png"))
+    numerics = [r for r in ok if r.get("kl_mean") is not None]
+    if numerics:
+        paths.append(plot_numerics(numerics, root))
     return paths
+
+
+def plot_numerics(rows: list[dict[str, Any]], root: Path) -> Path:
+    """Accuracy against bytes and speed: KL to the exact run and decode tokens/s, each
+    against bytes on the wire relative to exact, one point per run (labelled)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in rows:
+        label = f"{r['strategy']} {r.get('options') or ''}".strip()
+        x = r.get("wire_bytes_vs_exact") or float("nan")
+        axes[0].scatter(x, max(r["kl_mean"], 1e-12))
+        axes[0].annotate(label, (x, max(r["kl_mean"], 1e-12)), fontsize=6)
+        axes[1].scatter(x, r["decode_tokens_per_s"])
+        axes[1].annotate(label, (x, r["decode_tokens_per_s"]), fontsize=6)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("mean KL to the exact run (nats; 1e-12 = identical)")
+    axes[1].set_ylabel("decode tokens/s")
+    for ax in axes:
+        ax.set_xlabel("bytes on the wire / exact")
+        ax.grid(True, alpha=0.3)
+    return _save(fig, root / "infer_numerics.png")
 
 
 def plot_bench(rows: list[dict[str, Any]], root: Path) -> list[Path]:

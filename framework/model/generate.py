@@ -68,6 +68,7 @@ def generate(
     on_step_end: Callable[[int], None] | None = None,
     decode_step: Callable[[Tensor], Tensor] | None = None,
     cache_len: int | None = None,
+    teacher: list[list[int]] | None = None,
 ) -> GenerateOutput:
     """Generate ``new_tokens`` tokens for each prompt (greedy when temperature == 0).
 
@@ -79,6 +80,9 @@ def generate(
     advancing the cache): a CUDA-graph replay, say (``framework.run.graphs``).
     The model's KV cache is reset to exactly max prompt length + new_tokens positions, or to
     ``cache_len`` (a warm-up that must leave the cache shaped as the measured run's).
+    ``teacher[b]`` (``new_tokens`` ids per prompt): teacher forcing, each decode step is fed
+    the teacher's token instead of the one chosen, so two runs see the same inputs and their
+    logits can be compared step by step (``tokens`` still holds the chosen ids).
     """
     cfg = model.cfg
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -103,6 +107,10 @@ def generate(
         )
     if micro_batches > len(prompts):
         raise ValueError(f"micro_batches={micro_batches} exceeds batch size {len(prompts)}")
+    if teacher is not None and (
+        len(teacher) != len(prompts) or any(len(t) < new_tokens for t in teacher)
+    ):
+        raise ValueError("teacher needs new_tokens ids for every prompt")
 
     tokens, mask = left_pad(prompts, pad_id)  # (B, P) each
     tokens, mask = tokens.to(model.device), mask.to(model.device)
@@ -117,14 +125,16 @@ def generate(
     model.reset_cache(len(prompts), max_len=cache_len or need)
     chosen: list[Tensor] = []
     kept: list[Tensor] = []
+    fed = None if teacher is None else torch.tensor(teacher, device=model.device)  # (B, N)
     logits = model(tokens, mask, micro_batches=micro_batches, last_only=True)  # (B, 1, V)
     for step in range(new_tokens):
+        last_tok = None
+        if step > 0:
+            last_tok = (chosen[-1] if fed is None else fed[:, step - 1])[:, None]  # (B, 1)
         if step > 0 and decode_step is not None:
-            logits = decode_step(chosen[-1][:, None])  # (B, 1, V)
+            logits = decode_step(last_tok)  # (B, 1, V)
         elif step > 0:
-            logits = model(
-                chosen[-1][:, None], micro_batches=micro_batches, last_only=True
-            )  # (B, 1, V)
+            logits = model(last_tok, micro_batches=micro_batches, last_only=True)  # (B, 1, V)
         last = logits[:, -1].float()  # (B, V)
         chosen.append(_select(last, temperature, top_k, gen))  # (B,)
         if return_logits:

@@ -122,6 +122,14 @@ class TPLlama(nn.Module):
         self.sequence_parallel, self.sp_min_tokens = enabled, min_tokens
         return self
 
+    def set_communicator(self, comm: AllReducer) -> TPLlama:
+        """Send every layer's collectives through ``comm`` from now on: the same shard and
+        weights with another strategy (the runner's exact reference run)."""
+        for module in self.modules():
+            if "comm" in vars(module):
+                module.comm = comm
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device

@@ -35,6 +35,7 @@ from framework.run.spec import (
     resolve_device,
     validate_run,
 )
+from framework.run.spread import median_interval
 
 
 class Callback:
@@ -222,6 +223,36 @@ class Runner:
             "graph_capture_s": self.graph.capture_s if self.graph is not None else 0.0,
         }
 
+    def numerics(self, tokens: list[list[int]]) -> dict[str, Any]:
+        """The ``numerics`` block (:mod:`framework.run.numerics`): the same prompts decoded
+        with exact communication on these ranks and weights, then with the strategy under
+        test teacher-forced on the exact tokens. Runs after the measured run: it costs two
+        more generations but changes no timing."""
+        from framework.run.numerics import compare
+
+        w = self.spec.workload
+        kw = {"micro_batches": w.micro_batches, "return_logits": True}
+        exact = build_communicator("naive", timeout_s=self.spec.parallel.timeout_s)
+        try:
+            self.model.set_communicator(exact)
+            ref = generate(self.model, self.prompts, w.new_tokens, **kw)
+            exact.flush()
+            exact_wire = exact.stats.wire_bytes
+        finally:
+            self.model.set_communicator(self.comm)
+            exact.close()
+        self.comm.reset_stats()
+        forced = generate(self.model, self.prompts, w.new_tokens, teacher=ref.tokens, **kw)
+        self.comm.flush()
+        return compare(
+            forced.logits,
+            ref.logits,
+            ref.tokens,
+            tokens,
+            self.comm.stats.wire_bytes,
+            exact_wire,
+        )
+
     def teardown(self) -> None:
         if self.comm is not None:
             self.comm.close()
@@ -231,12 +262,20 @@ class Runner:
             self.setup()  # inside: a failed load still releases the communicator's groups
             self.fabric.call("on_run_start", runner=self)
             self.warmup()
-            mine = self.measure()
-            per_rank: list[dict[str, Any]] = [None] * self.world_size  # type: ignore[list-item]
+            mine = [self.measure() for _ in range(self.spec.workload.repeats)]
+            if self.spec.workload.reference == "exact":
+                mine[0]["numerics"] = self.numerics(mine[0]["tokens"])
+            per_rank: list[list[dict[str, Any]]] = [None] * self.world_size  # type: ignore[list-item]
             dist.all_gather_object(per_rank, mine)
-            results = summarize(self.spec, per_rank)
+            results = combine(
+                [summarize(self.spec, [r[i] for r in per_rank]) for i in range(len(mine))]
+            )
             self.fabric.call("on_run_end", runner=self, results=results)
-            self.fabric.log_dict({k: v for k, v in results.items() if isinstance(v, int | float)})
+            scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
+            for k, v in (results.get("numerics") or {}).items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    scalars[f"numerics/{k}"] = v
+            self.fabric.log_dict(scalars)
             for lg in self.fabric.loggers:
                 lg.finalize("success")
             return results
@@ -361,7 +400,35 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens": r0["tokens"],
         **_texts(spec, r0["tokens"]),
         "tokens_agree_across_ranks": all(r["tokens"] == r0["tokens"] for r in per_rank),
+        "numerics": r0.get("numerics"),
     }
+
+
+# the timed metrics: medians over repeats, each with its spread
+TIMED = (
+    "ttft_s",
+    "prefill_tokens_per_s",
+    "itl_p50_s",
+    "itl_p90_s",
+    "itl_p99_s",
+    "decode_tokens_per_s",
+    "exposed_comm_s",
+    "exposed_comm_share",
+    "prefill_exposed_comm_s",
+)
+
+
+def combine(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from the repeats' summaries: the first's counters and tokens (they do not
+    change between repeats: ``tokens_agree_across_repeats`` says so), each timed metric's
+    median, and ``spread[metric]``: median, interval and every run."""
+    out = dict(repeats[0])
+    out["repeats"] = len(repeats)
+    out["tokens_agree_across_repeats"] = all(r["tokens"] == out["tokens"] for r in repeats)
+    out["spread"] = {k: median_interval([r[k] for r in repeats]) for k in TIMED}
+    for k in TIMED:
+        out[k] = out["spread"][k]["median"]
+    return out
 
 
 def _rank_main(fabric: Any, spec: RunSpec) -> dict[str, Any]:

@@ -44,6 +44,12 @@ class WorkloadSpec:
     top_k: int = 0
     warmup_tokens: int = 2
     background_load: int = 0  # busy processes on the host during the run (a loaded host)
+    # exact: after the measured run, decode again with exact communication (naive) and with
+    # the strategy teacher-forced on the exact tokens: results.json gains a numerics block
+    reference: str = "none"
+    # measured runs after the one warm-up; times are their medians, with the spread of every
+    # timed metric in results.json (framework.run.spread)
+    repeats: int = 1
 
 
 @dataclass
@@ -75,6 +81,7 @@ class RunSpec:
     profile: bool = False  # torch.profiler Chrome trace of the measured run, per rank
 
 
+REFERENCES = ("none", "exact")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -219,7 +226,7 @@ def validate_run(spec: RunSpec) -> ModelConfig:
     w, p = spec.workload, spec.parallel
     problems = strategy_problems(spec.strategy, spec.strategy_options) + parallel_problems(p)
     problems += graph_problems(spec.strategy, spec.strategy_options, p)
-    for name in ("batch_size", "prompt_len", "new_tokens", "micro_batches"):
+    for name in ("batch_size", "prompt_len", "new_tokens", "micro_batches", "repeats"):
         if getattr(w, name) <= 0:
             problems.append(f"workload.{name} must be > 0, got {getattr(w, name)}")
     if w.micro_batches > w.batch_size > 0:
@@ -231,6 +238,8 @@ def validate_run(spec: RunSpec) -> ModelConfig:
         problems.append(
             "workload.warmup_tokens, temperature, top_k and background_load must be >= 0"
         )
+    if w.reference not in REFERENCES:
+        problems.append(f"workload.reference must be one of {REFERENCES}, got {w.reference!r}")
     if spec.fault.kind not in KINDS:
         problems.append(f"fault.kind must be one of {KINDS}, got {spec.fault.kind!r}")
     if spec.model.dtype not in DTYPES:

@@ -1,0 +1,45 @@
+"""Medians and intervals of repeated runs, and the runner's repeats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import compose_config, run_on_rank
+
+import experiments.configs  # noqa: F401
+from experiments.common import run_spec
+from experiments.report import markdown
+from framework.run.spread import median_interval, ratio_interval, within_noise
+
+
+def test_median_interval_order_statistics() -> None:
+    five = median_interval([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (five["median"], five["lo"], five["hi"]) == (3.0, 1.0, 5.0)
+    assert five["confidence"] == pytest.approx(1 - 2 / 32)
+    three = median_interval([1.0, 2.0, 9.0])
+    assert three["confidence"] == pytest.approx(0.75)  # what three runs can reach, stated
+    eleven = median_interval(list(range(11)))
+    assert (eleven["lo"], eleven["hi"]) == (2, 8) and eleven["confidence"] >= 0.9
+    assert median_interval([7.0])["confidence"] == 0.0
+
+
+def test_ratio_interval_and_noise() -> None:
+    a = median_interval([10.0, 11.0, 12.0])
+    b = median_interval([10.5, 11.5, 12.5])
+    assert within_noise(a, b)
+    fast = median_interval([20.0, 21.0, 22.0])
+    assert not within_noise(fast, b)
+    ratio, lo, hi = ratio_interval(fast, b)
+    assert lo == pytest.approx(20 / 12.5) and hi == pytest.approx(22 / 10.5) and lo < ratio < hi
+
+
+def test_repeats_give_medians_and_intervals(pools, tmp_path: Path) -> None:
+    cfg = compose_config("workload.repeats=3", "workload.new_tokens=4")
+    res = pools(2).run(run_on_rank, run_spec(cfg, str(tmp_path)))[0]
+    assert res["status"] == "ok" and res["repeats"] == 3 and res["tokens_agree_across_repeats"]
+    spread = res["spread"]["decode_tokens_per_s"]
+    assert len(spread["runs"]) == 3 and spread["lo"] <= res["decode_tokens_per_s"] <= spread["hi"]
+    assert res["decode_tokens_per_s"] == sorted(spread["runs"])[1]
+    row = {"decode_tokens_per_s": res["decode_tokens_per_s"], "spread": res["spread"]}
+    assert f"[{spread['lo']:.4g}, {spread['hi']:.4g}]" in markdown([row], ["decode_tokens_per_s"])
