@@ -35,17 +35,26 @@ The job process prints the table, writes ``bench.csv`` (the columns of :data:`CS
 ``results.json`` (``size_results`` = the rows) in the run directory, logs the rows as a W&B
 table and attaches ``bench.csv``. The returned objective (what a Hydra sweeper optimises) is
 the busbw in GB/s of the largest size (median-time based, as in the table; 0 for one rank).
+
+``bench.compare=[tree,shm,"auto:table=this_host"]`` times more strategies in the same run,
+interleaved with the strategy in every round (``bench.rounds``), and prints every one's time
+per size (``times_us`` in the CSV rows' JSON). ``bench.tune=NAME`` writes the fastest of the
+compared algorithms per size bucket into ``results/tables/NAME.json`` (without ``compare``:
+every exact algorithm the backend runs), the table ``strategy=auto strategy.table=NAME``
+dispatches by; rows of other (op, world size, dtype) already in the file are kept.
 """
 
 from __future__ import annotations
 
 import csv
+import platform
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 import experiments.configs  # noqa: F401  (registers the structured configs)
@@ -57,7 +66,9 @@ from framework.comm.registry import (
     available_strategies,
     build_communicator,
     get_strategy,
+    inner_algorithms,
 )
+from framework.comm.tuning import bucket_of, merge_rows
 from framework.run.launch import launch_ranks
 from framework.run.measure import RawAllReduce, SweepSpec, background_load, bench_sizes, sweep
 from framework.run.spec import (
@@ -133,6 +144,10 @@ def validate_bench(
         problems.append(f"bench.background_load must be >= 0, got {b.background_load}")
     if b.baseline is not None and b.baseline != "raw":
         problems += strategy_problems(b.baseline, {})
+    for label in compared(b, resolve_backend(parallel)):
+        problems += strategy_problems(*parse_compare(label))
+    if b.tune and any(":" in label for label in b.compare or ()):
+        problems.append("bench.tune: compare plain algorithm names (auto builds them by name)")
     problems += parallel_problems(parallel) + strategy_problems(name, opts)
     dtype = BENCH_DTYPES.get(b.dtype)
     if name in available_strategies() and dtype is not None:
@@ -144,6 +159,62 @@ def validate_bench(
             )
     if problems:
         raise ConfigError("invalid bench configuration:\n  - " + "\n  - ".join(problems))
+
+
+def parse_compare(label: str) -> tuple[str, dict[str, Any]]:
+    """``"auto:table=this_host,tune_iters=5"`` -> ("auto", {"table": "this_host", ...})."""
+    name, _, rest = label.partition(":")
+    opts = {}
+    for kv in filter(None, rest.split(",")):
+        key, _, value = kv.partition("=")
+        opts[key.strip()] = yaml.safe_load(value)
+    return name.strip(), opts
+
+
+def compared(bench: BenchSpec, backend: str) -> list[str]:
+    """The strategies timed beside the job's own: ``bench.compare``, or for ``bench.tune``
+    without it every exact algorithm the backend runs (``auto``'s default candidates)."""
+    if bench.compare:
+        return list(bench.compare)
+    if bench.tune:
+        return [
+            n
+            for n in inner_algorithms()
+            if n != "auto" and get_strategy(n).exact and backend in get_strategy(n).supports
+        ]
+    return []
+
+
+def tuning_rows(rows: list[dict[str, Any]], candidates: list[str], world: int, op: str):
+    """The fastest candidate per size, keyed as ``auto`` looks it up (each rank's input)."""
+    out = []
+    for r in rows:
+        times = {c: r["times_us"][c] for c in candidates}
+        best = min(times, key=times.get)
+        per_rank = r["size"] // world if op == "all_gather" else r["size"]
+        out.append(
+            {
+                "op": op,
+                "world_size": world,
+                "dtype": r["type"],
+                "bucket_bytes": bucket_of(per_rank),
+                "algorithm": best,
+                "time_us": times[best],
+                "times_us": times,
+            }
+        )
+    return out
+
+
+def format_compare(rows: list[dict[str, Any]], labels: list[str]) -> str:
+    """Every compared strategy's median time per size, and the fastest."""
+    head = f"# {'size':>10}  " + "  ".join(f"{lb[:14]:>14}" for lb in labels) + "  fastest"
+    lines = ["# compared in the same run (median us, slowest rank):", head]
+    for r in rows:
+        t = r["times_us"]
+        cells = "  ".join(f"{t[lb]:14.1f}" for lb in labels)
+        lines.append(f"  {r['size']:10d}  {cells}  {min(t, key=t.get)}")
+    return "\n".join(lines)
 
 
 def mode_name(many_small: int) -> str:
@@ -186,12 +257,23 @@ def _rank_bench(
 ) -> dict:
     torch.set_num_threads(parallel.threads_per_rank)
     comms = [_build(name, opts, parallel)]
+    labels = [name]
     try:
         if bench.baseline:
             comms.append(_build(bench.baseline, {}, parallel))
+            labels.append(bench.baseline)
+        for label in compared(bench, resolve_backend(parallel)):
+            comms.append(_build(*parse_compare(label), parallel))
+            labels.append(label)
         with profiled(profile, out_dir, fabric.global_rank, fabric.device.type == "cuda"):
             return sweep(
-                comms, sweep_spec(bench), fabric.global_rank, fabric.world_size, fabric.device
+                comms,
+                sweep_spec(bench),
+                fabric.global_rank,
+                fabric.world_size,
+                fabric.device,
+                labels if len(comms) > 1 else None,
+                baseline=bool(bench.baseline),
             )
     finally:
         for c in comms:
@@ -284,6 +366,16 @@ def main(cfg: DictConfig) -> float:
         if bench.background_load:
             title += f"\n# background load: {bench.background_load} busy process(es) on the host"
         print(format_table(rows, title), flush=True)
+        others = compared(bench, backend)
+        table_path = None
+        if others:
+            labels = [name, *([bench.baseline] if bench.baseline else []), *others]
+            print(format_compare(rows, labels), flush=True)
+        if bench.tune:
+            tuned = tuning_rows(rows, others, parallel.world_size, bench.op)
+            meta = {"host": platform.node(), "torch": torch.__version__, "backend": backend}
+            table_path = str(merge_rows(bench.tune, tuned, meta))
+            print(f"# tuning table: {table_path}", flush=True)
         write_csv(csv_path, rows)
         tracker.log_table("allreduce", rows)
         tracker.attach(csv_path)
@@ -307,6 +399,7 @@ def main(cfg: DictConfig) -> float:
             "busbw_gbps": largest["busbw_gbps"],
             "time_us": largest["time_us"],
             "size_results": rows,
+            "tuning_table": table_path,
             "comm_stats": out["comm_stats"],
         }
 

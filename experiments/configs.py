@@ -28,6 +28,11 @@ class BenchSpec:
     memcpy: bool = False  # also time a single-core copy of each size (the memory limit)
     background_load: int = 0  # busy processes running on the host during the measurement
     op: str = "all_reduce"  # all_reduce | reduce_scatter | all_gather (nccl-tests' sizes)
+    # more strategies timed in the same run, interleaved: "name" or "name:key=value,key=value"
+    compare: list[str] | None = None
+    # write the fastest of the compared algorithms per size into results/tables/<tune>.json
+    # (the table the auto strategy loads); without compare: every exact algorithm
+    tune: str | None = None
 
 
 def register_configs() -> None:

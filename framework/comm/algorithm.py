@@ -274,6 +274,9 @@ class _WithInner(Communicator):
             return super().error_bound(op, inputs, rank)
         return self.inner.error_bound(op, inputs, rank)
 
+    def end_warmup(self) -> None:
+        self.inner.end_warmup()
+
 
 class Composed(_WithInner, Algorithm):
     """An algorithm built on another algorithm's operations (``inner``, default ``naive``:

@@ -390,6 +390,10 @@ class Communicator(ABC):
     def reset_stats(self) -> None:
         self.stats.reset()
 
+    def end_warmup(self) -> None:
+        """Called by the runner after its warm-up: a strategy that tunes itself on the
+        messages it sees (``auto``) fixes its choices here, before anything is measured."""
+
     @property
     def graph_safe(self) -> bool:
         """Whether a CUDA graph can capture this communicator's collectives: each is enqueued

@@ -199,14 +199,22 @@ def memcpy_times(nbytes: int, iters: int, device: torch.device) -> list[float]:
 
 
 def sweep(
-    comms: list[Any], spec: SweepSpec, rank: int, world: int, device: torch.device
+    comms: list[Any],
+    spec: SweepSpec,
+    rank: int,
+    world: int,
+    device: torch.device,
+    labels: list[str] | None = None,
+    baseline: bool | None = None,
 ) -> dict[str, Any]:
-    """Time ``comms[0]`` (and ``comms[1:]`` as baselines, interleaved) at every size.
+    """Time ``comms[0]`` (and ``comms[1:]``, interleaved) at every size; ``comms[1]`` is the
+    baseline of the speedup column unless ``baseline=False`` (default: when there is one).
 
     Returns ``{"rows": one per size, "comm_stats": comms[0]'s counters per iteration}``; a
     row holds size, count, type, redop, time_us, algbw_gbps, busbw_gbps and wrong, plus
     baseline_time_us and speedup with a baseline, memcpy_gbps and busbw_of_memcpy with
-    ``spec.memcpy``."""
+    ``spec.memcpy``; with ``labels`` (one per communicator), ``times_us``: every
+    communicator's median time by label (the rounds interleave all of them)."""
     elem = torch.empty((), dtype=spec.dtype).element_size()
     k = max(spec.many_small, 1)
     cuda = device.type == "cuda"
@@ -254,7 +262,12 @@ def sweep(
             "busbw_gbps": _sig(busbw_gbps(world, nbytes * k, med, op)),
             "wrong": _count_wrong(comms, xs, saved, world, device, op),
         }
-        if len(comms) > 1:
+        if labels is not None:
+            row["times_us"] = {
+                label: round(slowest_rank_median(t, device) * 1e6, 3)
+                for label, t in zip(labels, times, strict=True)
+            }
+        if baseline if baseline is not None else len(comms) > 1:
             base = slowest_rank_median(times[1], device)
             row["baseline_time_us"] = round(base * 1e6, 3)
             row["speedup"] = _sig(base / med) if med > 0 else float("nan")

@@ -151,6 +151,7 @@ class Runner:
         if self.spec.workload.warmup_tokens:
             self._generate(self.spec.workload.warmup_tokens)
         self.comm.flush()
+        self.comm.end_warmup()
 
     def measure(self) -> dict[str, Any]:
         """Timed prefill + decode on this rank; returns this rank's raw measurements."""

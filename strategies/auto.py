@@ -1,0 +1,224 @@
+"""auto: choose the algorithm per message, from a measured table or by timing them in warm-up.
+
+Every production stack does this (SGLang's tuning tables, vLLM's per-world-size thresholds,
+TensorRT-LLM's AUTO). Each call is dispatched by (op, dtype, size bucket: the next power of
+two) to one of ``candidates`` (default: every registered exact algorithm this backend runs,
+``candidate_options`` per candidate), chosen:
+
+* from ``table`` (a name under ``results/tables/`` or a ``.json`` path) written by
+  ``python -m experiments.bench bench.tune=<name>``: the rows of this world size; a size
+  outside the table takes its nearest bucket, a dtype missing from it the float32 rows;
+* or, without a table, online: the first call of each (op, dtype, bucket) times every
+  candidate ``tune_iters`` times on a copy of its input, in the candidates' order (the same
+  on every rank), takes the MAX over ranks of each median (the slowest rank sets the pace)
+  and keeps the fastest, identical on every rank. The runner's warm-up sends every message
+  shape of the run, and :meth:`Auto.end_warmup` freezes the choices before the measured
+  part: a bucket first seen after it takes its nearest tuned neighbour, untimed.
+
+It logs the table it uses (one line per size range: the choice and its measured time) at
+start (table) or at the end of warm-up (online), and counts the calls each candidate served
+in ``stats.extra`` (``auto_<name>_calls``). Candidates that are not exact (``quantized``) are
+refused unless ``allow_inexact=true``: a run must not silently mix numerically different
+arithmetic (TensorRT-LLM's autotuner did, and GSM8K scores went bimodal).
+
+Devices: those every candidate supports.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from framework import Algorithm, register_strategy
+from framework.comm.registry import get_strategy, inner_algorithms
+from framework.comm.tuning import bucket_of, describe, load_table
+
+log = logging.getLogger("commlab.auto")
+
+
+@register_strategy("auto")
+class Auto(Algorithm):
+    def __init__(
+        self,
+        group=None,
+        *,
+        candidates: list[str] | None = None,
+        candidate_options: dict[str, dict[str, Any]] | None = None,
+        table: str | None = None,
+        allow_inexact: bool = False,
+        tune_iters: int = 3,
+        **common: Any,
+    ) -> None:
+        self.require_at_least(1, tune_iters=tune_iters)
+        names = list(candidates) if candidates else None
+        for n in names or ():
+            if n == self.name or n not in inner_algorithms():
+                raise ValueError(
+                    f"strategy {self.name!r}: candidate {n!r} is not an algorithm; choose from "
+                    f"{[a for a in inner_algorithms() if a != self.name]}"
+                )
+            if not get_strategy(n).exact and not allow_inexact:
+                raise ValueError(
+                    f"strategy {self.name!r}: candidate {n!r} is not exact; set "
+                    f"allow_inexact=true to let auto mix numerically different arithmetic"
+                )
+        super().__init__(group, **common)
+        if names is None:  # every exact algorithm the backend runs
+            names = [
+                n
+                for n in inner_algorithms()
+                if n != self.name and get_strategy(n).exact and self.backend in _supports(n)
+            ]
+        options = dict(candidate_options or {})
+        self.algos = {
+            n: get_strategy(n)(
+                group,
+                _parent=self,
+                timeout_s=self.timeout_s,
+                validate=self.validate,
+                **options.get(n, {}),
+            )
+            for n in names
+        }
+        self.supports = {
+            b: frozenset.intersection(
+                *(a.supports.get(b, frozenset()) for a in self.algos.values())
+            )
+            for b in type(self).supports
+        }
+        self.exact = all(a.exact for a in self.algos.values())
+        self.tune_iters = tune_iters
+        self.frozen = False
+        # (op, dtype name, bucket) -> [algorithm, time_us]
+        self.choice: dict[tuple[str, str, int], tuple[str, float]] = {}
+        self.source = "online"
+        if table is not None:
+            self._load(table)
+            self.frozen = True
+            self.log_choices()
+
+    # -- choosing --------------------------------------------------------------------------
+    def _load(self, name: str) -> None:
+        rows = [r for r in load_table(name)["rows"] if r["world_size"] == self.world_size]
+        if not rows:
+            raise ValueError(
+                f"strategy {self.name!r}: table {name!r} has no rows for world size "
+                f"{self.world_size}; tune it with experiments.bench at this world size"
+            )
+        unknown = sorted({r["algorithm"] for r in rows} - set(self.algos))
+        if unknown:
+            raise ValueError(
+                f"strategy {self.name!r}: table {name!r} chooses {unknown}, which are not "
+                f"among the candidates {sorted(self.algos)}"
+            )
+        for r in rows:
+            self.choice[(r["op"], r["dtype"], r["bucket_bytes"])] = (r["algorithm"], r["time_us"])
+        self.source = f"table {name}"
+
+    def _choose(self, op: str, x: Tensor) -> Algorithm:
+        dtype = str(x.dtype).removeprefix("torch.")
+        key = (op, dtype, bucket_of(x.nbytes))
+        hit = self.choice.get(key)
+        if hit is None:
+            hit = self._nearest(key) if self.frozen else self._tune(key, op, x)
+            if not self.frozen:
+                self.choice[key] = hit
+        return self.algos[hit[0]]
+
+    def _nearest(self, key: tuple[str, str, int]) -> tuple[str, float]:
+        """A bucket the table or the warm-up did not see: the nearest one of the same op
+        (same dtype, else float32; nothing at all: the first candidate)."""
+        op, dtype, bucket = key
+        self.stats.extra["auto_untuned_calls"] = self.stats.extra.get("auto_untuned_calls", 0) + 1
+        for dt in (dtype, "float32"):
+            near = [
+                (abs(b.bit_length() - bucket.bit_length()), b)
+                for o, d, b in self.choice
+                if (o, d) == (op, dt)
+            ]
+            if near:
+                return self.choice[(op, dt, min(near)[1])]
+        return (next(iter(self.algos)), float("nan"))
+
+    def _tune(self, key: tuple[str, str, int], op: str, x: Tensor) -> tuple[str, float]:
+        """Time every candidate on copies of ``x``; the fastest by its slowest rank."""
+        medians = []
+        for algo in self.algos.values():
+            times = []
+            for _ in range(self.tune_iters):
+                y = x.clone()
+                out = algo.output(op, y)
+                algo._deadline = time.monotonic() + self.timeout_s
+                algo._fresh = True
+                t0 = time.perf_counter()
+                algo._op(op, y, out)
+                if y.is_cuda:
+                    torch.cuda.synchronize(y.device)
+                times.append(time.perf_counter() - t0)
+            medians.append(statistics.median(times))
+        t = torch.tensor(medians, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        best = int(t.argmin())
+        self._deadline = time.monotonic() + self.timeout_s  # the call itself starts now
+        return (list(self.algos)[best], float(t[best]) * 1e6)
+
+    def end_warmup(self) -> None:
+        """Fix the choices made so far (online tuning) and log them."""
+        if not self.frozen:
+            self.frozen = True
+            self.log_choices()
+
+    def log_choices(self) -> None:
+        rows = [
+            {
+                "op": op,
+                "dtype": dt,
+                "world_size": self.world_size,
+                "bucket_bytes": b,
+                "algorithm": a,
+                "time_us": t,
+            }
+            for (op, dt, b), (a, t) in self.choice.items()
+        ]
+        if self.rank == 0:
+            log.info(
+                "auto (%s, %d ranks): %d size buckets", self.source, self.world_size, len(rows)
+            )
+            for line in describe(rows):
+                log.info("auto: %s", line)
+
+    # -- dispatch --------------------------------------------------------------------------
+    def _count(self, x: Tensor, op: str = "all_reduce") -> None:
+        algo = self._choose(op, x)
+        key = f"auto_{algo.name}_calls"
+        self.stats.extra[key] = self.stats.extra.get(key, 0) + 1
+        self.stats.count_collective(op, algo.op_wire_bytes(op, x.nbytes))
+
+    def _op(self, op: str, x: Tensor, out: Tensor) -> None:
+        algo = self._choose(op, x)
+        algo._deadline = self._deadline
+        algo._fresh = True
+        algo._op(op, x, out)
+
+    def reduce_(self, x: Tensor) -> None:
+        self._op("all_reduce", x, x)
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        for k in [k for k in self.stats.extra if k.startswith("auto_")]:
+            del self.stats.extra[k]
+
+    def _release(self) -> None:
+        super()._release()
+        for algo in self.algos.values():
+            algo._release()
+
+
+def _supports(name: str) -> dict[str, frozenset[str]]:
+    return get_strategy(name).supports
