@@ -162,8 +162,11 @@ def validate_bench(
 
 
 def parse_compare(label: str) -> tuple[str, dict[str, Any]]:
-    """``"auto:table=this_host,tune_iters=5"`` -> ("auto", {"table": "this_host", ...})."""
+    """``"auto:table=this_host,tune_iters=5"`` -> ("auto", {"table": "this_host", ...});
+    options holding lists are written as a YAML mapping: ``"auto:{candidates: [naive, tree]}"``."""
     name, _, rest = label.partition(":")
+    if rest.strip().startswith("{"):
+        return name.strip(), dict(yaml.safe_load(rest))
     opts = {}
     for kv in filter(None, rest.split(",")):
         key, _, value = kv.partition("=")
@@ -266,7 +269,7 @@ def _rank_bench(
             comms.append(_build(*parse_compare(label), parallel))
             labels.append(label)
         with profiled(profile, out_dir, fabric.global_rank, fabric.device.type == "cuda"):
-            return sweep(
+            out = sweep(
                 comms,
                 sweep_spec(bench),
                 fabric.global_rank,
@@ -275,6 +278,13 @@ def _rank_bench(
                 labels if len(comms) > 1 else None,
                 baseline=bool(bench.baseline),
             )
+        # what each auto communicator chose per (op, dtype, size bucket)
+        out["choices"] = {
+            label: {f"{op}/{dt}/{b}": alg for (op, dt, b), (alg, _) in c.choice.items()}
+            for label, c in zip(labels, comms, strict=True)
+            if hasattr(c, "choice")
+        }
+        return out
     finally:
         for c in comms:
             c.close()
@@ -400,6 +410,7 @@ def main(cfg: DictConfig) -> float:
             "time_us": largest["time_us"],
             "size_results": rows,
             "tuning_table": table_path,
+            "auto_choices": out.get("choices", {}),
             "comm_stats": out["comm_stats"],
         }
 

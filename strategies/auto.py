@@ -97,6 +97,8 @@ class Auto(Algorithm):
         self.frozen = False
         # (op, dtype name, bucket) -> [algorithm, time_us]
         self.choice: dict[tuple[str, str, int], tuple[str, float]] = {}
+        # keys first seen after the choices were fixed -> their nearest tuned neighbour's
+        self.untuned: dict[tuple[str, str, int], tuple[str, float]] = {}
         self.source = "online"
         if table is not None:
             self._load(table)
@@ -121,21 +123,23 @@ class Auto(Algorithm):
             self.choice[(r["op"], r["dtype"], r["bucket_bytes"])] = (r["algorithm"], r["time_us"])
         self.source = f"table {name}"
 
+    def _key(self, op: str, x: Tensor) -> tuple[str, str, int]:
+        return (op, str(x.dtype).removeprefix("torch."), bucket_of(x.nbytes))
+
     def _choose(self, op: str, x: Tensor) -> Algorithm:
-        dtype = str(x.dtype).removeprefix("torch.")
-        key = (op, dtype, bucket_of(x.nbytes))
-        hit = self.choice.get(key)
+        key = self._key(op, x)
+        hit = self.choice.get(key) or self.untuned.get(key)
         if hit is None:
-            hit = self._nearest(key) if self.frozen else self._tune(key, op, x)
-            if not self.frozen:
-                self.choice[key] = hit
+            if self.frozen:
+                hit = self.untuned[key] = self._nearest(key)
+            else:
+                hit = self.choice[key] = self._tune(key, op, x)
         return self.algos[hit[0]]
 
     def _nearest(self, key: tuple[str, str, int]) -> tuple[str, float]:
         """A bucket the table or the warm-up did not see: the nearest one of the same op
         (same dtype, else float32; nothing at all: the first candidate)."""
         op, dtype, bucket = key
-        self.stats.extra["auto_untuned_calls"] = self.stats.extra.get("auto_untuned_calls", 0) + 1
         for dt in (dtype, "float32"):
             near = [
                 (abs(b.bit_length() - bucket.bit_length()), b)
@@ -196,8 +200,10 @@ class Auto(Algorithm):
     # -- dispatch --------------------------------------------------------------------------
     def _count(self, x: Tensor, op: str = "all_reduce") -> None:
         algo = self._choose(op, x)
-        key = f"auto_{algo.name}_calls"
-        self.stats.extra[key] = self.stats.extra.get(key, 0) + 1
+        extra = self.stats.extra
+        extra[f"auto_{algo.name}_calls"] = extra.get(f"auto_{algo.name}_calls", 0) + 1
+        if self._key(op, x) in self.untuned:
+            extra["auto_untuned_calls"] = extra.get("auto_untuned_calls", 0) + 1
         self.stats.count_collective(op, algo.op_wire_bytes(op, x.nbytes))
 
     def _op(self, op: str, x: Tensor, out: Tensor) -> None:

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from experiments.simulate import shape_for
-from framework.comm.registry import available_strategies
+from framework.comm.registry import available_strategies, get_strategy
 from framework.costmodel import allreduce_time, busbw_gbps, decode_step, load_topology
 from framework.model import get_config
+from framework.run.spread import median_interval, ratio_interval
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "results" / "claims"
@@ -35,8 +36,11 @@ NAN = float("nan")
 
 
 def strategies() -> list[str]:
-    """Every registered strategy, ``naive`` (the baseline of every comparison) first."""
-    return ["naive", *[s for s in available_strategies() if s != "naive"]]
+    """Every registered exact strategy, ``naive`` (the baseline of every comparison) first.
+    The claims are about exact techniques: a quantized wire trades accuracy for its speed
+    (``experiments.quantized_comm`` measures both)."""
+    exact = [s for s in available_strategies() if get_strategy(s).exact]
+    return ["naive", *[s for s in exact if s != "naive"]]
 
 
 def run_sweep(out: Path) -> Path:
@@ -54,7 +58,7 @@ def run_sweep(out: Path) -> Path:
 
 
 def table(runs: list[dict[str, Any]]) -> Runs:
-    known = set(available_strategies())
+    known = set(strategies())
     return {
         (r["strategy"], int(r["micro_batches"])): r
         for r in runs
@@ -64,6 +68,23 @@ def table(runs: list[dict[str, Any]]) -> Runs:
 
 def _pct(x: float) -> str:
     return f"{x:+.0%}"
+
+
+def _spread(r: dict[str, Any], key: str) -> dict[str, Any]:
+    """A metric's median and interval over the run's repeats (one run: a point)."""
+    return (r.get("spread") or {}).get(key) or median_interval([r[key]])
+
+
+def change(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[float, str, bool]:
+    """``a``'s metric relative to ``b``'s: (median change, "+6% [-10%, +22%]", within
+    noise: the interval holds no change). Single runs give no interval and are never
+    "within noise" by this test; the report says how many repeats each run had."""
+    ratio, lo, hi = ratio_interval(_spread(a, key), _spread(b, key))
+    noise = lo <= 1.0 <= hi and lo < hi
+    text = f"{_pct(ratio - 1)} [{_pct(lo - 1)}, {_pct(hi - 1)}]" + (
+        " (within noise)" if noise else ""
+    )
+    return ratio - 1, text, noise
 
 
 def _row(
@@ -191,19 +212,21 @@ def claim_buffers(t: Runs) -> dict[str, str]:
 def claim_throughput(t: Runs) -> dict[str, str]:
     """5. throughput +30-50% on one node, +40-60% across nodes."""
     b = t.get(("naive", 2))
-    gains = {
-        s: t[(s, 2)]["decode_tokens_per_s"] / b["decode_tokens_per_s"] - 1
+    measured = {
+        s: change(t[(s, 2)], b, "decode_tokens_per_s")
         for s in strategies()[1:]
         if (s, 2) in t and b
     }
+    # a gain inside the noise is no gain: only gains the runs can show count
+    gains = {s: g for s, (g, _, noise) in measured.items() if not noise}
     naive8, tree8 = _itl("h100_nvlink", "naive", 8), _itl("h100_nvlink", "tree", 8)
     naive16, tree16 = _itl("h100_ib", "naive", 16), _itl("h100_ib", "tree", 16)
     hier16 = _itl("h100_ib", "hierarchical", 16)
     best = max(gains.values(), default=0)
     return _row(
         "5. throughput +30-50% on one node (4-8 GPUs), +40-60% across nodes",
-        "decode tok/s vs naive, TP 2, 2 micro-batches: "
-        + ", ".join(f"{s} {_pct(g)}" for s, g in gains.items()),
+        "decode tok/s vs naive, TP 2, 2 micro-batches (median [interval]): "
+        + ", ".join(f"{s} {text}" for s, (_, text, _) in measured.items()),
         f"Llama-3-70B TP 8 batch 8: tree vs naive ITL {_pct(tree8 / naive8 - 1)} -> "
         f"throughput {_pct(naive8 / tree8 - 1)}",
         f"TP 16 (2 nodes): hierarchical vs naive (flat ring) throughput "
@@ -216,7 +239,8 @@ def claim_throughput(t: Runs) -> dict[str, str]:
         if best >= 0.3
         else "refuted",
         "holds if both the host and the 8xH100 simulation gain >= 30%; conditional if only "
-        "where communication dominates (here: a CPU host over gloo)",
+        "where communication dominates (here: a CPU host over gloo); a gain whose interval "
+        "holds 0 is within noise and does not count",
     )
 
 
@@ -224,7 +248,8 @@ def claim_latency(t: Runs) -> dict[str, str]:
     """6. TTFT -15-25%, ITL -20-30%."""
     b = t.get(("naive", 2))
     others = [(s, t[(s, 2)]) for s in strategies()[1:] if (s, 2) in t and b]
-    itl_gain = [r["itl_p50_s"] / b["itl_p50_s"] - 1 for _, r in others]
+    itl = {s: change(r, b, "itl_p50_s") for s, r in others}
+    itl_gain = [g for g, _, noise in itl.values() if not noise]
     naive8, tree8 = _itl("h100_nvlink", "naive", 8), _itl("h100_nvlink", "tree", 8)
     naive16, tree16 = _itl("h100_ib", "naive", 16), _itl("h100_ib", "tree", 16)
     hier16 = _itl("h100_ib", "hierarchical", 16)
@@ -233,19 +258,17 @@ def claim_latency(t: Runs) -> dict[str, str]:
     ]
     return _row(
         "6. TTFT -15-25%, ITL -20-30%",
-        "vs naive, TP 2, 2 micro-batches: "
+        "vs naive, TP 2, 2 micro-batches (median [interval]): "
         + "; ".join(
-            f"{s} TTFT {_pct(r['ttft_s'] / b['ttft_s'] - 1)}, ITL p50 "
-            f"{_pct(r['itl_p50_s'] / b['itl_p50_s'] - 1)}"
-            for s, r in others
+            f"{s} TTFT {change(r, b, 'ttft_s')[1]}, ITL p50 {itl[s][1]}" for s, r in others
         ),
         f"ITL tree vs naive {_pct(tree8 / naive8 - 1)} (decode is weight-bound on HBM: comm "
         f"is {comm8 / naive8:.0%} of the step)",
         f"ITL at TP 16 (2 nodes): hierarchical vs naive {_pct(hier16 / naive16 - 1)}, vs tree "
         f"{_pct(hier16 / tree16 - 1)}",
         "holds only under stated conditions" if min(itl_gain, default=0) <= -0.2 else "refuted",
-        "conditional if some strategy cuts ITL >= 20% here (where gloo dominates); the GPU "
-        "simulation decides whether it carries over",
+        "conditional if some strategy cuts ITL >= 20% here (where gloo dominates), outside "
+        "the noise; the GPU simulation decides whether it carries over",
     )
 
 
@@ -331,7 +354,9 @@ def write_report(
         "",
         "Generated by `python -m experiments.claims` from the measured runs saved in "
         f"`{source}` (`experiment=seed_claims`: TP 2 on a 2-core CPU host over gloo, "
-        "small model, one run per point; `--runs` with that file regenerates this report "
+        "small model, `workload.repeats` runs per point: medians with their interval, "
+        'changes with the interval of the ratio, "within noise" where it holds no '
+        "change; `--runs` with that file regenerates this report "
         "without measuring), the calibration in `results/calibration/`, the targets in "
         "`results/cpu_targets.json`, and the cost model's simulation of 8xH100 (NVLink) "
         "and multi-node H100 (NDR InfiniBand) with constants fitted to published "
@@ -352,15 +377,18 @@ def write_report(
         "",
         "## Measured runs (TP 2, small model, 32 new tokens)",
         "",
-        "| strategy | micro-batches | decode tok/s | TTFT (s) | ITL p50 (s) | "
+        "| strategy | micro-batches | repeats | decode tok/s | TTFT (s) | ITL p50 (s) | "
         "collectives/step | exposed comm share | allocs | reuses |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = strategies()
     for (s, mb), r in sorted(t.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
+        d, ttft, itl = (_spread(r, k) for k in ("decode_tokens_per_s", "ttft_s", "itl_p50_s"))
         lines.append(
-            f"| {s} | {mb} | {r['decode_tokens_per_s']:.1f} | {r['ttft_s']:.3f} | "
-            f"{r['itl_p50_s']:.4f} | {r['collectives_per_token']:.0f} | "
+            f"| {s} | {mb} | {r.get('repeats', 1)} | {d['median']:.1f} [{d['lo']:.1f}, "
+            f"{d['hi']:.1f}] | {ttft['median']:.3f} [{ttft['lo']:.3f}, {ttft['hi']:.3f}] | "
+            f"{itl['median']:.4f} [{itl['lo']:.4f}, {itl['hi']:.4f}] | "
+            f"{r['collectives_per_token']:.0f} | "
             f"{r['exposed_comm_share']:.0%} | {r['buffer_allocs']} | "
             f"{r['buffer_reuses']} |"
         )
@@ -381,13 +409,24 @@ def plot(t: Runs, out: Path) -> None:
     for mb, off in ((1, -0.27), (2, 0), (4, 0.27)):
         xs = [i + off for i, s in enumerate(names) if (s, mb) in t]
         have = [t[(s, mb)] for s in names if (s, mb) in t]
+        spans = [_spread(r, "decode_tokens_per_s") for r in have]
         axes[0].bar(
-            xs, [r["decode_tokens_per_s"] for r in have], width=0.27, label=f"{mb} micro-batches"
+            xs,
+            [sp["median"] for sp in spans],
+            width=0.27,
+            label=f"{mb} micro-batches",
+            yerr=[
+                [sp["median"] - sp["lo"] for sp in spans],
+                [sp["hi"] - sp["median"] for sp in spans],
+            ],
+            capsize=2,
         )
         axes[1].bar(
             xs, [r["collectives_per_token"] for r in have], width=0.27, label=f"{mb} micro-batches"
         )
-    for ax, title in zip(axes, ("decode tokens/s", "collectives per decode step")):
+    for ax, title in zip(
+        axes, ("decode tokens/s (median, interval)", "collectives per decode step")
+    ):
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_title(f"{title} (TP 2, small)")
         ax.legend()

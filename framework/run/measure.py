@@ -34,6 +34,7 @@ from framework.comm.communicator import (
 )
 from framework.costmodel import busbw_gbps
 from framework.run.inputs import expected_sum, rank_input
+from framework.run.spread import median_interval
 
 
 def bench_sizes(min_bytes: int, max_bytes: int, factor: int, elem_size: int) -> list[int]:
@@ -214,7 +215,8 @@ def sweep(
     row holds size, count, type, redop, time_us, algbw_gbps, busbw_gbps and wrong, plus
     baseline_time_us and speedup with a baseline, memcpy_gbps and busbw_of_memcpy with
     ``spec.memcpy``; with ``labels`` (one per communicator), ``times_us``: every
-    communicator's median time by label (the rounds interleave all of them)."""
+    communicator's median time by label (the rounds interleave all of them), and
+    ``spread_us``: its interval [lo, hi]."""
     elem = torch.empty((), dtype=spec.dtype).element_size()
     k = max(spec.many_small, 1)
     cuda = device.type == "cuda"
@@ -263,9 +265,15 @@ def sweep(
             "wrong": _count_wrong(comms, xs, saved, world, device, op),
         }
         if labels is not None:
+            slowest = [max_over_ranks(t, device).tolist() for t in times]
+            spans = [median_interval([x * 1e6 for x in t]) for t in slowest]
             row["times_us"] = {
-                label: round(slowest_rank_median(t, device) * 1e6, 3)
-                for label, t in zip(labels, times, strict=True)
+                label: round(sp["median"], 3) for label, sp in zip(labels, spans, strict=True)
+            }
+            # the interval of each median over the iterations (framework.run.spread)
+            row["spread_us"] = {
+                label: [round(sp["lo"], 3), round(sp["hi"], 3)]
+                for label, sp in zip(labels, spans, strict=True)
             }
         if baseline if baseline is not None else len(comms) > 1:
             base = slowest_rank_median(times[1], device)
