@@ -4,13 +4,15 @@
 
 Runs ``experiments.infer -m experiment=quantized_comm`` (every ``fmt`` at blocks 32 and 256,
 prefill-heavy and decode-heavy workloads, exact reference in the same job, 3 repeats, TP 2) on
-the small preset and on a local Hugging Face checkpoint, and the exact strategies ``naive`` and
-``shm`` on the same workloads. No trained weights can be downloaded here, so the checkpoint is a
-``transformers``-initialised Llama written once under ``multirun/quantized_comm/``: its numbers
-show how wire error propagates through a Llama with Hugging Face's initialisation, not what a
-trained model would lose. Writes ``README.md`` (one row per run: agreement, first divergence,
-KL, logit error, wire bytes, TTFT and decode speed with intervals and their ratio to naive and
-shm), ``quantized_comm.png`` and ``runs.json`` (``--runs`` redraws from it, measuring nothing).
+the small preset and on a local Hugging Face checkpoint, and the exact strategies ``naive``,
+``shm`` and ``oneshot`` (the quantized strategy's own one-shot shape, exact) on the same
+workloads (``--exact-only`` reruns just those). No trained weights can be downloaded here,
+so the checkpoint is a ``transformers``-initialised Llama written once under
+``multirun/quantized_comm/``: its numbers show how wire error propagates through a Llama with
+Hugging Face's initialisation, not what a trained model would lose. Writes ``README.md`` (one
+row per run: agreement, first divergence, KL, logit error, wire bytes, TTFT and decode speed
+with intervals and their ratio to each exact strategy), ``quantized_comm.png`` and
+``runs.json`` (``--runs`` redraws from it, measuring nothing).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ HF_SHAPE = {
     "num_key_value_heads": 4,
     "max_position_embeddings": 1024,
 }
-EXACT = ("naive", "shm")
+# exact baselines: the library, shared memory, and oneshot (exact, with the quantized
+# strategy's own one-shot structure: it separates what the bytes save from what the shape does)
+EXACT = ("naive", "shm", "oneshot")
 
 
 def hf_checkpoint(path: Path) -> Path:
@@ -59,12 +63,16 @@ def _infer(*args: str) -> None:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=3600)
 
 
-def measure(sweeps: Path) -> list[dict[str, Any]]:
+def _models(sweeps: Path) -> dict[str, list[str]]:
     ckpt = hf_checkpoint(sweeps / "hf-llama")
-    models = {"small": [], "hf-llama": ["model=hf", f"model.checkpoint={ckpt}"]}
+    return {"small": ["model=small"], "hf-llama": ["model=hf", f"model.checkpoint={ckpt}"]}
+
+
+def measure(sweeps: Path, exact_only: bool = False) -> list[dict[str, Any]]:
+    models = _models(sweeps)
     exact = [
         "workload=prefill_heavy,decode_heavy",
-        "strategy=naive,shm",
+        f"strategy={','.join(EXACT)}",
         "workload.reference=exact",
         "workload.repeats=3",
         "model.max_seq_len=544",
@@ -72,8 +80,17 @@ def measure(sweeps: Path) -> list[dict[str, Any]]:
         "progress=false",
     ]
     for name, model in models.items():
-        _infer("experiment=quantized_comm", *model, f"hydra.sweep.dir={sweeps}/{name}/quantized")
+        if not exact_only:
+            _infer(
+                "experiment=quantized_comm", *model, f"hydra.sweep.dir={sweeps}/{name}/quantized"
+            )
         _infer(*exact, *model, f"hydra.sweep.dir={sweeps}/{name}/exact")
+    return collect(sweeps)
+
+
+def collect(sweeps: Path) -> list[dict[str, Any]]:
+    """The rows of every finished run under ``sweeps``."""
+    models = ("small", "hf-llama")
     rows = []
     for name in models:
         for f in sorted((sweeps / name).glob("*/*/results.json")):
@@ -107,9 +124,12 @@ def _ratio(row: dict[str, Any], base: dict[str, Any] | None, key: str) -> str:
 def table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| model | workload | wire | agreement | first diverged | KL (nats) | max logit err | "
-        "wire / exact | TTFT ms | decode tok/s | TTFT / naive | TTFT / shm | decode / naive | "
-        "decode / shm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "wire / exact | TTFT ms | decode tok/s | "
+        + " | ".join(f"TTFT / {b}" for b in EXACT)
+        + " | "
+        + " | ".join(f"decode / {b}" for b in EXACT)
+        + " |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {s: i for i, s in enumerate(EXACT)}
     for r in sorted(
@@ -133,10 +153,11 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"{n['kl_mean']:.2e} | {n['logit_max_abs_err']:.3g} | "
             f"{n['wire_bytes_vs_exact']:.3f} | {t['median'] * 1e3:.0f} "
             f"[{t['lo'] * 1e3:.0f}, {t['hi'] * 1e3:.0f}] | {d['median']:.1f} "
-            f"[{d['lo']:.1f}, {d['hi']:.1f}] | {_ratio(r, base['naive'], 'ttft_s')} | "
-            f"{_ratio(r, base['shm'], 'ttft_s')} | "
-            f"{_ratio(r, base['naive'], 'decode_tokens_per_s')} | "
-            f"{_ratio(r, base['shm'], 'decode_tokens_per_s')} |"
+            f"[{d['lo']:.1f}, {d['hi']:.1f}] | "
+            + " | ".join(_ratio(r, base[b], "ttft_s") for b in EXACT)
+            + " | "
+            + " | ".join(_ratio(r, base[b], "decode_tokens_per_s") for b in EXACT)
+            + " |"
         )
     return lines
 
@@ -205,12 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.quantized_comm", description=__doc__)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--runs", type=Path, help="runs.json of an earlier study: measure nothing")
+    ap.add_argument(
+        "--exact-only", action="store_true", help="rerun only the exact baselines' sweeps"
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.runs:
         rows = json.loads(args.runs.read_text())
     else:
-        rows = measure(SWEEPS)
+        rows = measure(SWEEPS, args.exact_only)
         (args.out / "runs.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(write(rows, args.out).read_text())
 

@@ -68,6 +68,7 @@ class Auto(Algorithm):
                     f"strategy {self.name!r}: candidate {n!r} is not exact; set "
                     f"allow_inexact=true to let auto mix numerically different arithmetic"
                 )
+        rows = load_table(table)["rows"] if table is not None else None  # missing: fail first
         super().__init__(group, **common)
         if names is None:  # every exact algorithm the backend runs
             names = [
@@ -99,15 +100,17 @@ class Auto(Algorithm):
         self.choice: dict[tuple[str, str, int], tuple[str, float]] = {}
         # keys first seen after the choices were fixed -> their nearest tuned neighbour's
         self.untuned: dict[tuple[str, str, int], tuple[str, float]] = {}
+        self._fast: dict[tuple[str, torch.dtype, int], tuple[Algorithm, bool]] = {}
+        self._served = {n: f"auto_{n}_calls" for n in self.algos}  # stats.extra keys
         self.source = "online"
-        if table is not None:
-            self._load(table)
+        if rows is not None:
+            self._load(table, rows)
             self.frozen = True
             self.log_choices()
 
     # -- choosing --------------------------------------------------------------------------
-    def _load(self, name: str) -> None:
-        rows = [r for r in load_table(name)["rows"] if r["world_size"] == self.world_size]
+    def _load(self, name: str, rows: list[dict[str, Any]]) -> None:
+        rows = [r for r in rows if r["world_size"] == self.world_size]
         if not rows:
             raise ValueError(
                 f"strategy {self.name!r}: table {name!r} has no rows for world size "
@@ -126,7 +129,12 @@ class Auto(Algorithm):
     def _key(self, op: str, x: Tensor) -> tuple[str, str, int]:
         return (op, str(x.dtype).removeprefix("torch."), bucket_of(x.nbytes))
 
-    def _choose(self, op: str, x: Tensor) -> Algorithm:
+    def _choose(self, op: str, x: Tensor) -> tuple[Algorithm, bool]:
+        """The candidate for this call, and whether its bucket was never tuned. The hot path
+        is one dict lookup by (op, dtype, bytes): a decision, once made, never changes."""
+        fast = self._fast.get((op, x.dtype, x.nbytes))
+        if fast is not None:
+            return fast
         key = self._key(op, x)
         hit = self.choice.get(key) or self.untuned.get(key)
         if hit is None:
@@ -134,7 +142,8 @@ class Auto(Algorithm):
                 hit = self.untuned[key] = self._nearest(key)
             else:
                 hit = self.choice[key] = self._tune(key, op, x)
-        return self.algos[hit[0]]
+        out = self._fast[(op, x.dtype, x.nbytes)] = (self.algos[hit[0]], key in self.untuned)
+        return out
 
     def _nearest(self, key: tuple[str, str, int]) -> tuple[str, float]:
         """A bucket the table or the warm-up did not see: the nearest one of the same op
@@ -199,15 +208,15 @@ class Auto(Algorithm):
 
     # -- dispatch --------------------------------------------------------------------------
     def _count(self, x: Tensor, op: str = "all_reduce") -> None:
-        algo = self._choose(op, x)
-        extra = self.stats.extra
-        extra[f"auto_{algo.name}_calls"] = extra.get(f"auto_{algo.name}_calls", 0) + 1
-        if self._key(op, x) in self.untuned:
+        algo, untuned = self._choose(op, x)
+        extra, served = self.stats.extra, self._served[algo.name]
+        extra[served] = extra.get(served, 0) + 1
+        if untuned:
             extra["auto_untuned_calls"] = extra.get("auto_untuned_calls", 0) + 1
         self.stats.count_collective(op, algo.op_wire_bytes(op, x.nbytes))
 
     def _op(self, op: str, x: Tensor, out: Tensor) -> None:
-        algo = self._choose(op, x)
+        algo = self._choose(op, x)[0]
         algo._deadline = self._deadline
         algo._fresh = True
         algo._op(op, x, out)

@@ -63,3 +63,22 @@ def test_quantized_shows_its_error_and_saving(pools, tmp_path: Path) -> None:
     assert 0 < int8["kl_mean"] < int4["kl_mean"]
     # ring all-reduce at p=2 sends the payload once; int4 at block 32 sends 4.5 bits/value
     assert int4["wire_bytes_vs_exact"] == pytest.approx((0.5 + 4 / 32) / 4, rel=1e-6)
+
+
+def test_tracker_summary_carries_numerics_and_intervals() -> None:
+    from experiments.common import flat_summary
+
+    got = flat_summary(
+        {
+            "decode_tokens_per_s": 10.0,
+            "tokens": [[1]],
+            "numerics": {"kl_mean": 0.5, "first_divergence": None},
+            "spread": {"decode_tokens_per_s": {"median": 10.0, "lo": 9.0, "hi": 11.0}},
+        }
+    )
+    assert got == {
+        "decode_tokens_per_s": 10.0,
+        "numerics/kl_mean": 0.5,
+        "decode_tokens_per_s_lo": 9.0,
+        "decode_tokens_per_s_hi": 11.0,
+    }

@@ -139,3 +139,25 @@ def test_claims_report_keeps_a_history_of_verdict_changes() -> None:
         "- c0: holds -> refuted (earlier cause)",
         "- c1: refuted -> holds (new presets)",
     ]
+
+
+def test_claims_count_no_gain_inside_the_noise() -> None:
+    """A 40% faster median whose interval holds no change is "within noise" and does not
+    make the throughput claim hold; the same gain with tight intervals does."""
+    from experiments.claims.__main__ import change, claim_throughput, table
+
+    def spread(runs: list[float]) -> dict:
+        from framework.run.spread import median_interval
+
+        return {"decode_tokens_per_s": median_interval(runs)}
+
+    base = _run("naive", 2, decode_tokens_per_s=20.0, spread=spread([15.0, 20.0, 30.0]))
+    noisy = _run("tree", 2, decode_tokens_per_s=28.0, spread=spread([14.0, 28.0, 40.0]))
+    _, text, noise = change(noisy, base, "decode_tokens_per_s")
+    assert noise and text.startswith("+40% [") and text.endswith("(within noise)")
+    row = claim_throughput(table([base, noisy]))
+    assert "(within noise)" in row["measured"] and row["verdict"] == "refuted"
+    tight = _run("tree", 2, decode_tokens_per_s=28.0, spread=spread([27.0, 28.0, 29.0]))
+    base = {**base, "spread": spread([19.0, 20.0, 21.0])}
+    assert not change(tight, base, "decode_tokens_per_s")[2]
+    assert claim_throughput(table([base, tight]))["verdict"] != "refuted"
