@@ -101,3 +101,15 @@ def _overclaiming_kit() -> str:
 def test_kit_catches_an_overclaimed_bound(pools) -> None:
     for msg in pools(2).run(_overclaiming_kit):
         assert "beyond the strategy's stated error bound" in msg
+
+
+def test_tp_inference_close_to_unsharded_and_identical_on_every_rank(pools) -> None:
+    """TP 2 over an int8 wire: not the unsharded logits (the wire is lossy), close to them,
+    and the same bits on both ranks (so both keep choosing the same tokens)."""
+    from test_tp import tp_generate
+
+    _, ref, _, _ = pools(1).run(tp_generate, "naive", {}, 1)[0]
+    outs = pools(2).run(tp_generate, "quantized", {"fmt": "int8"}, 2)
+    assert outs[0][0] == outs[1][0] and torch.equal(outs[0][1], outs[1][1])
+    err = float((outs[0][1] - ref).abs().max())
+    assert 1e-5 < err < 0.05, err

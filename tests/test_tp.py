@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from framework import available_strategies, build_communicator
+from framework import available_strategies, build_communicator, get_strategy
 from framework.model import TPLlama, get_config
 from framework.model.generate import generate
 
 PROMPTS = [[5, 17, 42, 9, 3, 77], [8, 1, 250], [100, 101, 102, 103], [7, 7, 7, 7, 7]]
-STRATEGIES = available_strategies()
+# exact strategies: within float rounding of TP 1 (quantized: tests/test_quantized.py)
+STRATEGIES = [n for n in available_strategies() if get_strategy(n).exact]
 
 
 def tp_generate(
