@@ -17,6 +17,7 @@ from typing import IO, Any
 from omegaconf import DictConfig, OmegaConf
 
 from framework.run.faults import FaultSpec
+from framework.run.runner import flat_summary
 from framework.run.spec import ModelSpec, ParallelSpec, RunSpec, WorkloadSpec
 
 
@@ -146,20 +147,6 @@ class WandbTracker(NullTracker):
 
     def finish(self, exit_code: int) -> None:
         self.run.finish(exit_code=exit_code)
-
-
-def flat_summary(data: dict[str, Any]) -> dict[str, Any]:
-    """A result's scalars for a tracker's summary: the numerics block as ``numerics/<key>``
-    (accuracy beside bytes and speed) and each repeated metric's interval as
-    ``<metric>_lo`` / ``<metric>_hi``."""
-    scalar = int | float | str | bool
-    flat = {k: v for k, v in data.items() if isinstance(v, scalar)}
-    for k, v in (data.get("numerics") or {}).items():
-        if isinstance(v, scalar):
-            flat[f"numerics/{k}"] = v
-    for metric, sp in (data.get("spread") or {}).items():
-        flat[f"{metric}_lo"], flat[f"{metric}_hi"] = sp["lo"], sp["hi"]
-    return flat
 
 
 def make_tracker(cfg: DictConfig, out_dir: str, job_type: str) -> NullTracker:

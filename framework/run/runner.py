@@ -272,11 +272,8 @@ class Runner:
                 [summarize(self.spec, [r[i] for r in per_rank]) for i in range(len(mine))]
             )
             self.fabric.call("on_run_end", runner=self, results=results)
-            scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
-            for k, v in (results.get("numerics") or {}).items():
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    scalars[f"numerics/{k}"] = v
-            self.fabric.log_dict(scalars)
+            flat = flat_summary(results)
+            self.fabric.log_dict({k: v for k, v in flat.items() if _number(v)})
             for lg in self.fabric.loggers:
                 lg.finalize("success")
             return results
@@ -430,6 +427,24 @@ def combine(repeats: list[dict[str, Any]]) -> dict[str, Any]:
     for k in TIMED:
         out[k] = out["spread"][k]["median"]
     return out
+
+
+def flat_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """A result's scalars for a logger or tracker: the numerics block as ``numerics/<key>``
+    (accuracy beside bytes and speed) and each repeated metric's interval as
+    ``<metric>_lo`` / ``<metric>_hi``."""
+    scalar = int | float | str | bool
+    flat = {k: v for k, v in data.items() if isinstance(v, scalar)}
+    for k, v in (data.get("numerics") or {}).items():
+        if isinstance(v, scalar):
+            flat[f"numerics/{k}"] = v
+    for metric, sp in (data.get("spread") or {}).items():
+        flat[f"{metric}_lo"], flat[f"{metric}_hi"] = sp["lo"], sp["hi"]
+    return flat
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def _rank_main(fabric: Any, spec: RunSpec) -> dict[str, Any]:
