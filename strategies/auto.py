@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -199,12 +200,15 @@ class Auto(Algorithm):
             }
             for (op, dt, b), (a, t) in self.choice.items()
         ]
-        if self.rank == 0:
-            log.info(
-                "auto (%s, %d ranks): %d size buckets", self.source, self.world_size, len(rows)
-            )
-            for line in describe(rows):
-                log.info("auto: %s", line)
+        if self.rank != 0:
+            return
+        lines = [f"auto ({self.source}, {self.world_size} ranks): {len(rows)} size buckets"]
+        lines += [f"auto: {line}" for line in describe(rows)]
+        for line in lines:
+            if log.isEnabledFor(logging.INFO) and log.hasHandlers():  # a Hydra job's log
+                log.info(line)
+            else:  # a spawned rank: no logging configured, so its stderr
+                print(line, file=sys.stderr, flush=True)
 
     # -- dispatch --------------------------------------------------------------------------
     def _count(self, x: Tensor, op: str = "all_reduce") -> None:

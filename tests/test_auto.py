@@ -161,3 +161,21 @@ def test_infer_with_auto_fixes_choices_in_warmup(pools, tmp_path: Path) -> None:
         == res["per_op"]["decode"]["all_reduce"]["calls"]
         + res["per_op"]["prefill"]["all_reduce"]["calls"]
     )
+
+
+def test_description_splits_at_gaps() -> None:
+    rows = [
+        {
+            "op": "all_reduce",
+            "world_size": 2,
+            "dtype": "float32",
+            "bucket_bytes": b,
+            "algorithm": "shm",
+            "time_us": 1.0,
+        }
+        for b in (4096, 65536)
+    ]
+    assert describe(rows) == [
+        "all_reduce float32 p=2: 2049 B-4 KiB -> shm (1-1 us)",
+        "all_reduce float32 p=2: 32769 B-64 KiB -> shm (1-1 us)",
+    ]

@@ -57,8 +57,8 @@ def merge_rows(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> P
 
 
 def describe(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per size range with the same choice: ``all_reduce float32 p=2: 256 B-4 KiB
-    -> shm (3.1-9.8 us)``."""
+    """One line per range of adjacent size buckets with the same choice: ``all_reduce float32
+    p=2: 129 B-4 KiB -> shm (3.1-9.8 us)``."""
     lines: list[str] = []
     group: list[dict[str, Any]] = []
 
@@ -76,6 +76,7 @@ def describe(rows: list[dict[str, Any]]) -> list[str]:
         if group and (
             (r["op"], r["dtype"], r["world_size"], r["algorithm"])
             != (group[0]["op"], group[0]["dtype"], group[0]["world_size"], group[0]["algorithm"])
+            or r["bucket_bytes"] != 2 * group[-1]["bucket_bytes"]  # a gap: buckets not seen
         ):
             close()
             group = []
