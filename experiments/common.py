@@ -6,6 +6,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import traceback
@@ -19,6 +21,20 @@ from omegaconf import DictConfig, OmegaConf
 from framework.run.faults import FaultSpec
 from framework.run.runner import flat_summary
 from framework.run.spec import ModelSpec, ParallelSpec, RunSpec, WorkloadSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """The environment a study runs its measuring jobs in: one thread per rank (several ranks
+    share this host's cores) and W&B off."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def run_module(args: list[str], timeout: float = 3600) -> None:
+    """``python -m <args>`` from the project root in :func:`child_env`; raises if it fails."""
+    cmd = [sys.executable, "-m", *args]
+    subprocess.run(cmd, cwd=ROOT, env=child_env(), check=True, timeout=timeout)
 
 
 def strategy_options_from(cfg: DictConfig) -> tuple[str, dict[str, Any]]:

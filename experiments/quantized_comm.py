@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from experiments.common import run_module
 from framework.run.spread import ratio_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +56,7 @@ def hf_checkpoint(path: Path) -> Path:
 
 
 def _infer(*args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "experiments.infer", "-m", *args]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=3600)
+    run_module(["experiments.infer", "-m", *args])
 
 
 def _models(sweeps: Path) -> dict[str, list[str]]:

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from experiments.common import run_module
 from framework.comm.tuning import bucket_of
 from framework.run.spread import median_interval, ratio_interval
 
@@ -42,17 +40,13 @@ GOAL = 1.05  # auto within 5% of the best fixed algorithm
 SIZES = ["bench.min_bytes=256", "bench.max_bytes=16777216", "bench.factor=2"]
 
 
-def _run(args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, check=True, timeout=3000)
-
-
+JOB_TIMEOUT_S = 3000  # one bench or multirun of the study
 ROUNDS = 3  # end to end: every strategy once per round, the rounds one after another
 
 
 def measure(out: Path) -> dict[str, Any]:
     for ws in (2, 4):
-        _run(
+        run_module(
             [
                 "experiments.bench",
                 "bench.tune=this_host",
@@ -63,9 +57,13 @@ def measure(out: Path) -> dict[str, Any]:
                 "bench.rounds=2",
                 "logger=none",
                 f"hydra.run.dir={out}/tune/{ws}",
-            ]
+            ],
+            JOB_TIMEOUT_S,
         )
-    _run(["experiments.bench", "-m", "experiment=bench_selection", f"hydra.sweep.dir={out}/bench"])
+    run_module(
+        ["experiments.bench", "-m", "experiment=bench_selection", f"hydra.sweep.dir={out}/bench"],
+        JOB_TIMEOUT_S,
+    )
     bench = [json.loads(f.read_text()) for f in sorted((out / "bench").glob("*/results.json"))]
     return {
         "bench": [
@@ -82,8 +80,11 @@ def measure_e2e(out: Path) -> list[dict[str, Any]]:
     variation between jobs (where the scheduler puts the ranks) is inside the spread, and
     drift over the study hits every strategy alike."""
     for r in range(ROUNDS):
-        _run(["experiments.infer", "-m", "experiment=selection", f"hydra.sweep.dir={out}/e2e/{r}"])
-        _run(
+        run_module(
+            ["experiments.infer", "-m", "experiment=selection", f"hydra.sweep.dir={out}/e2e/{r}"],
+            JOB_TIMEOUT_S,
+        )
+        run_module(
             [
                 "experiments.infer",
                 "-m",
@@ -91,7 +92,8 @@ def measure_e2e(out: Path) -> list[dict[str, Any]]:
                 "strategy=auto",
                 "strategy.table=this_host",
                 f"hydra.sweep.dir={out}/e2e_table/{r}",
-            ]
+            ],
+            JOB_TIMEOUT_S,
         )
     e2e = [json.loads(f.read_text()) for f in sorted(out.glob("e2e*/*/*/results.json"))]
     return [_e2e_row(r) for r in e2e if r.get("status") == "ok"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from experiments.common import child_env
 from framework.comm.registry import available_strategies, build_communicator
 from framework.run.runner import _rss_bytes
 from framework.run.spec import ParallelSpec
@@ -118,7 +118,7 @@ def soak_decode(strategy: str, steps: int, world_size: int) -> dict[str, Any]:
             "progress=false",
             f"hydra.run.dir={tmp}",
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+        env = child_env()
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
         if p.returncode != 0:
             return {

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from experiments.common import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ["logger=none", "bench.rounds=5", "bench.iters=20", "bench.warmup=5"]
 INFER = [
@@ -66,7 +68,7 @@ def machine() -> dict[str, Any]:
 def _run(module: str, overrides: list[str], work: Path) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(dir=work))
     cmd = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = child_env()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from experiments.common import run_module
 from experiments.simulate import shape_for
 from framework.comm.registry import available_strategies, get_strategy
 from framework.costmodel import allreduce_time, busbw_gbps, decode_step, load_topology
@@ -44,16 +42,7 @@ def strategies() -> list[str]:
 
 
 def run_sweep(out: Path) -> Path:
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.infer",
-        "-m",
-        "experiment=seed_claims",
-        f"hydra.sweep.dir={out}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=3600)
+    run_module(["experiments.infer", "-m", "experiment=seed_claims", f"hydra.sweep.dir={out}"])
     return out
 
 
