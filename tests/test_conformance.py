@@ -118,3 +118,29 @@ def test_oneshot_twoshot_over_inner_algorithms(pools, name: str, inner: str) -> 
     pools(4 if inner == "hierarchical" else 3).run(
         run_checks, name, options, ["float_order", "handles_in_flight", "mixed_ops_in_flight"]
     )
+
+
+def _off_by_one_kit(check: str) -> str:
+    """An exact strategy whose all-reduce adds 1 to its first element must fail ``check``."""
+    from framework import get_strategy, register_strategy
+    from framework.comm.registry import available_strategies
+
+    if "naive_off_by_one" not in available_strategies():  # the ranks outlive one test
+
+        @register_strategy("naive_off_by_one")
+        class OffByOne(get_strategy("naive")):
+            def reduce_(self, x):
+                super().reduce_(x)
+                x.view(-1)[0] += 1
+
+    try:
+        run_checks("naive_off_by_one", {}, [check])
+    except AssertionError as e:
+        return str(e)
+    return "passed"
+
+
+@pytest.mark.parametrize("check", ["exact_sums", "mixed_ops_in_flight", "handles_in_flight"])
+def test_kit_catches_a_wrong_sum(pools, check: str) -> None:
+    for msg in pools(2).run(_off_by_one_kit, check):
+        assert "result differs from the exact sum" in msg, msg

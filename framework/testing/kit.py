@@ -29,7 +29,6 @@ import torch.distributed as dist
 
 from framework.comm.communicator import CommError, Communicator, library_reduce_scatter
 from framework.comm.registry import build_communicator
-from framework.run.inputs import expected_sum
 from framework.run.inputs import rank_input as _cpu_input
 
 EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64)
@@ -86,6 +85,23 @@ def _exact(op: str, inputs: list[torch.Tensor], rank: int) -> torch.Tensor:
         return total
     rows = total.shape[0] // len(inputs)
     return total[rank * rows : (rank + 1) * rows]
+
+
+def _expect_result(
+    comm: Communicator,
+    op: str,
+    got: torch.Tensor,
+    seed: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    what: str,
+) -> None:
+    """``op`` on every rank's :func:`rank_input` (``seed``, each rank's input ``shape``):
+    exactly the exact result (summed in float64, cast to ``dtype`` once, as the library gives
+    it), or for an inexact ``comm`` within its stated bound of it."""
+    inputs = _inputs(seed, dist.get_world_size(), shape, dtype)
+    want = _exact(op, inputs, dist.get_rank()).to(dtype)
+    _expect_equal(got, want, what, comm, op, inputs)
 
 
 def _expect_within(
@@ -148,7 +164,7 @@ def _expect_equal(
 @check
 def exact_sums(name: str, options: dict[str, Any]) -> None:
     """Every dtype, sizes 1, odd, and several MiB: exactly the sum, as the library gives it."""
-    rank, world = _me()
+    rank = dist.get_rank()
     with _opened(name, options) as comm:
         for k, dtype in enumerate(EXACT_DTYPES):
             esize = torch.empty((), dtype=dtype).element_size()
@@ -156,12 +172,8 @@ def exact_sums(name: str, options: dict[str, Any]) -> None:
                 seed = numel + 97 * k
                 x = rank_input(seed, rank, numel, dtype)
                 got = comm.all_reduce(x).wait()
-                _expect_equal(
-                    got,
-                    expected_sum(seed, world, numel, dtype),
-                    f"{dtype} numel {numel}",
-                    comm,
-                    inputs=_inputs(seed, world, (numel,), dtype),
+                _expect_result(
+                    comm, "all_reduce", got, seed, (numel,), dtype, f"{dtype} numel {numel}"
                 )
         lib = rank_input(5, rank, 1000, torch.int64)
         dist.all_reduce(lib)  # the library collective itself, on the default group
@@ -204,17 +216,6 @@ def _shapes(world: int, dtype: torch.dtype) -> list[tuple[int, int]]:
     return shapes
 
 
-def _rs_want(seed: int, rank: int, world: int, rows: int, cols: int, dtype: torch.dtype):
-    total = expected_sum(seed, world, world * rows * cols, dtype).view(world * rows, cols)
-    return total[rank * rows : (rank + 1) * rows]
-
-
-def _ag_want(seed: int, world: int, rows: int, cols: int, dtype: torch.dtype):
-    return torch.cat([_cpu_input(seed, j, rows * cols, dtype) for j in range(world)]).view(
-        world * rows, cols
-    )
-
-
 @check
 def scatter_gather_exact(name: str, options: dict[str, Any]) -> None:
     """reduce_scatter and all_gather, every dtype, one element to several MiB: this rank's rows
@@ -226,26 +227,12 @@ def scatter_gather_exact(name: str, options: dict[str, Any]) -> None:
                 seed = 1000 + rows + 31 * k
                 x = rank_input(seed, rank, world * rows * cols, dtype).view(world * rows, cols)
                 got = comm.reduce_scatter(x).wait()
-                want = _rs_want(seed, rank, world, rows, cols, dtype)
-                _expect_equal(
-                    got,
-                    want,
-                    f"reduce_scatter {dtype} {tuple(x.shape)}",
-                    comm,
-                    "reduce_scatter",
-                    _inputs(seed, world, tuple(x.shape), dtype),
-                )
+                what = f"reduce_scatter {dtype} {tuple(x.shape)}"
+                _expect_result(comm, "reduce_scatter", got, seed, tuple(x.shape), dtype, what)
                 y = rank_input(seed, rank, rows * cols, dtype).view(rows, cols)
                 got = comm.all_gather(y).wait()
-                want = _ag_want(seed, world, rows, cols, dtype)
-                _expect_equal(
-                    got,
-                    want,
-                    f"all_gather {dtype} {tuple(y.shape)}",
-                    comm,
-                    "all_gather",
-                    _inputs(seed, world, tuple(y.shape), dtype),
-                )
+                what = f"all_gather {dtype} {tuple(y.shape)}"
+                _expect_result(comm, "all_gather", got, seed, (rows, cols), dtype, what)
         lib_in = rank_input(6, rank, world * 10, torch.int64)
         lib = torch.empty(10, dtype=torch.int64, device=_device)
         library_reduce_scatter(lib, lib_in.clone())  # the library itself, default group
@@ -305,18 +292,10 @@ def mixed_ops_in_flight(name: str, options: dict[str, Any]) -> None:
         ):
             seed = 2000 + i
             shape = (world * rows, 4) if op == "reduce_scatter" else (rows, 4)
-            if op == "all_reduce":
-                h = comm.all_reduce(rank_input(seed, rank, rows * 4, dtype).view(rows, 4))
-                want = expected_sum(seed, world, rows * 4, dtype).view(rows, 4)
-            elif op == "reduce_scatter":
-                x = rank_input(seed, rank, world * rows * 4, dtype).view(world * rows, 4)
-                h, want = comm.reduce_scatter(x), _rs_want(seed, rank, world, rows, 4, dtype)
-            else:
-                x = rank_input(seed, rank, rows * 4, dtype).view(rows, 4)
-                h, want = comm.all_gather(x), _ag_want(seed, world, rows, 4, dtype)
-            calls.append((op, h, want, _inputs(seed, world, shape, dtype)))
-        for op, h, want, inputs in reversed(calls):
-            _expect_equal(h.wait(), want, f"{op} waited out of order", comm, op, inputs)
+            x = rank_input(seed, rank, shape[0] * 4, dtype).view(shape)
+            calls.append((op, getattr(comm, op)(x), seed, shape, dtype))
+        for op, h, seed, shape, dtype in reversed(calls):
+            _expect_result(comm, op, h.wait(), seed, shape, dtype, f"{op} waited out of order")
         if comm.pending:
             raise AssertionError(f"{comm.pending} handles still pending after every wait")
 
@@ -324,7 +303,7 @@ def mixed_ops_in_flight(name: str, options: dict[str, Any]) -> None:
 @check
 def handles_in_flight(name: str, options: dict[str, Any]) -> None:
     """Several handles in flight, mixed dtypes, waited out of order; writing results is safe."""
-    rank, world = _me()
+    rank = dist.get_rank()
     with _opened(name, options) as comm:
         specs = [
             (31, torch.float32),
@@ -338,26 +317,15 @@ def handles_in_flight(name: str, options: dict[str, Any]) -> None:
         for i in reversed(range(len(specs))):
             n, dt = specs[i]
             got = handles[i].wait()
-            _expect_equal(
-                got,
-                expected_sum(i, world, n, dt),
-                f"handle {i} waited out of order",
-                comm,
-                inputs=_inputs(i, world, (n,), dt),
-            )
+            _expect_result(comm, "all_reduce", got, i, (n,), dt, f"handle {i} waited out of order")
             got.fill_(99)  # the caller owns the result now; later results must not see this
         for i in range(3):
             a = comm.all_reduce(rank_input(40 + i, rank, 64, torch.float32))
             b = comm.all_reduce(rank_input(50 + i, rank, 64, torch.float32))
             ya = a.wait()
             ya.zero_()
-            _expect_equal(
-                b.wait(),
-                expected_sum(50 + i, world, 64, torch.float32),
-                "result after the caller overwrote an earlier one",
-                comm,
-                inputs=_inputs(50 + i, world, (64,), torch.float32),
-            )
+            what = "result after the caller overwrote an earlier one"
+            _expect_result(comm, "all_reduce", b.wait(), 50 + i, (64,), torch.float32, what)
         if comm.pending:
             raise AssertionError(f"{comm.pending} handles still pending after every wait")
 
@@ -365,7 +333,7 @@ def handles_in_flight(name: str, options: dict[str, Any]) -> None:
 @check
 def flush_semantics(name: str, options: dict[str, Any]) -> None:
     """flush() with nothing pending is a no-op; flush() completes every pending handle."""
-    rank, world = _me()
+    rank = dist.get_rank()
     with _opened(name, options) as comm:
         comm.flush()
         hs = [
@@ -376,12 +344,9 @@ def flush_semantics(name: str, options: dict[str, Any]) -> None:
         if comm.pending or not all(h.done for h in hs):
             raise AssertionError("flush() left handles pending")
         for i, h in enumerate(hs):
-            _expect_equal(
-                h.wait(),
-                expected_sum(60 + i, world, 100 * (i + 1), torch.float32),
-                "result after flush",
-                comm,
-                inputs=_inputs(60 + i, world, (100 * (i + 1),), torch.float32),
+            shape = (100 * (i + 1),)
+            _expect_result(
+                comm, "all_reduce", h.wait(), 60 + i, shape, torch.float32, "result after flush"
             )
         comm.flush()
 
@@ -389,10 +354,9 @@ def flush_semantics(name: str, options: dict[str, Any]) -> None:
 @check
 def bounded_loop(name: str, options: dict[str, Any]) -> None:
     """1,000 calls: results stay right and buffers and pending handles stay bounded."""
-    rank, world = _me()
+    rank = dist.get_rank()
     with _opened(name, options) as comm:
         x = rank_input(7, rank, 256, torch.float32)
-        want = expected_sum(7, world, 256, torch.float32)
         allocs_after_warmup = None
         for step in range(250):
             hs = [comm.all_reduce(x.clone()) for _ in range(4)]
@@ -402,8 +366,7 @@ def bounded_loop(name: str, options: dict[str, Any]) -> None:
                 allocs_after_warmup = comm.stats.buffer_allocs
             if comm.pending > 8:
                 raise AssertionError(f"{comm.pending} handles pending in a wait-all loop")
-        inputs = _inputs(7, world, (256,), torch.float32)
-        _expect_equal(got, want, "last result of the loop", comm, inputs=inputs)
+        _expect_result(comm, "all_reduce", got, 7, (256,), torch.float32, "last result of the loop")
         if comm.stats.calls != 1000:
             raise AssertionError(f"stats.calls is {comm.stats.calls}, expected 1000")
         if comm.stats.buffer_allocs != allocs_after_warmup:
