@@ -71,17 +71,21 @@ class Quantized(Composed):
 
     def _count(self, x: Tensor, op: str = "all_reduce") -> None:
         """Wire bytes of the payloads actually sent (the exact path: inner's figures)."""
-        p, n = self.world_size, x.numel()
-        if not self.quantizes(x):
-            sent = self.inner.op_wire_bytes(op, x.nbytes)
-        elif op == "all_gather" or (op == "all_reduce" and self.algo == "oneshot"):
-            sent = self.inner.op_wire_bytes("all_gather", self._payload(n))
+        if self.quantizes(x):
+            sent = self._sent(op, x.numel())
         else:
-            chunk = self._payload(-(-n // p))
-            sent = (p - 1) * chunk
-            if op == "all_reduce":
-                sent += self.inner.op_wire_bytes("all_gather", chunk)
+            sent = self.inner.op_wire_bytes(op, x.nbytes)
         self.stats.count_collective(op, sent)
+
+    def _sent(self, op: str, numel: int) -> int:
+        """Bytes this rank sends for ``op`` on ``numel`` values, quantized."""
+        if op == "all_gather" or (op == "all_reduce" and self.algo == "oneshot"):
+            return self.inner.op_wire_bytes("all_gather", self._payload(numel))
+        chunk = self._payload(-(-numel // self.world_size))
+        sent = (self.world_size - 1) * chunk  # the all-to-all
+        if op == "all_reduce":
+            sent += self.inner.op_wire_bytes("all_gather", chunk)
+        return sent
 
     # -- the ops ---------------------------------------------------------------------------
     def reduce_(self, x: Tensor) -> None:
@@ -150,11 +154,7 @@ class Quantized(Composed):
 
     def wire_bytes(self, nbytes: int) -> int:
         """For a float32 message of ``nbytes`` (the per-call figure is counted per dtype)."""
-        n, p = nbytes // 4, self.world_size
-        if self.algo == "oneshot":
-            return self.inner.op_wire_bytes("all_gather", self._payload(n))
-        chunk = self._payload(-(-n // p))
-        return (p - 1) * chunk + self.inner.op_wire_bytes("all_gather", chunk)
+        return self._sent("all_reduce", nbytes // 4)
 
     # -- what it promises ------------------------------------------------------------------
     def error_bound(self, op: str, inputs: list[Tensor], rank: int) -> Tensor:
