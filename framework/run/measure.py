@@ -252,7 +252,9 @@ def sweep(
                 },
             }
         )
-        med = slowest_rank_median(times[0], device)
+        # per iteration, the slowest rank's time (it sets the pace), once per communicator
+        slowest = [max_over_ranks(t, device).tolist() for t in times]
+        med = statistics.median(slowest[0])
         algbw = nbytes * k / med / 1e9 if med > 0 else float("nan")
         row = {
             "size": nbytes,
@@ -265,7 +267,6 @@ def sweep(
             "wrong": _count_wrong(comms, xs, saved, world, device, op),
         }
         if labels is not None:
-            slowest = [max_over_ranks(t, device).tolist() for t in times]
             spans = [median_interval([x * 1e6 for x in t]) for t in slowest]
             row["times_us"] = {
                 label: round(sp["median"], 3) for label, sp in zip(labels, spans, strict=True)
@@ -276,7 +277,7 @@ def sweep(
                 for label, sp in zip(labels, spans, strict=True)
             }
         if baseline if baseline is not None else len(comms) > 1:
-            base = slowest_rank_median(times[1], device)
+            base = statistics.median(slowest[1])
             row["baseline_time_us"] = round(base * 1e6, 3)
             row["speedup"] = _sig(base / med) if med > 0 else float("nan")
         if spec.memcpy:  # rank 0 alone, the others idle: one core's copy bandwidth
