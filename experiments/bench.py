@@ -65,8 +65,8 @@ from framework.comm.profiling import profiled
 from framework.comm.registry import (
     available_strategies,
     build_communicator,
+    exact_algorithms,
     get_strategy,
-    inner_algorithms,
 )
 from framework.comm.tuning import bucket_of, merge_rows
 from framework.run.launch import launch_ranks
@@ -180,11 +180,7 @@ def compared(bench: BenchSpec, backend: str) -> list[str]:
     if bench.compare:
         return list(bench.compare)
     if bench.tune:
-        return [
-            n
-            for n in inner_algorithms()
-            if n != "auto" and get_strategy(n).exact and backend in get_strategy(n).supports
-        ]
+        return exact_algorithms(backend)
     return []
 
 

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework import Algorithm, register_strategy
-from framework.comm.registry import get_strategy, inner_algorithms
+from framework.comm.registry import exact_algorithms, get_strategy, inner_algorithms
 from framework.comm.tuning import bucket_of, describe, load_table
 
 log = logging.getLogger("commlab.auto")
@@ -71,12 +71,8 @@ class Auto(Algorithm):
                 )
         rows = load_table(table)["rows"] if table is not None else None  # missing: fail first
         super().__init__(group, **common)
-        if names is None:  # every exact algorithm the backend runs
-            names = [
-                n
-                for n in inner_algorithms()
-                if n != self.name and get_strategy(n).exact and self.backend in _supports(n)
-            ]
+        if names is None:
+            names = exact_algorithms(self.backend)
         options = dict(candidate_options or {})
         self.algos = {
             n: get_strategy(n)(
@@ -237,7 +233,3 @@ class Auto(Algorithm):
         super()._release()
         for algo in self.algos.values():
             algo._release()
-
-
-def _supports(name: str) -> dict[str, frozenset[str]]:
-    return get_strategy(name).supports

@@ -117,6 +117,16 @@ def inner_algorithms() -> list[str]:
     return [n for n in available_strategies() if issubclass(_REGISTRY[n], Algorithm)]
 
 
+def exact_algorithms(backend: str) -> list[str]:
+    """The exact algorithms that run on ``backend``: what ``auto`` chooses among by default
+    and what ``bench.tune`` times (``auto`` itself, which dispatches to them, left out)."""
+    return [
+        n
+        for n in inner_algorithms()
+        if n != "auto" and _REGISTRY[n].exact and backend in _REGISTRY[n].supports
+    ]
+
+
 def strategy_options(name: str) -> dict[str, Any]:
     """Keyword-only options of a strategy and their defaults (base options included)."""
     cls = get_strategy(name)
