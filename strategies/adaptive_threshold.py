@@ -19,6 +19,7 @@ Devices: those of ``inner``, as ``bucketed``.
 from __future__ import annotations
 
 import csv
+import os
 from typing import Any
 
 import torch
@@ -42,6 +43,23 @@ def fit_alpha_beta(samples: list[tuple[int, float]]) -> tuple[float, float] | No
 class AdaptiveThreshold(Bucketed):
     fixed_options = ("bucket_bytes",)  # the fit decides it; initial_bytes is the start value
 
+    @classmethod
+    def option_rules(cls, options: dict[str, Any]) -> None:
+        lo, start, hi = options["min_bytes"], options["initial_bytes"], options["max_bytes"]
+        if not 0 < lo <= start <= hi:
+            raise ValueError(
+                f"strategy {cls.name!r}: need 0 < min_bytes <= initial_bytes <= max_bytes, "
+                f"got {lo}, {start}, {hi}"
+            )
+        cls.require_positive(amortize=options["amortize"])
+        cls.require_at_least(1, refit_every=options["refit_every"])
+        table = options["table"]
+        if table is not None and not os.path.isfile(table):
+            raise ValueError(
+                f"strategy {cls.name!r}: table {table!r} is not a file (a CSV of size, "
+                f"time_us rows, as experiments.calibrate writes)"
+            )
+
     def __init__(
         self,
         group=None,
@@ -54,14 +72,6 @@ class AdaptiveThreshold(Bucketed):
         table: str | None = None,
         **rest: Any,
     ) -> None:
-        if not 0 < min_bytes <= initial_bytes <= max_bytes:
-            raise ValueError(
-                f"strategy 'adaptive_threshold': need 0 < min_bytes <= "
-                f"initial_bytes <= max_bytes, got {min_bytes}, {initial_bytes}, "
-                f"{max_bytes}"
-            )
-        self.require_positive(amortize=amortize)
-        self.require_at_least(1, refit_every=refit_every)
         super().__init__(group, bucket_bytes=initial_bytes, **rest)
         self.min_bytes, self.max_bytes = min_bytes, max_bytes
         self.amortize, self.refit_every = amortize, refit_every

@@ -37,7 +37,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework import Algorithm, register_strategy
-from framework.comm.registry import exact_algorithms, get_strategy, inner_algorithms
+from framework.comm.algorithm import check_algorithm
+from framework.comm.registry import exact_algorithms, get_strategy
 from framework.comm.tuning import bucket_of, describe, load_table
 
 log = logging.getLogger("commlab.auto")
@@ -45,6 +46,29 @@ log = logging.getLogger("commlab.auto")
 
 @register_strategy("auto")
 class Auto(Algorithm):
+    @classmethod
+    def option_rules(cls, options: dict[str, Any]) -> None:
+        cls.require_at_least(1, tune_iters=options["tune_iters"])
+        per = options["candidate_options"] or {}
+        for n in list(options["candidates"] or ()) + sorted(per):
+            check_algorithm(cls.name, "candidate", n, per.get(n, {}))
+            if not get_strategy(n).exact and not options["allow_inexact"]:
+                raise ValueError(
+                    f"strategy {cls.name!r}: candidate {n!r} is not exact; set "
+                    f"allow_inexact=true to let auto mix numerically different arithmetic"
+                )
+        extra = sorted(set(per) - set(options["candidates"] or per))
+        if extra:
+            raise ValueError(
+                f"strategy {cls.name!r}: candidate_options names {extra}, which are not "
+                f"among the candidates {options['candidates']}"
+            )
+        if options["table"] is not None:
+            try:
+                load_table(options["table"])  # missing or malformed: refused before any rank
+            except (OSError, ValueError) as e:
+                raise ValueError(f"strategy {cls.name!r}: table: {e}") from None
+
     def __init__(
         self,
         group=None,
@@ -56,20 +80,8 @@ class Auto(Algorithm):
         tune_iters: int = 3,
         **common: Any,
     ) -> None:
-        self.require_at_least(1, tune_iters=tune_iters)
         names = list(candidates) if candidates else None
-        for n in names or ():
-            if n == self.name or n not in inner_algorithms():
-                raise ValueError(
-                    f"strategy {self.name!r}: candidate {n!r} is not an algorithm; choose from "
-                    f"{[a for a in inner_algorithms() if a != self.name]}"
-                )
-            if not get_strategy(n).exact and not allow_inexact:
-                raise ValueError(
-                    f"strategy {self.name!r}: candidate {n!r} is not exact; set "
-                    f"allow_inexact=true to let auto mix numerically different arithmetic"
-                )
-        rows = load_table(table)["rows"] if table is not None else None  # missing: fail first
+        rows = load_table(table)["rows"] if table is not None else None
         super().__init__(group, **common)
         if names is None:
             names = exact_algorithms(self.backend)
@@ -165,7 +177,6 @@ class Auto(Algorithm):
                 y = x.clone()
                 out = algo.output(op, y)
                 algo._deadline = time.monotonic() + self.timeout_s
-                algo._fresh = True
                 t0 = time.perf_counter()
                 algo._op(op, y, out)
                 if y.is_cuda:
@@ -218,7 +229,6 @@ class Auto(Algorithm):
     def _op(self, op: str, x: Tensor, out: Tensor) -> None:
         algo = self._choose(op, x)[0]
         algo._deadline = self._deadline
-        algo._fresh = True
         algo._op(op, x, out)
 
     def reduce_(self, x: Tensor) -> None:

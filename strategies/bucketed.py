@@ -58,8 +58,11 @@ class _Bucket:
 
 @register_strategy("bucketed")
 class Bucketed(Schedule):
+    @classmethod
+    def option_rules(cls, options: dict[str, Any]) -> None:
+        cls.require_positive(bucket_bytes=options.get("bucket_bytes"))
+
     def __init__(self, group=None, *, bucket_bytes: int = 1 << 20, **rest: Any) -> None:
-        self.require_positive(bucket_bytes=bucket_bytes)
         self.bucket_bytes = bucket_bytes
         super().__init__(group, **rest)
         self._pool = BufferPool(self.stats)

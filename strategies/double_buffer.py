@@ -26,8 +26,11 @@ from framework.comm.buffers import view_as
 
 @register_strategy("double_buffer")
 class DoubleBuffer(Schedule):
+    @classmethod
+    def option_rules(cls, options: dict[str, Any]) -> None:
+        cls.require_at_least(1, num_buffers=options["num_buffers"])
+
     def __init__(self, group=None, *, num_buffers: int = 2, **rest: Any) -> None:
-        self.require_at_least(1, num_buffers=num_buffers)
         self.num_buffers = num_buffers
         super().__init__(group, **rest)
         self._bufs: list[Tensor | None] = [None] * num_buffers  # raw bytes, viewed per dtype

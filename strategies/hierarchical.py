@@ -44,6 +44,12 @@ INTRA = ("library", "shm")
 class Hierarchical(Algorithm):
     supports = HOST_OR_NCCL
 
+    @classmethod
+    def option_rules(cls, options: dict[str, Any]) -> None:
+        cls.require_at_least(1, ranks_per_node=options["ranks_per_node"])
+        cls.require_one_of("intra", options["intra"], INTRA)
+        cls.require_positive(chunk_bytes=options["chunk_bytes"])
+
     def __init__(
         self,
         group=None,
@@ -53,9 +59,6 @@ class Hierarchical(Algorithm):
         chunk_bytes: int = 1 << 20,
         **common: Any,
     ) -> None:
-        self.require_at_least(1, ranks_per_node=ranks_per_node)
-        self.require_one_of("intra", intra, INTRA)
-        self.require_positive(chunk_bytes=chunk_bytes)
         super().__init__(group, **common)
         if intra == "shm" and self.backend != "gloo":
             raise CommError(
@@ -135,28 +138,28 @@ class Hierarchical(Algorithm):
         if group is None:  # a group of one: the part is the whole
             out.copy_(x)
         else:
-            self.wait_work(library_reduce_scatter(out, x, group=group, async_op=True))
+            self.library(library_reduce_scatter, out, x, group=group)
 
     def _gather(self, out: Tensor, x: Tensor, group: Any) -> None:
         if group is None:
             out.copy_(x)
         else:
-            self.wait_work(library_all_gather(out, x, group=group, async_op=True))
+            self.library(library_all_gather, out, x, group=group)
 
     def reduce_(self, x: Tensor) -> None:
         if self.segment is not None:
-            self.segment.all_reduce_(x)  # every node rank holds the node sum
+            self.segment.all_reduce_(x, self._deadline)  # every node rank holds the node sum
             if self.leader_group is not None:
-                self.wait_work(dist.all_reduce(x, group=self.leader_group, async_op=True))
-            if self.num_nodes > 1:  # one collective: the timeout runs on from the first step
-                self.segment.broadcast_(x, root=0, fresh=False)  # the leader is group rank 0
+                self.library(dist.all_reduce, x, group=self.leader_group)
+            if self.num_nodes > 1:  # the leader is group rank 0
+                self.segment.broadcast_(x, root=0, deadline=self._deadline)
             return
         if self.node_group is not None:
-            self.wait_work(dist.reduce(x, self.leader, group=self.node_group, async_op=True))
+            self.library(dist.reduce, x, self.leader, group=self.node_group)
         if self.leader_group is not None:
-            self.wait_work(dist.all_reduce(x, group=self.leader_group, async_op=True))
+            self.library(dist.all_reduce, x, group=self.leader_group)
         if self.node_group is not None:
-            self.wait_work(dist.broadcast(x, self.leader, group=self.node_group, async_op=True))
+            self.library(dist.broadcast, x, self.leader, group=self.node_group)
 
     def _release(self) -> None:
         super()._release()

@@ -41,6 +41,16 @@ _U = 2.0**-24
 class Quantized(Composed):
     exact = False
 
+    @classmethod
+    def option_rules(cls, options: dict[str, Any]) -> None:
+        cls.require_one_of("fmt", options["fmt"], tuple(quant.FORMATS))
+        cls.require_one_of("algo", options["algo"], ("oneshot", "twoshot"))
+        block = options["block"]
+        cls.require_positive(block=block)
+        if block % 8:
+            raise ValueError(f"strategy {cls.name!r}: block must be a multiple of 8, got {block}")
+        cls.require_at_least(0, min_bytes=options["min_bytes"])
+
     def __init__(
         self,
         group=None,
@@ -51,12 +61,6 @@ class Quantized(Composed):
         algo: str = "oneshot",
         **options: Any,
     ) -> None:
-        self.require_one_of("fmt", fmt, tuple(quant.FORMATS))
-        self.require_one_of("algo", algo, ("oneshot", "twoshot"))
-        self.require_positive(block=block)
-        if block % 8:
-            raise ValueError(f"strategy {self.name!r}: block must be a multiple of 8, got {block}")
-        self.require_at_least(0, min_bytes=min_bytes)
         super().__init__(group, **options)
         self.exact = False
         self.fmt, self.block, self.min_bytes, self.algo = fmt, block, min_bytes, algo
@@ -106,7 +110,7 @@ class Quantized(Composed):
         if padded is not flat:
             padded[:n].copy_(flat)
         part = self._scatter(padded.view(p, c))  # float32, my chunk of the sum
-        rows = self._gather(part, first=False)
+        rows = self._gather(part)
         for j in range(p):  # my own chunk too: every rank decodes the same payloads
             lo, hi = j * c, min((j + 1) * c, n)
             if lo < hi:
@@ -128,13 +132,13 @@ class Quantized(Composed):
         for j in range(self.world_size):
             dst[j].copy_(quant.decode(rows[j], self.fmt, self.block, n))
 
-    def _gather(self, flat: Tensor, first: bool = True) -> Tensor:
+    def _gather(self, flat: Tensor) -> Tensor:
         """Every rank's payload of ``flat``, one row per rank (through ``inner``)."""
         size = self._payload(flat.numel())
         mine = torch.empty(size, dtype=torch.uint8, device=flat.device)
         quant.encode(flat, self.fmt, self.block, mine)
         rows = torch.empty(self.world_size * size, dtype=torch.uint8, device=flat.device)
-        self.inner_op("all_gather", mine, rows, first=first)
+        self.inner_op("all_gather", mine, rows)
         return rows.view(self.world_size, size)
 
     def _scatter(self, chunks: Tensor) -> Tensor:
@@ -146,7 +150,7 @@ class Quantized(Composed):
         for j in range(p):
             quant.encode(chunks[j], self.fmt, self.block, send[j])
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        self.library(dist.all_to_all_single, recv, send)
         acc = quant.decode(recv[0], self.fmt, self.block, c)
         for j in range(1, p):
             acc += quant.decode(recv[j], self.fmt, self.block, c)

@@ -48,6 +48,12 @@ ONESHOT_MAX_BYTES = {2: 0, 3: 0, 4: 0}
 class Shm(Algorithm):
     supports = HOST_ONLY
 
+    @classmethod
+    def option_rules(cls, options: dict[str, Any]) -> None:
+        cls.require_positive(chunk_bytes=options["chunk_bytes"])
+        cls.require_one_of("mode", options["mode"], MODES)
+        cls.require_at_least(0, oneshot_max_bytes=options["oneshot_max_bytes"])
+
     def __init__(
         self,
         group=None,
@@ -57,9 +63,6 @@ class Shm(Algorithm):
         oneshot_max_bytes: int | None = None,
         **common: Any,
     ) -> None:
-        self.require_positive(chunk_bytes=chunk_bytes)
-        self.require_one_of("mode", mode, MODES)
-        self.require_at_least(0, oneshot_max_bytes=oneshot_max_bytes)
         super().__init__(group, **common)
         self.mode = mode
         if oneshot_max_bytes is None:  # beyond the measured sizes: the largest measured p's
@@ -90,25 +93,25 @@ class Shm(Algorithm):
 
     def reduce_(self, x: Tensor) -> None:
         if self.segment is None:
-            dist.all_reduce(x, group=self.group)
+            self.library(dist.all_reduce, x)
         elif self.oneshot(x.nbytes):
             self.stats.extra["shm_oneshot"] += 1
-            self.segment.all_reduce_oneshot_(x)
+            self.segment.all_reduce_oneshot_(x, self._deadline)
         else:
-            self.segment.all_reduce_(x)
+            self.segment.all_reduce_(x, self._deadline)
 
     def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
         # a slot must hold at least one element of every rank's part
         if self.segment is None or self.segment.capacity < self.world_size * x.element_size():
             super().reduce_scatter_(x, out)
         else:
-            self.segment.reduce_scatter_(x, out, fresh=self._fresh)
+            self.segment.reduce_scatter_(x, out, deadline=self._deadline)
 
     def all_gather_(self, x: Tensor, out: Tensor) -> None:
         if self.segment is None:
             super().all_gather_(x, out)
         else:
-            self.segment.all_gather_(x, out, fresh=self._fresh)
+            self.segment.all_gather_(x, out, deadline=self._deadline)
 
     def _release(self) -> None:
         super()._release()

@@ -28,8 +28,11 @@ from framework.comm.buffers import BufferPool, view_as
 class Tree(Algorithm):
     supports = HOST_OR_NCCL
 
+    @classmethod
+    def option_rules(cls, options: dict[str, Any]) -> None:
+        cls.require_positive(chunk_bytes=options["chunk_bytes"])
+
     def __init__(self, group=None, *, chunk_bytes: int = 1 << 20, **common: Any) -> None:
-        self.require_positive(chunk_bytes=chunk_bytes)
         self.chunk_bytes = chunk_bytes
         super().__init__(group, **common)
         r, p = self.rank, self.world_size

@@ -51,7 +51,7 @@ class TwoShot(Composed):
         ok = False
         try:
             self.inner_op("reduce_scatter", whole, part)
-            self.inner_op("all_gather", part, whole, first=False)
+            self.inner_op("all_gather", part, whole)
             ok = True
         finally:
             if buf is not None:

@@ -16,11 +16,11 @@ from framework.run.numerics import compare, first_divergence
 
 def test_compare_on_known_logits() -> None:
     ref = [torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]])]
-    same = compare(ref, ref, [[1, 0]], [[1, 0]], 10, 40)
+    same = compare(ref, ref, [[1, 0]], [[1, 0]], [[1, 0]], 10, 40)
     assert same["agreement"] == 1.0 and same["kl_mean"] == 0.0
     assert same["first_divergence"] is None and same["wire_bytes_vs_exact"] == 0.25
     flipped = [ref[0], torch.tensor([[0.0, 1.0, 0.0]])]
-    got = compare(flipped, ref, [[1, 0]], [[1, 2]], 10, 10)
+    got = compare(flipped, ref, [[1, 1]], [[1, 0]], [[1, 2]], 10, 10)
     assert got["agreement"] == 0.5 and got["first_divergence"] == 1
     assert got["logit_max_abs_err"] == 1.0 and got["logit_mean_abs_err"] == pytest.approx(2 / 6)
     p = torch.softmax(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), 0)
@@ -54,6 +54,15 @@ def test_exact_strategies_agree_with_the_exact_run(pools, tmp_path: Path) -> Non
     tree = _numerics(pools, tmp_path, "twoshot", "strategy.inner=shm")
     assert tree["agreement"] == 1.0 and tree["first_divergence"] is None
     assert tree["logit_max_abs_err"] <= 1e-4  # float rounding of another summation order
+
+
+def test_an_exact_strategy_agrees_with_itself_when_sampling(pools, tmp_path: Path) -> None:
+    """The reference and teacher-forced decodes sample as the measured run did (temperature,
+    top-k, seed): with exact communication nothing may differ (they decoded greedily, and
+    the exact strategy 'diverged from itself' at step 0)."""
+    got = _numerics(pools, tmp_path, "naive", "workload.temperature=1.0", "workload.top_k=50")
+    assert got["agreement"] == 1.0 and got["first_divergence"] is None, got
+    assert got["diverged_sequences"] == 0 and got["logit_max_abs_err"] == 0.0, got
 
 
 def test_quantized_shows_its_error_and_saving(pools, tmp_path: Path) -> None:

@@ -516,7 +516,7 @@ def test_wait_work_spends_what_is_left_of_timeout() -> None:
 
     algo = Probe.__new__(Probe)  # no group: only the clock matters here
     algo._cuda, algo.timeout_s, algo.name, algo.rank = False, 2.0, "probe", 0
-    algo._broken, algo._owner = False, algo
+    algo._broken, algo._owner, algo.world_size = False, algo, 2
     algo._deadline = time.monotonic() + 2.0
     work = Work()
     algo.wait_work(work)

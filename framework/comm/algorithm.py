@@ -26,6 +26,7 @@ import math
 import time
 from abc import abstractmethod
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -61,7 +62,6 @@ class Algorithm(Communicator):
         self.timings: deque[tuple[int, float]] = deque(maxlen=256)
         self._reduce_span = f"commlab.{self.name}.reduce"
         self._deadline = 0.0  # when the collective in progress must be done (monotonic)
-        self._fresh = True  # False while a Composed owner runs its later steps (inner_op)
 
     @abstractmethod
     def reduce_(self, x: Tensor) -> None:
@@ -69,11 +69,23 @@ class Algorithm(Communicator):
 
     def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
         """Write this rank's part of the sum of ``x`` into ``out`` (default: the library)."""
-        library_reduce_scatter(out, x, group=self.group)
+        self.library(library_reduce_scatter, out, x)
 
     def all_gather_(self, x: Tensor, out: Tensor) -> None:
         """Write every rank's ``x``, in rank order along dim 0, into ``out`` (the library)."""
-        library_all_gather(out, x, group=self.group)
+        self.library(library_all_gather, out, x)
+
+    def library(self, collective: Callable[..., Any], *args: Any, group: Any = None) -> None:
+        """Run a library collective (``dist.all_reduce``, ...) on ``group`` (default: the
+        private group) within what is left of this operation's ``timeout_s``: a step of a
+        composition must not get a whole group timeout of its own (two steps could take
+        twice ``timeout_s``), and a late peer is commlab's :class:`CommError`, not the
+        library's error text. On NCCL the call is enqueued as it is (NCCL's watchdog)."""
+        group = self.group if group is None else group
+        if self._cuda:
+            collective(*args, group=group)
+        else:
+            self.wait_work(collective(*args, group=group, async_op=True))
 
     def wire_bytes(self, nbytes: int) -> int:
         """Bytes this rank sends for one all-reduce of ``nbytes`` (algorithm-specific)."""
@@ -190,12 +202,15 @@ class Algorithm(Communicator):
             raise self._late("")
 
     def _late(self, detail: str) -> Exception:
-        """The all-reduce did not finish in time. Its transfers may still be running into the
-        caller's tensor and scratch buffers, so the communicator is unusable from now on."""
+        """The operation did not finish in time. Its transfers may still be running into the
+        caller's tensor and scratch buffers, so the communicator is unusable from now on. The
+        library does not say which peer it waits for: with two ranks it is the other one."""
         self._broken = self._owner._broken = True
+        peers = [j for j in range(self.world_size) if j != self.rank]
+        who = f"rank {peers[0]}" if len(peers) == 1 else f"one or more of ranks {peers}"
         return self._error(
-            f"collective not complete within timeout_s={self.timeout_s} s (a peer is lost or "
-            f"late){detail}"
+            f"collective not complete within timeout_s={self.timeout_s} s: {who} lost or "
+            f"late{detail}"
         )
 
     def _count(self, x: Tensor, op: str = "all_reduce") -> None:
@@ -211,23 +226,35 @@ class Algorithm(Communicator):
         return dist.get_global_rank(self.group, group_rank)
 
 
-def _check_inner(name: str, inner: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """Refuse a bad ``inner``/``inner_options`` before any rank touches the wire."""
-    from framework.comm.registry import inner_algorithms  # the registry imports this module
+def check_algorithm(owner: str, key: str, name: Any, options: Any) -> None:
+    """Refuse, in ``owner``'s words, an ``inner`` (or ``auto`` candidate) that is not a
+    registered algorithm, and options that algorithm would refuse. Loads only that one
+    plugin (and all of them only to list the choices in the error)."""
+    from framework.comm.registry import get_strategy, inner_algorithms  # imports this module
 
-    if inner not in inner_algorithms():
+    try:
+        cls = get_strategy(name) if isinstance(name, str) else None
+    except ValueError:
+        cls = None
+    if cls is None or not issubclass(cls, Algorithm) or name == owner:
+        choices = [a for a in inner_algorithms() if a != owner]
         raise ValueError(
-            f"strategy {name!r}: inner={inner!r} is not an algorithm; "
-            f"choose one of {inner_algorithms()}"
+            f"strategy {owner!r}: {key}={name!r} is not an algorithm; choose one of {choices}"
         )
-    options = dict(options or {})
+    if not isinstance(options, dict):
+        raise ValueError(
+            f"strategy {owner!r}: the options of {key}={name!r} must be a mapping, got {options!r}"
+        )
     shared = sorted(set(options) & {"timeout_s", "validate"})
     if shared:
         raise ValueError(
-            f"strategy {name!r}: set {shared} on the strategy, not in "
-            f"inner_options; it passes them on to {inner!r}"
+            f"strategy {owner!r}: set {shared} on the strategy, not in the options of "
+            f"{key}={name!r}; it passes them on"
         )
-    return options
+    try:
+        cls.check_options(**options)
+    except ValueError as e:
+        raise ValueError(f"strategy {owner!r}, {key}={name!r}: {e}") from None
 
 
 def _build_inner(owner: Communicator, group: Any, inner: str, options: dict[str, Any]):
@@ -253,6 +280,10 @@ class _WithInner(Communicator):
     ``validate``) are set once, on the outer strategy, and passed on to the inner algorithm,
     so one timeout governs every group and segment the communicator owns."""
 
+    @classmethod
+    def option_rules(cls, options: dict[str, Any]) -> None:
+        check_algorithm(cls.name, "inner", options["inner"], options["inner_options"] or {})
+
     def __init__(
         self,
         group=None,
@@ -261,9 +292,8 @@ class _WithInner(Communicator):
         inner_options: dict[str, Any] | None = None,
         **common: Any,
     ) -> None:
-        inner_options = _check_inner(self.name, inner, inner_options)
         super().__init__(group, **common)
-        self.inner = _build_inner(self, group, inner, inner_options)
+        self.inner = _build_inner(self, group, inner, dict(inner_options or {}))
         self.inner_name = inner
         # over a quantized wire the composition is not exact either; it states no bound of
         # its own (fusion moves the quantization blocks, a sum in the input dtype adds error)
@@ -291,12 +321,10 @@ class Composed(_WithInner, Algorithm):
             return self.wire_bytes(nbytes)
         return self.inner.op_wire_bytes(op, nbytes)
 
-    def inner_op(self, op: str, x: Tensor, out: Tensor, first: bool = True) -> None:
-        """``op`` on the inner algorithm, on this collective's clock (``timeout_s`` in all:
-        ``first=False`` for every step after the first, so a transport with a clock of its own,
-        shm's segment, runs it on from the first step)."""
+    def inner_op(self, op: str, x: Tensor, out: Tensor) -> None:
+        """``op`` on the inner algorithm, on what is left of this collective's clock: every
+        step of a composition shares one deadline, ``timeout_s`` from the collective's start."""
         self.inner._deadline = self._deadline
-        self.inner._fresh = first
         self.inner._op(op, x, out)
 
     def _release(self) -> None:

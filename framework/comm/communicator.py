@@ -23,7 +23,10 @@ everything that must be identical across strategies so that measurements are com
 from __future__ import annotations
 
 import bisect
+import inspect
 import time
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -251,7 +254,6 @@ class Communicator(ABC):
         timeout_s: float = 60.0,
         _parent: Communicator | None = None,
     ) -> None:
-        self.require_positive(timeout_s=timeout_s)
         if not dist.is_initialized():
             raise CommError(f"strategy {self.name!r}: torch.distributed is not initialised")
         self.validate = validate
@@ -406,9 +408,63 @@ class Communicator(ABC):
         """Handles issued and not yet completed (bounded in a healthy loop)."""
         return len(self._pending)
 
+    # -- options: declared once (the signature), checked in one place -----------------------
+    def __new__(cls, group: Any = None, **options: Any) -> Communicator:
+        """Building a strategy checks its options first (:meth:`check_options`): a bad value
+        is refused before any rank touches the wire, in the same words as before a run."""
+        cls.check_options(**{k: v for k, v in options.items() if not k.startswith("_")})
+        return super().__new__(cls)
+
+    @classmethod
+    def declared_options(cls) -> dict[str, inspect.Parameter]:
+        """Keyword-only options of every ``__init__`` in the class's MRO, base options
+        included, less ``fixed_options`` (set by a subclass, not by users) and private ones."""
+        out: dict[str, inspect.Parameter] = {}
+        for klass in reversed(cls.__mro__):
+            if "__init__" not in vars(klass) or not issubclass(klass, Communicator):
+                continue
+            hints = _type_hints(klass.__init__)
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.kind is p.KEYWORD_ONLY and not p.name.startswith("_"):
+                    out[p.name] = p.replace(annotation=hints.get(p.name, p.annotation))
+        for name in getattr(cls, "fixed_options", ()):
+            out.pop(name, None)
+        return out
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Refuse unknown options, values of the wrong type, and values that break a rule of
+        the strategy (each class's :meth:`option_rules`, base classes first), with a
+        ``ValueError`` naming the strategy, the option, the value and what is allowed. The
+        constructor runs it, and so does a run's validation before any rank starts: one
+        path, so both refuse the same values in the same words."""
+        declared = cls.declared_options()
+        unknown = sorted(set(options) - set(declared))
+        if unknown:
+            raise ValueError(
+                f"strategy {cls.name!r} has no option(s) {unknown}; its options are "
+                f"{sorted(declared)}"
+            )
+        for key, value in options.items():
+            what = _type_problem(declared[key], value)
+            if what is not None:
+                raise ValueError(f"strategy {cls.name!r}: {key} must be {what}, got {value!r}")
+        full = {k: p.default for k, p in declared.items()} | options
+        for klass in reversed(cls.__mro__):
+            rules = vars(klass).get("option_rules")
+            if rules is not None:
+                rules.__func__(cls, full)
+
+    @classmethod
+    def option_rules(cls, options: dict[str, Any]) -> None:
+        """The rules of this class's own options (override; every class in the MRO that
+        defines it runs its own, base classes first), given every option with its default
+        filled in. Raise ``ValueError`` through the ``require_*`` helpers below."""
+        cls.require_positive(timeout_s=options["timeout_s"])
+
     # -- for subclasses ---------------------------------------------------------------------
-    # Option checks: call them first thing in ``__init__``, before any rank touches the wire,
-    # so a bad option fails on every rank alike with the strategy's name in the message.
+    # Rule helpers for :meth:`option_rules`: a bad option fails before any rank touches the
+    # wire, on every rank alike, with the strategy's name in the message.
     @classmethod
     def require_positive(cls, **options: float | None) -> None:
         """Each option must be > 0 (None means "unset" and passes)."""
@@ -596,6 +652,52 @@ def library_wire_bytes(op: str, nbytes: int, p: int) -> int:
     if op == "reduce_scatter":
         return (p - 1) * nbytes // p
     return (p - 1) * nbytes
+
+
+def _type_hints(fn: Any) -> dict[str, Any]:
+    """``fn``'s annotations, evaluated; {} where a plugin's cannot be (its checks then fall
+    back to the defaults' types)."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+_KINDS = {
+    bool: ("true or false", (bool,)),
+    int: ("an integer", (int,)),
+    float: ("a number", (int, float)),
+    str: ("a string", (str,)),
+    list: ("a list", (list, tuple)),
+    tuple: ("a list", (list, tuple)),
+    dict: ("a mapping", (dict,)),
+}
+
+
+def _type_problem(param: inspect.Parameter, value: Any) -> str | None:
+    """What ``value`` should have been for option ``param`` (None: it fits): the annotation
+    (``int``, ``int | None``, ``list[str] | None``, ...) or else the default's type."""
+    ann = param.annotation
+    if isinstance(ann, str) or ann is inspect.Parameter.empty or ann is Any:
+        ann = type(param.default) if param.default is not None else None
+    if ann is None:
+        return None
+    args = (
+        typing.get_args(ann)
+        if typing.get_origin(ann) in (typing.Union, types.UnionType)
+        else (ann,)
+    )
+    optional = type(None) in args
+    kinds = [_KINDS.get(typing.get_origin(a) or a) for a in args if a is not type(None)]
+    if not kinds or None in kinds:  # a type these checks do not know: the strategy's rules
+        return None
+    if value is None and optional:
+        return None
+    for _, types_ in kinds:
+        if isinstance(value, types_) and not (isinstance(value, bool) and bool not in types_):
+            return None
+    what = " or ".join(dict.fromkeys(w for w, _ in kinds))
+    return what + (" or null" if optional else "")
 
 
 def _describe_support(supports: dict[str, frozenset[str]]) -> str:

@@ -11,7 +11,6 @@ else. Strategies registered in-process with ``@register_strategy`` need no entry
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -129,28 +128,12 @@ def exact_algorithms(backend: str) -> list[str]:
 
 def strategy_options(name: str) -> dict[str, Any]:
     """Keyword-only options of a strategy and their defaults (base options included)."""
-    cls = get_strategy(name)
-    out: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" not in vars(klass) or not issubclass(klass, Communicator):
-            continue
-        for p in inspect.signature(klass.__init__).parameters.values():
-            if p.kind is p.KEYWORD_ONLY and not p.name.startswith("_"):
-                out[p.name] = p.default
-    for name in getattr(cls, "fixed_options", ()):  # set by the subclass, not by users
-        out.pop(name, None)
-    return out
+    return {k: p.default for k, p in get_strategy(name).declared_options().items()}
 
 
 def build_communicator(
     name: str, group: dist.ProcessGroup | None = None, **options: Any
 ) -> Communicator:
-    """Build strategy ``name`` on ``group`` (default WORLD). Collective: call on every rank."""
-    cls = get_strategy(name)
-    known = strategy_options(name)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(
-            f"strategy {name!r} has no option(s) {unknown}; its options are {sorted(known)}"
-        )
-    return cls(group, **options)
+    """Build strategy ``name`` on ``group`` (default WORLD). Collective: call on every rank.
+    Its options are checked first (``Communicator.check_options``), before any rank waits."""
+    return get_strategy(name)(group, **options)

@@ -43,8 +43,9 @@ otherwise it runs elsewhere, so spin up to 1 ms and then sleep in 50 us steps. Y
 to a peer that does not share the CPU would hand the CPU to whatever else is queued there (a
 busy background process) for a whole time slice: that was the old policy's loss under load. A
 waiter checks the time and its peers' pids every few milliseconds: a dead (or zombie) peer or
-the timeout becomes a ``CommError`` naming the ranks. The timeout runs once per collective,
-from its first stall.
+the timeout becomes a ``CommError`` naming the ranks. One clock per operation: each collective
+has a deadline, ``timeout_s`` from its start, or the caller's deadline when it is one step of a
+larger operation (``twoshot``, ``quantized``, ``hierarchical``).
 
 Lifetime: rank 0 creates the file under ``/dev/shm`` (named after its uid and pid), reserves
 its memory (``posix_fallocate``: a full ``/dev/shm`` is an error at set-up on every rank, not a
@@ -285,7 +286,7 @@ class ShmSegment:
         self.timeout_s = timeout_s
         self._round = 0
         self._unsettled: int | None = None  # a one-shot round whose second barrier is pending
-        self._waiting_since: float | None = None  # first slow wait of this collective
+        self._deadline = 0.0  # when the collective in progress must be done (monotonic)
         self._broken: str | None = None
         head = 2 * p * _LINE + -(-8 * p // _LINE) * _LINE
         size = head + (p + 1) * capacity
@@ -320,15 +321,17 @@ class ShmSegment:
         dist.barrier(group=group)  # pids are written
 
     # -- collectives ------------------------------------------------------------------------
-    def all_reduce_(self, x: Tensor, fresh: bool = True) -> None:
+    def all_reduce_(self, x: Tensor, deadline: float | None = None) -> None:
         """Sum ``x`` (contiguous, CPU) in place over the group.
 
-        ``fresh=False`` continues the caller's collective: its timeout keeps running from the
-        first stall of an earlier step (``hierarchical`` does three steps per all-reduce)."""
+        ``deadline`` (``time.monotonic()``) is when the caller's operation must be done: a
+        step of a larger operation (``hierarchical``'s three steps, ``twoshot``'s two) runs on
+        what is left of that operation's clock; None gives this call ``timeout_s`` of its own.
+        Every collective method takes it."""
         self._check()
         if self.world_size == 1:
             return
-        self._begin(fresh)
+        self._begin(deadline)
         self._settle()
         fp = _fingerprint(_OP_ALL_REDUCE, x)
         plan = self._plan(x)
@@ -341,7 +344,7 @@ class ShmSegment:
             seg = flat[lo : lo + self.capacity // x.element_size()]
             self._round_large(seg, *self._views(seg.dtype, seg.numel()), fp)
 
-    def all_reduce_oneshot_(self, x: Tensor) -> None:
+    def all_reduce_oneshot_(self, x: Tensor, deadline: float | None = None) -> None:
         """Sum ``x`` in place in one stage and one barrier: every rank copies its input into
         its slot and, once every rank has arrived, sums every slot itself, in rank order (the
         same order, hence the same bits, as :meth:`all_reduce_`).
@@ -355,7 +358,7 @@ class ShmSegment:
         p = self.world_size
         if p == 1:
             return
-        self._begin(True)
+        self._begin(deadline)
         fp = _fingerprint(_OP_ONESHOT, x)
         half = self.capacity // 2 // x.element_size()
         flat = x.view(-1)
@@ -393,7 +396,7 @@ class ShmSegment:
             g, self._unsettled = self._unsettled, None
             self._arrive(_REDUCED, g)
 
-    def reduce_scatter_(self, x: Tensor, out: Tensor, fresh: bool = True) -> None:
+    def reduce_scatter_(self, x: Tensor, out: Tensor, deadline: float | None = None) -> None:
         """This rank's part (rows ``[r n/p, (r+1) n/p)`` of dim 0) of the sum of ``x`` into
         ``out``: each rank copies in, then sums only its own part of every slot, in rank
         order. Large messages go in rounds of ``capacity / p`` columns of every part."""
@@ -402,7 +405,7 @@ class ShmSegment:
         if p == 1:
             out.copy_(x.view_as(out))
             return
-        self._begin(fresh)
+        self._begin(deadline)
         self._settle()
         fp = _fingerprint(_OP_REDUCE_SCATTER, x)
         q = x.numel() // p
@@ -421,7 +424,7 @@ class ShmSegment:
                 seg.add_(slots[j, r * c : (r + 1) * c])
             self._arrive(_REDUCED, g)
 
-    def all_gather_(self, x: Tensor, out: Tensor, fresh: bool = True) -> None:
+    def all_gather_(self, x: Tensor, out: Tensor, deadline: float | None = None) -> None:
         """Every rank's ``x`` into ``out`` in rank order: copy in, one barrier, copy every
         slot out (in rounds of ``capacity`` bytes for large messages)."""
         self._check()
@@ -431,7 +434,7 @@ class ShmSegment:
         if p == 1:
             out.view(-1).copy_(flat)
             return
-        self._begin(fresh)
+        self._begin(deadline)
         self._settle()
         fp = _fingerprint(_OP_ALL_GATHER, x)
         blocks = out.view(p, n)
@@ -509,13 +512,13 @@ class ShmSegment:
         parts = [slots[j, a:b] for j in range(p)] if b > a else []
         return slots[r, :m], parts, slots[p, a:b], slots[p, :m]
 
-    def broadcast_(self, x: Tensor, root: int, fresh: bool = True) -> None:
-        """Copy ``x`` of group rank ``root`` into ``x`` of every rank (``fresh``: as above)."""
+    def broadcast_(self, x: Tensor, root: int, deadline: float | None = None) -> None:
+        """Copy ``x`` of group rank ``root`` into ``x`` of every rank (``deadline``: as above)."""
         self._check()
         p = self.world_size
         if p == 1:
             return
-        self._begin(fresh)
+        self._begin(deadline)
         self._settle()
         fp = _fingerprint(_OP_BROADCAST, x, root)
         flat = x.view(-1)
@@ -593,13 +596,10 @@ class ShmSegment:
         free cores, or a busy neighbour): yield to it at once. Otherwise it runs elsewhere and
         arrives soon: spin up to ``_SPIN_S`` (a yield here would hand this CPU to whatever
         else is queued on it, for a whole time slice), then sleep in short steps. Where the
-        peer runs is re-read every ``_WHERE_S``. The timeout runs from the first slow wait of
-        the current collective, not per peer or per phase, so a collective fails within
-        ``timeout_s`` + ``_CHECK_S`` + one sleep step of its first stall."""
+        peer runs is re-read every ``_WHERE_S``. One clock per operation, not per peer, phase
+        or stall: a collective fails within ``_CHECK_S`` + one sleep step of its deadline."""
         flags = self._flags
         t0 = last = where = time.perf_counter()
-        if self._waiting_since is None:
-            self._waiting_since = t0
         queued = self._queued_behind_me(j)
         while flags[i] < g:
             now = time.perf_counter()
@@ -612,13 +612,12 @@ class ShmSegment:
                 time.sleep(_SLEEP_S)
             if now - last >= _CHECK_S:
                 last = now
-                self._check_peers(phase, g, now - self._waiting_since)
+                self._check_peers(phase, g)
 
-    def _begin(self, fresh: bool) -> None:
-        """Start (or continue) a collective: reset its timeout clock, and publish which thread
-        of this process runs it (a schedule's progress thread, or the caller's)."""
-        if fresh:
-            self._waiting_since = None
+    def _begin(self, deadline: float | None) -> None:
+        """Start a collective (or a step of the caller's): set its deadline, and publish which
+        thread of this process runs it (a schedule's progress thread, or the caller's)."""
+        self._deadline = time.monotonic() + self.timeout_s if deadline is None else deadline
         tid = threading.get_native_id()
         if tid != self._tid:
             self._tid = self._flags[self._flag(_ARRIVED, self.rank) + 2] = tid
@@ -644,9 +643,13 @@ class ShmSegment:
                 os.close(fd)
         self._stat_fds.clear()
 
-    def _check_peers(self, phase: int, g: int, waited: float) -> None:
+    def _check_peers(self, phase: int, g: int) -> None:
+        """Raise if a rank we wait for died, or the operation's deadline passed with a rank
+        still behind (a rank that arrived meanwhile is no reason to fail)."""
         flags = [self._flags[self._flag(phase, j)] for j in range(self.world_size)]
         behind = [j for j in range(self.world_size) if flags[j] < g]
+        if not behind:
+            return
         pids = [self._flags[self._pids_at + j] for j in range(self.world_size)]
         dead = [j for j in behind if not _alive(pids[j])]
         what = "arrived" if phase == _ARRIVED else "reduced"
@@ -654,10 +657,11 @@ class ShmSegment:
             self._broken = (
                 f"rank(s) {dead} (pid {[pids[j] for j in dead]}) died before round {g} ({what})"
             )
-        elif waited > self.timeout_s:
+        elif time.monotonic() > self._deadline:
+            waited = time.monotonic() - self._deadline + self.timeout_s
             self._broken = (
-                f"timed out after {waited:.1f} s waiting for rank(s) {behind} "
-                f"to reach round {g} ({what}); they are at "
+                f"timed out after {waited:.1f} s (timeout_s={self.timeout_s}) waiting for "
+                f"rank(s) {behind} to reach round {g} ({what}); they are at "
                 f"{[flags[j] for j in behind]}"
             )
         if self._broken is not None:

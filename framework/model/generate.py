@@ -8,6 +8,7 @@ any extra communication.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
         tokens[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         mask[row, width - len(prompt) :] = 1
     return tokens, mask
+
+
+def _is_token_id(tok: object, vocab_size: int) -> bool:
+    """An integer (any integer type, not a bool: a float would be truncated) in the vocabulary."""
+    if isinstance(tok, bool):
+        return False
+    try:
+        return 0 <= operator.index(tok) < vocab_size
+    except TypeError:
+        return False
 
 
 def _select(logits: Tensor, temperature: float, top_k: int, gen: torch.Generator | None) -> Tensor:
@@ -88,9 +99,11 @@ def generate(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     for row, prompt in enumerate(prompts):
-        bad = [tok for tok in prompt if not 0 <= tok < cfg.vocab_size]
+        bad = [tok for tok in prompt if not _is_token_id(tok, cfg.vocab_size)]
         if bad:
-            raise ValueError(f"prompt {row} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+            raise ValueError(
+                f"prompt {row} holds {bad[:5]}; token ids are integers in [0, {cfg.vocab_size})"
+            )
     if not 0 <= pad_id < cfg.vocab_size:
         raise ValueError(f"pad_id={pad_id} outside [0, {cfg.vocab_size})")
     if new_tokens < 1:

@@ -28,17 +28,20 @@ def first_divergence(tokens: list[list[int]], exact: list[list[int]]) -> list[in
 def compare(
     logits: list[Tensor],
     exact_logits: list[Tensor],
+    forced_tokens: list[list[int]],
     exact_tokens: list[list[int]],
     tokens: list[list[int]],
     wire_bytes: int,
     exact_wire_bytes: int,
 ) -> dict[str, Any]:
     """The ``numerics`` block. ``logits[i]`` / ``exact_logits[i]`` (batch, vocab): step i of
-    the teacher-forced strategy run and of the exact run; ``exact_tokens`` the exact run's
-    greedy choices; ``tokens`` the strategy's own free-running tokens (the measured run).
+    the teacher-forced strategy run and of the exact run; ``forced_tokens`` and
+    ``exact_tokens`` their choices (greedy, or sampled with the same temperature, top-k and
+    seed: the same draws from the same logits give the same tokens); ``tokens`` the
+    strategy's own free-running tokens (the measured run).
 
     * ``agreement``: share of (sequence, step) where the strategy's teacher-forced choice
-      (argmax) equals the exact run's token;
+      equals the exact run's token;
     * ``first_divergence``: the earliest step at which any free-running sequence left the
       exact one (None: none did), with ``diverged_sequences``;
     * ``logit_max_abs_err`` / ``logit_mean_abs_err`` over every step, sequence and entry;
@@ -48,7 +51,8 @@ def compare(
       the exact strategy sent for the same tokens."""
     got = torch.stack([x.float() for x in logits])  # (N, B, V)
     ref = torch.stack([x.float() for x in exact_logits])  # (N, B, V)
-    want = torch.tensor(exact_tokens, device=got.device).T  # (N, B)
+    want = torch.tensor(exact_tokens).T  # (N, B)
+    chose = torch.tensor(forced_tokens).T  # (N, B)
     err = (got - ref).abs()
     logp_ref = torch.log_softmax(ref.double(), dim=-1)
     logp = torch.log_softmax(got.double(), dim=-1)
@@ -58,7 +62,7 @@ def compare(
     return {
         "reference": "naive",
         "steps": got.shape[0],
-        "agreement": float((got.argmax(-1) == want).double().mean()),
+        "agreement": float((chose == want).double().mean()),
         "first_divergence": min(hit) if hit else None,
         "diverged_sequences": len(hit),
         "logit_max_abs_err": float(err.max()),

@@ -228,11 +228,18 @@ class Runner:
         """The ``numerics`` block (:mod:`framework.run.numerics`): the same prompts decoded
         with exact communication on these ranks and weights, then with the strategy under
         test teacher-forced on the exact tokens. Runs after the measured run: it costs two
-        more generations but changes no timing."""
+        more generations but changes no timing. Both decode as the measured run did (its
+        temperature, top-k and seed), so an exact strategy agrees with itself when sampling."""
         from framework.run.numerics import compare
 
         w = self.spec.workload
-        kw = {"micro_batches": w.micro_batches, "return_logits": True}
+        kw = {
+            "micro_batches": w.micro_batches,
+            "temperature": w.temperature,
+            "top_k": w.top_k,
+            "seed": self.spec.seed,
+            "return_logits": True,
+        }
         exact = build_communicator("naive", timeout_s=self.spec.parallel.timeout_s)
         try:
             self.model.set_communicator(exact)
@@ -248,6 +255,7 @@ class Runner:
         return compare(
             forced.logits,
             ref.logits,
+            forced.tokens,
             ref.tokens,
             tokens,
             self.comm.stats.wire_bytes,

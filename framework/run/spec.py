@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from framework.comm.registry import available_strategies, strategy_options
+from framework.comm.registry import available_strategies, get_strategy
 from framework.model import ModelConfig, get_config
 from framework.run.faults import KINDS, FaultSpec
 
@@ -124,8 +124,11 @@ def load_prompts(spec: RunSpec, vocab_size: int) -> list[list[int]]:
             raise ConfigError("workload.text: a prompt encodes to no tokens")
         return prompts
     if w.prompts:
-        with open(w.prompts) as f:
-            prompts = json.load(f)
+        try:
+            with open(w.prompts) as f:
+                prompts = json.load(f)
+        except ValueError as e:
+            raise ConfigError(f"workload.prompts: {w.prompts} is not JSON ({e})") from None
         if not (
             isinstance(prompts, list)
             and prompts
@@ -134,38 +137,31 @@ def load_prompts(spec: RunSpec, vocab_size: int) -> list[list[int]]:
             raise ConfigError(
                 f"workload.prompts: {w.prompts} must hold a JSON list of non-empty token-id lists"
             )
+        for row, prompt in enumerate(prompts):
+            bad = [t for t in prompt if not _token_id(t, vocab_size)]
+            if bad:
+                raise ConfigError(
+                    f"workload.prompts: {w.prompts}: prompt {row} holds {bad[:5]}; token ids "
+                    f"are integers in [0, {vocab_size})"
+                )
         return prompts
     g = torch.Generator().manual_seed(spec.seed)
     return torch.randint(1, vocab_size, (w.batch_size, w.prompt_len), generator=g).tolist()
 
 
+def _token_id(t: Any, vocab_size: int) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+
+
 def strategy_problems(name: str, options: dict[str, Any]) -> list[str]:
-    """What is wrong with a strategy name and its options (empty when nothing is)."""
-    strategies = available_strategies()
-    if name not in strategies:
-        return [f"unknown strategy {name!r}; available: {strategies}"]
-    problems = []
-    known = strategy_options(name)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        problems.append(
-            f"strategy {name!r} has no option(s) {unknown}; its options are {sorted(known)}"
-        )
-    for k, v in options.items():
-        d = known.get(k)
-        if (
-            isinstance(v, int | float)
-            and not isinstance(v, bool)
-            and isinstance(d, int | float)
-            and not isinstance(d, bool)
-            and d > 0
-            and v <= 0
-        ):
-            problems.append(f"strategy.{k} must be > 0, got {v}")
-    inner = options.get("inner")
-    if inner is not None and inner not in strategies:
-        problems.append(f"strategy.inner: unknown strategy {inner!r}; available: {strategies}")
-    return problems
+    """What is wrong with a strategy name and its options (empty when nothing is): the
+    strategy's own checks (``Communicator.check_options``, which its constructor runs too),
+    loading only the plugins the run names."""
+    try:
+        get_strategy(name).check_options(**options)
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def parallel_problems(p: ParallelSpec) -> list[str]:
@@ -203,7 +199,7 @@ def graph_problems(strategy: str, options: dict[str, Any], p: ParallelSpec) -> l
     """A CUDA graph can only capture a strategy whose collectives are all graph-safe."""
     from framework.comm.registry import get_strategy
 
-    if not p.cuda_graphs or strategy not in available_strategies():
+    if not p.cuda_graphs or strategy_problems(strategy, {}):
         return []
     if options.get("validate"):
         return [
@@ -262,11 +258,12 @@ def validate_run(spec: RunSpec) -> ModelConfig:
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ConfigError(f"invalid run configuration: {e}") from e
     longest = max(len(q) for q in prompts)
-    if longest + w.new_tokens > cfg.max_seq_len:
-        raise ConfigError(
-            f"invalid run configuration: prompt length {longest} + new_tokens "
-            f"{w.new_tokens} exceeds the model context {cfg.max_seq_len}"
-        )
+    for name in ("new_tokens", "warmup_tokens"):  # the warm-up decodes as far as it asks
+        if longest + getattr(w, name) > cfg.max_seq_len:
+            raise ConfigError(
+                f"invalid run configuration: prompt length {longest} + workload.{name} "
+                f"{getattr(w, name)} exceeds the model context {cfg.max_seq_len}"
+            )
     if w.micro_batches > len(prompts):
         raise ConfigError(
             f"invalid run configuration: micro_batches={w.micro_batches} is "

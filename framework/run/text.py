@@ -21,7 +21,10 @@ def load_tokenizer(checkpoint: str) -> Any:
         )
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the library's words ("expected ident at line 1") name no file
+        raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
 
 
 def encode(checkpoint: str, texts: list[str]) -> list[list[int]]:
