@@ -30,6 +30,7 @@ __all__ = [
     "Schedule",
     "available_strategies",
     "build_communicator",
+    "check_algorithm",
     "get_strategy",
     "register_strategy",
     "strategy_options",

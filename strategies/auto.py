@@ -36,8 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from framework import Algorithm, register_strategy
-from framework.comm.algorithm import check_algorithm
+from framework import Algorithm, check_algorithm, register_strategy
 from framework.comm.registry import exact_algorithms, get_strategy
 from framework.comm.tuning import bucket_of, describe, load_table
 

@@ -5,7 +5,7 @@ strategy author's world is this folder: the interface, the two base classes, the
 buffers, private groups, the shared-memory transport, profiling spans and launcher facts.
 """
 
-from framework.comm.algorithm import Algorithm, Composed, Schedule
+from framework.comm.algorithm import Algorithm, Composed, Schedule, check_algorithm
 from framework.comm.communicator import (
     HOST_ONLY,
     HOST_OR_NCCL,
@@ -36,6 +36,7 @@ __all__ = [
     "Schedule",
     "available_strategies",
     "build_communicator",
+    "check_algorithm",
     "get_strategy",
     "register_strategy",
     "strategy_options",
