@@ -66,3 +66,21 @@ def test_hierarchical_node_size_from_the_launcher(monkeypatch) -> None:
     assert ranks_per_node_from_env() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun wins
     assert ranks_per_node_from_env() == 4
+
+
+def test_a_run_loads_only_the_strategies_it_names() -> None:
+    """Lazy for real: validating a run (and checking its options) imports the strategies the
+    run names, its inner algorithm included, and no other plugin."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from framework.run.spec import RunSpec, validate_run\n"
+        "validate_run(RunSpec(strategy='twoshot', strategy_options={'inner': 'shm'}))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('strategies.')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.split("\n")[-2] == "['strategies.shm', 'strategies.twoshot']", out.stdout
