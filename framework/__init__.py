@@ -30,6 +30,7 @@ __all__ = [
     "Schedule",
     "available_strategies",
     "build_communicator",
+    "build_inner",
     "check_algorithm",
     "get_strategy",
     "register_strategy",

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework import Algorithm, check_algorithm, register_strategy
-from framework.comm.registry import exact_algorithms, get_strategy
+from framework.comm.registry import build_inner, exact_algorithms, get_strategy
 from framework.comm.tuning import bucket_of, describe, load_table
 
 log = logging.getLogger("commlab.auto")
@@ -85,16 +85,7 @@ class Auto(Algorithm):
         if names is None:
             names = exact_algorithms(self.backend)
         options = dict(candidate_options or {})
-        self.algos = {
-            n: get_strategy(n)(
-                group,
-                _parent=self,
-                timeout_s=self.timeout_s,
-                validate=self.validate,
-                **options.get(n, {}),
-            )
-            for n in names
-        }
+        self.algos = {n: build_inner(self, n, **options.get(n, {})) for n in names}
         self.supports = {
             b: frozenset.intersection(
                 *(a.supports.get(b, frozenset()) for a in self.algos.values())
@@ -175,9 +166,8 @@ class Auto(Algorithm):
             for _ in range(self.tune_iters):
                 y = x.clone()
                 out = algo.output(op, y)
-                algo._deadline = time.monotonic() + self.timeout_s
                 t0 = time.perf_counter()
-                algo._op(op, y, out)
+                algo.step(op, y, out)
                 if y.is_cuda:
                     torch.cuda.synchronize(y.device)
                 times.append(time.perf_counter() - t0)
@@ -185,7 +175,7 @@ class Auto(Algorithm):
         t = torch.tensor(medians, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         best = int(t.argmin())
-        self._deadline = time.monotonic() + self.timeout_s  # the call itself starts now
+        self.deadline = time.monotonic() + self.timeout_s  # the call itself starts now
         return (list(self.algos)[best], float(t[best]) * 1e6)
 
     def end_warmup(self) -> None:
@@ -225,13 +215,18 @@ class Auto(Algorithm):
             extra["auto_untuned_calls"] = extra.get("auto_untuned_calls", 0) + 1
         self.stats.count_collective(op, algo.op_wire_bytes(op, x.nbytes))
 
-    def _op(self, op: str, x: Tensor, out: Tensor) -> None:
-        algo = self._choose(op, x)[0]
-        algo._deadline = self._deadline
-        algo._op(op, x, out)
+    def _dispatch(self, op: str, x: Tensor, out: Tensor) -> None:
+        """The chosen candidate's step, on this operation's clock."""
+        self._choose(op, x)[0].step(op, x, out, self.deadline)
 
     def reduce_(self, x: Tensor) -> None:
-        self._op("all_reduce", x, x)
+        self._dispatch("all_reduce", x, x)
+
+    def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
+        self._dispatch("reduce_scatter", x, out)
+
+    def all_gather_(self, x: Tensor, out: Tensor) -> None:
+        self._dispatch("all_gather", x, out)
 
     def reset_stats(self) -> None:
         super().reset_stats()

@@ -148,11 +148,11 @@ class Hierarchical(Algorithm):
 
     def reduce_(self, x: Tensor) -> None:
         if self.segment is not None:
-            self.segment.all_reduce_(x, self._deadline)  # every node rank holds the node sum
+            self.segment.all_reduce_(x, self.deadline)  # every node rank holds the node sum
             if self.leader_group is not None:
                 self.library(dist.all_reduce, x, group=self.leader_group)
             if self.num_nodes > 1:  # the leader is group rank 0
-                self.segment.broadcast_(x, root=0, deadline=self._deadline)
+                self.segment.broadcast_(x, root=0, deadline=self.deadline)
             return
         if self.node_group is not None:
             self.library(dist.reduce, x, self.leader, group=self.node_group)

@@ -96,22 +96,22 @@ class Shm(Algorithm):
             self.library(dist.all_reduce, x)
         elif self.oneshot(x.nbytes):
             self.stats.extra["shm_oneshot"] += 1
-            self.segment.all_reduce_oneshot_(x, self._deadline)
+            self.segment.all_reduce_oneshot_(x, self.deadline)
         else:
-            self.segment.all_reduce_(x, self._deadline)
+            self.segment.all_reduce_(x, self.deadline)
 
     def reduce_scatter_(self, x: Tensor, out: Tensor) -> None:
         # a slot must hold at least one element of every rank's part
         if self.segment is None or self.segment.capacity < self.world_size * x.element_size():
             super().reduce_scatter_(x, out)
         else:
-            self.segment.reduce_scatter_(x, out, deadline=self._deadline)
+            self.segment.reduce_scatter_(x, out, deadline=self.deadline)
 
     def all_gather_(self, x: Tensor, out: Tensor) -> None:
         if self.segment is None:
             super().all_gather_(x, out)
         else:
-            self.segment.all_gather_(x, out, deadline=self._deadline)
+            self.segment.all_gather_(x, out, deadline=self.deadline)
 
     def _release(self) -> None:
         super()._release()

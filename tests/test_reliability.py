@@ -517,13 +517,13 @@ def test_wait_work_spends_what_is_left_of_timeout() -> None:
     algo = Probe.__new__(Probe)  # no group: only the clock matters here
     algo._cuda, algo.timeout_s, algo.name, algo.rank = False, 2.0, "probe", 0
     algo._broken, algo._owner, algo.world_size = False, algo, 2
-    algo._deadline = time.monotonic() + 2.0
+    algo.deadline = time.monotonic() + 2.0
     work = Work()
     algo.wait_work(work)
     time.sleep(0.2)
     algo.wait_work(work)
     assert 1.9 < work.timeouts[0] <= 2.0 and work.timeouts[1] < 1.85
-    algo._deadline = time.monotonic() - 0.01  # spent: a finished step still counts as done
+    algo.deadline = time.monotonic() - 0.01  # spent: a finished step still counts as done
     algo.wait_work(Work(completed=True))
     assert not algo._broken
     with pytest.raises(CommError, match=r"not complete within timeout_s=2\.0"):

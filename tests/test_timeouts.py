@@ -7,11 +7,13 @@ Each test here failed before its fix (issue 22, faults 1 and 8).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
-from framework import CommError, available_strategies, build_communicator, register_strategy
+from framework import CommError, build_communicator, register_strategy
 from strategies.naive import Naive
 from strategies.shm import Shm
 
@@ -37,16 +39,23 @@ class StallsBetweenSteps(Naive):
         super().all_gather_(x, out)
 
 
-def _register(name: str, cls: type) -> str:
-    if name not in available_strategies():
-        register_strategy(name)(cls)
-    return name
+@contextmanager
+def _registered(name: str, cls: type) -> Iterator[str]:
+    """A test algorithm, registered on this rank only while a test uses it (a pool rank's
+    registry must not offer it to ``auto`` in later tests)."""
+    from framework.comm import registry
+
+    register_strategy(name)(cls)
+    try:
+        yield name
+    finally:
+        registry._REGISTRY.pop(name, None)
 
 
 # -- fault 1: shm's clock ran on across operations ----------------------------------------------
 def _quantized_twoshot_over_slow_shm() -> dict:
-    inner = _register("test_slow_gather_shm", SlowGatherShm)
-    comm = build_communicator("quantized", algo="twoshot", inner=inner, timeout_s=0.5)
+    with _registered("test_slow_gather_shm", SlowGatherShm) as inner:
+        comm = build_communicator("quantized", algo="twoshot", inner=inner, timeout_s=0.5)
     x = torch.ones(256)
     t0 = time.perf_counter()
     try:
@@ -90,8 +99,8 @@ def test_shm_never_times_out_with_no_rank_behind(pools) -> None:
 
 # -- fault 8: a composition over the library took up to twice timeout_s -------------------------
 def _twoshot_over_stalling_library() -> dict:
-    inner = _register("test_stalls_between_steps", StallsBetweenSteps)
-    comm = build_communicator("twoshot", inner=inner, timeout_s=2.0)
+    with _registered("test_stalls_between_steps", StallsBetweenSteps) as inner:
+        comm = build_communicator("twoshot", inner=inner, timeout_s=2.0)
     if dist.get_rank() == 1:
         time.sleep(1.2)  # late to the first step, then stalls before the second
     t0 = time.perf_counter()

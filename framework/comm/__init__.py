@@ -18,6 +18,7 @@ from framework.comm.communicator import (
 from framework.comm.registry import (
     available_strategies,
     build_communicator,
+    build_inner,
     get_strategy,
     register_strategy,
     strategy_options,
@@ -36,6 +37,7 @@ __all__ = [
     "Schedule",
     "available_strategies",
     "build_communicator",
+    "build_inner",
     "check_algorithm",
     "get_strategy",
     "register_strategy",

@@ -61,7 +61,9 @@ class Algorithm(Communicator):
         # strategy fits its latency/bandwidth model on these.
         self.timings: deque[tuple[int, float]] = deque(maxlen=256)
         self._reduce_span = f"commlab.{self.name}.reduce"
-        self._deadline = 0.0  # when the collective in progress must be done (monotonic)
+        # when the operation in progress must be done (time.monotonic()): the per-call
+        # context every step of a composition shares, set by run_op or step
+        self.deadline = 0.0
 
     @abstractmethod
     def reduce_(self, x: Tensor) -> None:
@@ -109,13 +111,18 @@ class Algorithm(Communicator):
         )
 
     def run_op(self, op: str, x: Tensor, out: Tensor) -> None:
-        """Put one ``op`` on the wire, blocking (the base class counts it first)."""
+        """Put one ``op`` on the wire, blocking: counted, with ``timeout_s`` from now."""
         self._start(x, op)
         with span(self._reduce_span):
-            self._op(op, x, out)
+            self.step(op, x, out, self.deadline)
 
-    def _op(self, op: str, x: Tensor, out: Tensor) -> None:
-        """The algorithm's method for ``op``, uncounted and on the caller's clock."""
+    def step(self, op: str, x: Tensor, out: Tensor, deadline: float | None = None) -> None:
+        """Put ``op`` on the wire as one step of a caller's operation (a composition, a
+        dispatcher): not counted (the caller counts its own), within ``deadline``
+        (``time.monotonic()``; None: ``timeout_s`` from now). Sets :attr:`deadline`, then runs
+        the op's hook (``reduce_``, ``reduce_scatter_``, ``all_gather_``): override those,
+        not this, and pass ``self.deadline`` on to the steps they run."""
+        self.deadline = time.monotonic() + self.timeout_s if deadline is None else deadline
         if op == "all_reduce":
             self.reduce_(x)
         elif op == "reduce_scatter":
@@ -178,7 +185,7 @@ class Algorithm(Communicator):
 
     def _start(self, x: Tensor, op: str = "all_reduce") -> None:
         """Before every collective: count it, and start its clock (:meth:`wait_work`)."""
-        self._deadline = time.monotonic() + self.timeout_s
+        self.deadline = time.monotonic() + self.timeout_s
         self._count(x, op)
 
     def wait_work(self, work: Any) -> None:
@@ -188,7 +195,7 @@ class Algorithm(Communicator):
         if self._cuda:  # a timed wait would block the host; NCCL's watchdog enforces timeout_s
             work.wait()
             return
-        left = self._deadline - time.monotonic()
+        left = self.deadline - time.monotonic()
         if left <= 0:
             if work.is_completed():
                 return
@@ -257,14 +264,12 @@ def check_algorithm(owner: str, key: str, name: Any, options: Any) -> None:
         raise ValueError(f"strategy {owner!r}, {key}={name!r}: {e}") from None
 
 
-def _build_inner(owner: Communicator, group: Any, inner: str, options: dict[str, Any]):
-    """``owner``'s inner algorithm: it shares the owner's private group and counters, and the
-    owner runs only where it does (``supports`` narrowed to the inner's)."""
-    from framework.comm.registry import get_strategy
+def _build_inner(owner: Communicator, inner: str, options: dict[str, Any]):
+    """``owner``'s inner algorithm (:func:`~framework.comm.registry.build_inner`); the owner
+    runs only where it does (``supports`` narrowed to the inner's)."""
+    from framework.comm.registry import build_inner
 
-    algo = get_strategy(inner)(
-        group, _parent=owner, timeout_s=owner.timeout_s, validate=owner.validate, **options
-    )
+    algo = build_inner(owner, inner, **options)
     owner.supports = {
         b: devices & algo.supports[b]
         for b, devices in type(owner).supports.items()
@@ -293,7 +298,7 @@ class _WithInner(Communicator):
         **common: Any,
     ) -> None:
         super().__init__(group, **common)
-        self.inner = _build_inner(self, group, inner, dict(inner_options or {}))
+        self.inner = _build_inner(self, inner, dict(inner_options or {}))
         self.inner_name = inner
         # over a quantized wire the composition is not exact either; it states no bound of
         # its own (fusion moves the quantization blocks, a sum in the input dtype adds error)
@@ -324,8 +329,7 @@ class Composed(_WithInner, Algorithm):
     def inner_op(self, op: str, x: Tensor, out: Tensor) -> None:
         """``op`` on the inner algorithm, on what is left of this collective's clock: every
         step of a composition shares one deadline, ``timeout_s`` from the collective's start."""
-        self.inner._deadline = self._deadline
-        self.inner._op(op, x, out)
+        self.inner.step(op, x, out, self.deadline)
 
     def _release(self) -> None:
         super()._release()

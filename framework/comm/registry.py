@@ -131,6 +131,20 @@ def strategy_options(name: str) -> dict[str, Any]:
     return {k: p.default for k, p in get_strategy(name).declared_options().items()}
 
 
+def build_inner(owner: Communicator, name: str, **options: Any) -> Communicator:
+    """Algorithm ``name`` as a part of ``owner`` (a schedule's or composition's ``inner``, a
+    dispatcher's candidate): it shares ``owner``'s private group and counters (its traffic
+    shows in ``owner.stats``, uncounted twice), and ``owner``'s ``timeout_s`` and
+    ``validate``. Collective: every rank builds the same parts in the same order."""
+    return get_strategy(name)(
+        owner.group,
+        _parent=owner,
+        timeout_s=owner.timeout_s,
+        validate=owner.validate,
+        **options,
+    )
+
+
 def build_communicator(
     name: str, group: dist.ProcessGroup | None = None, **options: Any
 ) -> Communicator:
