@@ -19,6 +19,30 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# The second tier: the rest of a matrix whose representative slice the README command runs
+FULL = pytest.mark.full
+
+
+def one_each(names: list[str], sizes: tuple[int, ...]) -> list[Any]:
+    """Every (name, size) pair for ``parametrize("name, size", ...)``. The README command
+    (first tier) runs each name once, at ``sizes[i % len(sizes)]`` for the i-th name, so
+    the slice covers every name and every size; the other pairs are marked ``full``."""
+    pairs = []
+    for i, name in enumerate(names):
+        for size in sizes:
+            marks = () if size == sizes[i % len(sizes)] else (FULL,)
+            pairs.append(pytest.param(name, size, marks=marks))
+    return pairs
+
+
+def first_only(values: list[Any], n: int = 1) -> list[Any]:
+    """``values`` for ``parametrize`` (a tuple: one value per argument): the first ``n`` in
+    the README tier, the rest ``full``."""
+    return [
+        pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=() if i < n else (FULL,))
+        for i, v in enumerate(values)
+    ]
+
 
 class Pools:
     """Spawns ranks once per world size and reuses them; replaces a pool a failure broke."""

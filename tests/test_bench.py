@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, as_torchrun_rank, compose_config
+from conftest import ROOT, as_torchrun_rank, compose_config, first_only
 from hydra.errors import MissingConfigException
 
 from framework.run.spec import ConfigError
@@ -142,6 +142,7 @@ def test_many_small_bucketed(pools) -> None:
         assert st["calls_per_iter"] == 8 and st["collectives_per_iter"] == 1
 
 
+@pytest.mark.full
 def test_baseline_memcpy_and_profile(tmp_path: Path) -> None:
     """shm against the raw library call in one run, the copy limit beside it, and a trace."""
     p = bench(
@@ -204,7 +205,7 @@ def test_unknown_strategy_group_option_is_refused_at_compose() -> None:
         compose_config("strategy=nope", name="bench")
 
 
-@pytest.mark.parametrize("op", ["reduce_scatter", "all_gather"])
+@pytest.mark.parametrize("op", first_only(["reduce_scatter", "all_gather"]))
 def test_reduce_scatter_and_all_gather(pools, op: str) -> None:
     """bench.op on 3 ranks with shm's native ops: sizes are the whole buffer rounded to 3
     elements, busbw is nccl-tests' (n-1)/n of algbw, and the results are exact."""

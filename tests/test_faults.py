@@ -60,7 +60,7 @@ def shm_files() -> set[str]:
 
 
 @pytest.mark.ci
-@pytest.mark.parametrize("strategy", ["naive", "shm"])
+@pytest.mark.parametrize("strategy", ["naive", pytest.param("shm", marks=pytest.mark.full)])
 def test_killed_rank_fails_fast_and_is_named(tmp_path: Path, strategy: str) -> None:
     segments = shm_files()
     r, res, elapsed = run_fault(tmp_path, f"strategy={strategy}", "fault.kind=kill", "fault.rank=1")

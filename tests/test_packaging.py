@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.ci
+@pytest.mark.full
 def test_wheel_install_runs_infer_from_another_directory(tmp_path: Path) -> None:
     # A fresh environment with commlab installed from a wheel, non-editable; the heavy
     # dependencies (torch, hydra, lightning) come from this environment through a .pth

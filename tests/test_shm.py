@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import FULL, first_only
 
 from framework import Schedule, available_strategies, get_strategy
 from framework.testing import run_checks
@@ -18,14 +19,15 @@ COMPOSED_CHECKS = ["exact_sums", "handles_in_flight", "flush_semantics", "bounde
 
 
 @pytest.mark.parametrize(
-    "name", [n for n in available_strategies() if issubclass(get_strategy(n), Schedule)]
+    "name",
+    first_only([n for n in available_strategies() if issubclass(get_strategy(n), Schedule)], 2),
 )
 def test_schedules_over_shm(pools, name: str) -> None:
     """Every schedule sends its collectives through shm from its progress thread."""
     pools(3).run(run_checks, name, {"inner": "shm"}, COMPOSED_CHECKS)
 
 
-@pytest.mark.parametrize(("world_size", "ranks_per_node"), [(4, 2), (3, 2), (4, 4)])
+@pytest.mark.parametrize(("world_size", "ranks_per_node"), first_only([(4, 2), (3, 2), (4, 4)]))
 def test_hierarchical_with_shm_inside_nodes(pools, world_size: int, ranks_per_node: int) -> None:
     pools(world_size).run(
         run_checks,
@@ -49,11 +51,13 @@ SHM_MODE_CHECKS = ["exact_sums", "float_order", "handles_in_flight", "mixed_ops_
 @pytest.mark.parametrize(
     "world_size, options",
     [
-        (4, {"mode": "oneshot"}),  # two-shot is auto's choice here: test_kit covers it
+        pytest.param(
+            4, {"mode": "oneshot"}, marks=FULL
+        ),  # two-shot is auto's choice here: test_kit covers it
         # sizes on both sides of the limit: one-shot rounds (one barrier) next to two-shot
         # rounds, reduce-scatters and all-gathers, in any order
         (2, {"mode": "auto", "oneshot_max_bytes": 4096}),
-        (4, {"mode": "auto", "oneshot_max_bytes": 4096}),
+        pytest.param(4, {"mode": "auto", "oneshot_max_bytes": 4096}, marks=FULL),
     ],
 )
 def test_modes(pools, world_size: int, options: dict) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import first_only, one_each
 
 from framework import available_strategies, build_communicator, get_strategy
 from framework.model import TPLlama, get_config
@@ -44,8 +45,7 @@ def reference(pools):
     return tokens, logits
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy, world_size", one_each(STRATEGIES, (2, 3, 4)))
 def test_tp_matches_unsharded(pools, reference, strategy: str, world_size: int) -> None:
     ref_tokens, ref_logits = reference
     outs = pools(world_size).run(tp_generate, strategy, {}, 2)
@@ -126,7 +126,7 @@ def _sp_every_strategy() -> list[tuple[str, int, list, torch.Tensor, int, int]]:
     return out
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("world_size", first_only([3, 2, 4]))
 def test_sequence_parallel_matches_unsharded(pools, reference, world_size: int) -> None:
     ref_tokens, ref_logits = reference
     layers = get_config("tiny").num_layers
