@@ -32,9 +32,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework import HOST_OR_NCCL, Algorithm, CommError, register_strategy
-from framework.comm.communicator import library_all_gather, library_reduce_scatter
 from framework.comm.env import ranks_per_node_from_env
 from framework.comm.groups import acquire_group, release_group
+from framework.comm.library import library_all_gather, library_reduce_scatter
 from framework.comm.shm import shm_segment_for
 
 INTRA = ("library", "shm")

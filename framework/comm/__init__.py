@@ -6,15 +6,9 @@ buffers, private groups, the shared-memory transport, profiling spans and launch
 """
 
 from framework.comm.algorithm import Algorithm, Composed, Schedule, check_algorithm
-from framework.comm.communicator import (
-    HOST_ONLY,
-    HOST_OR_NCCL,
-    LIBRARY_SUPPORT,
-    CommError,
-    CommStats,
-    Communicator,
-    Handle,
-)
+from framework.comm.communicator import CommError, Communicator
+from framework.comm.handle import Handle
+from framework.comm.library import HOST_ONLY, HOST_OR_NCCL, LIBRARY_SUPPORT
 from framework.comm.registry import (
     available_strategies,
     build_communicator,
@@ -23,6 +17,7 @@ from framework.comm.registry import (
     register_strategy,
     strategy_options,
 )
+from framework.comm.stats import CommStats
 
 __all__ = [
     "HOST_ONLY",

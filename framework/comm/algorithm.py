@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from framework.comm.communicator import (
-    Communicator,
-    Handle,
+from framework.comm.communicator import Communicator
+from framework.comm.handle import Handle
+from framework.comm.library import (
     ag_output,
     library_all_gather,
     library_reduce_scatter,

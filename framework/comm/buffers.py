@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from framework.comm.communicator import CommStats
+from framework.comm.stats import CommStats
 
 
 class BufferPool:

@@ -25,12 +25,8 @@ from __future__ import annotations
 import bisect
 import inspect
 import time
-import types
-import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -39,7 +35,18 @@ from torch import Tensor
 from torch.autograd.profiler import record_function
 
 from framework.comm.groups import acquire_group, release_group
+from framework.comm.handle import Handle
+from framework.comm.library import (
+    LIBRARY_SUPPORT,
+    ag_output,
+    library_all_gather,
+    library_reduce_scatter,
+    library_wire_bytes,
+    rs_output,
+)
+from framework.comm.options import type_hints, type_problem
 from framework.comm.profiling import _enabled as _profiling
+from framework.comm.stats import CommStats
 
 # dtypes every built-in strategy can sum exactly as the library does (bool and complex are
 # refused: SUM over bool is a logical OR in some backends and complex is not in gloo).
@@ -64,8 +71,6 @@ _OP_NAMES = {
     _OP_REDUCE_SCATTER: "reduce_scatter",
     _OP_ALL_GATHER: "all_gather",
 }
-# The collectives of the interface, in the order the counters list them.
-OPS = ("all_reduce", "reduce_scatter", "all_gather")
 _OP_CODES = {
     "all_reduce": _OP_ALL_REDUCE,
     "reduce_scatter": _OP_REDUCE_SCATTER,
@@ -73,158 +78,9 @@ _OP_CODES = {
 }
 _DTYPE_CODES = {dt: i for i, dt in enumerate(sorted(DEFAULT_DTYPES, key=str))}
 
-# What the library collectives handle: gloo sums CPU tensors and CUDA tensors (staged through
-# host memory), NCCL only CUDA tensors. A strategy narrows this where its transport cannot.
-LIBRARY_SUPPORT: dict[str, frozenset[str]] = {
-    "gloo": frozenset({"cpu", "cuda"}),
-    "nccl": frozenset({"cuda"}),
-}
-HOST_ONLY: dict[str, frozenset[str]] = {"gloo": frozenset({"cpu"})}
-# Point-to-point messages and reduce-to-root: gloo handles these for CPU tensors only.
-HOST_OR_NCCL: dict[str, frozenset[str]] = {
-    "gloo": frozenset({"cpu"}),
-    "nccl": frozenset({"cuda"}),
-}
-
 
 class CommError(RuntimeError):
     """A communicator refused an input or found ranks out of step; the message names both."""
-
-
-@dataclass
-class CommStats:
-    """Counters a researcher needs to see what a strategy did. Reset with ``reset()``.
-
-    The totals count every op; ``by_op[op]`` holds ``calls``, ``collectives``, ``bytes`` and
-    ``wire_bytes`` of each of :data:`OPS` alone (``as_dict`` flattens them as
-    ``<op>_<counter>``; an op's ``wait_s`` is the time blocked issuing and waiting its
-    handles: time blocked in ``flush()`` or ``close()`` counts in the total ``wait_s`` only).
-    ``calls`` logical calls; ``collectives`` operations put on the wire
-    (fusion makes it smaller than ``calls``); ``bytes`` input bytes; ``wire_bytes`` bytes this
-    rank sent according to the algorithm; ``wait_s`` seconds the caller was blocked inside
-    ``all_reduce``/``wait``/``flush`` (exposed communication); ``buffer_allocs`` and
-    ``buffer_reuses`` count communication buffers created and handed out again; ``extra`` holds
-    strategy-specific readings (the adaptive strategy's fitted alpha, beta and threshold).
-    """
-
-    calls: int = 0
-    collectives: int = 0
-    bytes: int = 0
-    wire_bytes: int = 0
-    wait_s: float = 0.0
-    buffer_allocs: int = 0
-    buffer_reuses: int = 0
-    by_op: dict[str, dict[str, int]] = field(default_factory=lambda: _zero_ops())
-    extra: dict[str, float] = field(default_factory=dict)
-
-    def reset(self) -> None:
-        for f in fields(self):
-            if f.name == "by_op":
-                self.by_op = _zero_ops()
-            elif f.name != "extra":
-                setattr(self, f.name, type(getattr(self, f.name))())
-
-    def count_call(self, op: str, nbytes: int) -> None:
-        self.calls += 1
-        self.bytes += nbytes
-        mine = self.by_op[op]
-        mine["calls"] += 1
-        mine["bytes"] += nbytes
-
-    def count_collective(self, op: str, wire_bytes: int) -> None:
-        self.collectives += 1
-        self.wire_bytes += wire_bytes
-        mine = self.by_op[op]
-        mine["collectives"] += 1
-        mine["wire_bytes"] += wire_bytes
-
-    def as_dict(self) -> dict[str, float]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NESTED}
-        for op, counters in self.by_op.items():
-            out.update({f"{op}_{k}": v for k, v in counters.items()})
-        out.update(self.extra)
-        return out
-
-
-_NESTED = ("by_op", "extra")
-OP_COUNTERS = ("calls", "collectives", "bytes", "wire_bytes", "wait_s")
-
-
-def _zero_ops() -> dict[str, dict[str, int]]:
-    return {op: dict.fromkeys(OP_COUNTERS, 0) for op in OPS}
-
-
-class Handle:
-    """A pending collective. ``wait()`` blocks until the result is ready and returns it.
-
-    ``finish`` is the strategy's completion step (wait for the wire, copy out of a buffer);
-    it runs at most once. If it raises, the error is kept and raised again by every later
-    ``wait()``: a failed collective never turns into a result. A handle created ready
-    (blocking strategies) costs nothing to wait.
-    """
-
-    __slots__ = ("_comm", "_error", "_finish", "_input", "_op", "_result", "_span")
-
-    def __init__(self, comm: Communicator, finish: Callable[[], Tensor] | None, result=None):
-        self._comm = comm
-        self._finish = finish
-        self._result = result
-        self._error: BaseException | None = None
-        self._span: tuple[int, int] | None = None  # the input's bytes while in flight
-        # the input itself while in flight: its memory must not be freed and reused by the
-        # caller's next input while the span still counts as given up (reduce-scatter and
-        # all-gather inputs are often temporaries nobody else holds)
-        self._input: Tensor | None = None
-        self._op = "all_reduce"  # set by the communicator that issued it
-        if finish is not None:
-            comm._pending[id(self)] = self
-
-    @property
-    def done(self) -> bool:
-        return self._finish is None
-
-    def wait(self) -> Tensor:
-        if self._finish is None:
-            if self._error is not None:
-                raise self._error
-            return self._result
-        if self._comm._closed:
-            raise self._comm._error(
-                "wait() after close(): the communicator's groups and "
-                "buffers are released; wait before closing"
-            )
-        outer = self._comm._depth == 0
-        t0 = time.perf_counter()
-        try:
-            with self._comm._blocked():
-                self._complete()
-        finally:  # the caller blocked on this op (a nested wait is its caller's time)
-            if outer:
-                self._comm.stats.by_op[self._op]["wait_s"] += time.perf_counter() - t0
-        return self._result
-
-    def _complete(self) -> None:
-        finish, self._finish = self._finish, None
-        if finish is None:  # completed earlier (successfully or not)
-            if self._error is not None:
-                raise self._error
-            return
-        comm = self._comm
-        comm._pending.pop(id(self), None)
-        if self._span is not None:
-            comm._release_span(self._span)
-        try:
-            self._result = finish()
-            self._input = None
-        except Exception as e:
-            self._error, self._input = e, None
-            raise
-        except BaseException:  # an interrupt stopped the wait, not the collective: retryable
-            self._finish = finish
-            comm._pending[id(self)] = self
-            if self._span is not None:
-                comm._hold_span(self._span)
-            raise
 
 
 class Communicator(ABC):
@@ -423,7 +279,7 @@ class Communicator(ABC):
         for klass in reversed(cls.__mro__):
             if "__init__" not in vars(klass) or not issubclass(klass, Communicator):
                 continue
-            hints = _type_hints(klass.__init__)
+            hints = type_hints(klass.__init__)
             for p in inspect.signature(klass.__init__).parameters.values():
                 if p.kind is p.KEYWORD_ONLY and not p.name.startswith("_"):
                     out[p.name] = p.replace(annotation=hints.get(p.name, p.annotation))
@@ -446,7 +302,7 @@ class Communicator(ABC):
                 f"{sorted(declared)}"
             )
         for key, value in options.items():
-            what = _type_problem(declared[key], value)
+            what = type_problem(declared[key], value)
             if what is not None:
                 raise ValueError(f"strategy {cls.name!r}: {key} must be {what}, got {value!r}")
         full = {k: p.default for k, p in declared.items()} | options
@@ -625,79 +481,6 @@ def _describe(row: list[int]) -> str:
     dtype = {v: k for k, v in _DTYPE_CODES.items()}.get(row[2])
     shape = tuple(row[5 : 5 + min(ndim, 4)])
     return f"{_OP_NAMES[op]} #{seq} shape {shape} {dtype} numel {numel}"
-
-
-def rs_output(x: Tensor, p: int) -> Tensor:
-    """A new tensor for this rank's part of a reduce-scatter of ``x`` over ``p`` ranks."""
-    return x.new_empty((x.shape[0] // p, *x.shape[1:]))
-
-
-def ag_output(x: Tensor, p: int) -> Tensor:
-    """A new tensor for the all-gather of ``x`` over ``p`` ranks (dim 0 times p)."""
-    return x.new_empty((x.shape[0] * p, *x.shape[1:]))
-
-
-# The library's tensor forms of the two ops: torch 2.13 renamed them (``*_single``) and warns
-# on the old names, which older releases (the package takes torch>=2.3) only have.
-library_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-library_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def library_wire_bytes(op: str, nbytes: int, p: int) -> int:
-    """Bytes one rank sends in the library's ring form of ``op`` on ``nbytes`` of input
-    (nccl-tests' bus-bandwidth convention): all-reduce 2(p-1)/p n, reduce-scatter (p-1)/p n,
-    all-gather (p-1) n."""
-    if op == "all_reduce":
-        return 2 * (p - 1) * nbytes // p
-    if op == "reduce_scatter":
-        return (p - 1) * nbytes // p
-    return (p - 1) * nbytes
-
-
-def _type_hints(fn: Any) -> dict[str, Any]:
-    """``fn``'s annotations, evaluated; {} where a plugin's cannot be (its checks then fall
-    back to the defaults' types)."""
-    try:
-        return typing.get_type_hints(fn)
-    except Exception:
-        return {}
-
-
-_KINDS = {
-    bool: ("true or false", (bool,)),
-    int: ("an integer", (int,)),
-    float: ("a number", (int, float)),
-    str: ("a string", (str,)),
-    list: ("a list", (list, tuple)),
-    tuple: ("a list", (list, tuple)),
-    dict: ("a mapping", (dict,)),
-}
-
-
-def _type_problem(param: inspect.Parameter, value: Any) -> str | None:
-    """What ``value`` should have been for option ``param`` (None: it fits): the annotation
-    (``int``, ``int | None``, ``list[str] | None``, ...) or else the default's type."""
-    ann = param.annotation
-    if isinstance(ann, str) or ann is inspect.Parameter.empty or ann is Any:
-        ann = type(param.default) if param.default is not None else None
-    if ann is None:
-        return None
-    args = (
-        typing.get_args(ann)
-        if typing.get_origin(ann) in (typing.Union, types.UnionType)
-        else (ann,)
-    )
-    optional = type(None) in args
-    kinds = [_KINDS.get(typing.get_origin(a) or a) for a in args if a is not type(None)]
-    if not kinds or None in kinds:  # a type these checks do not know: the strategy's rules
-        return None
-    if value is None and optional:
-        return None
-    for _, types_ in kinds:
-        if isinstance(value, types_) and not (isinstance(value, bool) and bool not in types_):
-            return None
-    what = " or ".join(dict.fromkeys(w for w, _ in kinds))
-    return what + (" or null" if optional else "")
 
 
 def _describe_support(supports: dict[str, frozenset[str]]) -> str:

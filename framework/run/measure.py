@@ -25,13 +25,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from framework.comm.communicator import (
-    CommStats,
+from framework.comm.library import (
     ag_output,
     library_all_gather,
     library_reduce_scatter,
     rs_output,
 )
+from framework.comm.stats import CommStats
 from framework.costmodel import busbw_gbps
 from framework.run.inputs import expected_sum, rank_input
 from framework.run.spread import median_interval

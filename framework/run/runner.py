@@ -19,9 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from framework.comm.communicator import OP_COUNTERS, OPS
 from framework.comm.profiling import profiled
 from framework.comm.registry import build_communicator
+from framework.comm.stats import OP_COUNTERS, OPS
 from framework.model.generate import generate
 from framework.run.faults import FaultInjector
 from framework.run.launch import launch_ranks

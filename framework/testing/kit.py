@@ -27,7 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from framework.comm.communicator import CommError, Communicator, library_reduce_scatter
+from framework.comm.communicator import CommError, Communicator
+from framework.comm.library import library_reduce_scatter
 from framework.comm.registry import build_communicator
 from framework.run.inputs import rank_input as _cpu_input
 
