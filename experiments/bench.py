@@ -385,8 +385,6 @@ def main(cfg: DictConfig) -> float:
         write_csv(csv_path, rows)
         tracker.log_table("allreduce", rows)
         tracker.attach(csv_path)
-        for png in plot_bench(rows, Path(out_dir)):
-            tracker.attach(png)
         largest = rows[-1]
         wrong = sum(r["wrong"] for r in rows)
         print(f"# Out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}", flush=True)
@@ -410,7 +408,11 @@ def main(cfg: DictConfig) -> float:
             "comm_stats": out["comm_stats"],
         }
 
-    return run_job(cfg, "bench", body, "results.json")["busbw_gbps"]
+    def plots(out_dir: str, tracker, results: dict[str, Any]) -> None:
+        for png in plot_bench(results["size_results"], Path(out_dir)):
+            tracker.attach(png)
+
+    return run_job(cfg, "bench", body, "results.json", after=[plots])["busbw_gbps"]
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -11,8 +12,8 @@ import sys
 import tempfile
 import threading
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -206,29 +207,143 @@ def _interruptible() -> Iterator[None]:
             signal.signal(s, h)
 
 
+class JobDirError(RuntimeError):
+    """The output directory cannot take this job: another job holds it, or the results could
+    not be saved there. Raised before any rank starts, without writing to the directory."""
+
+
+LOCK_FILE = ".commlab.lock"
+
+
+class JobDirLock:
+    """A job's hold on its output directory: an exclusive ``flock`` on ``.commlab.lock`` in
+    it, a file naming the holder's pid. A second job given the same directory is refused at
+    once instead of overwriting the first one's results. The kernel drops the lock when the
+    holder dies, even of SIGKILL; a file left behind then holds nothing."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise JobDirError(
+                    f"output directory {self.path.parent} is not writable "
+                    f"({e.strerror}): the results could not be saved there"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise JobDirError(
+                    f"output directory {self.path.parent} is in use by another job "
+                    f"(pid {holder}, see {self.path}): a second job there would overwrite its "
+                    "results. Give this job its own hydra.run.dir, or wait for that one to end."
+                ) from None
+            with suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            os.close(fd)  # its holder ended and unlinked it meanwhile: lock a new file
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        # unlinked while still locked: a job that opened the file meanwhile tries a new one
+        with suppress(FileNotFoundError):
+            os.unlink(self.path)
+        fcntl.flock(fd, fcntl.LOCK_UN)  # a forked child may share the descriptor
+        os.close(fd)
+
+
+def check_job_dir(out_dir: Path, result: Path) -> None:
+    """Refuse a directory the results could not be saved in before any rank starts, rather
+    than measure for minutes and lose it all at the last write."""
+    if not out_dir.is_dir():
+        raise JobDirError(f"output directory {out_dir} is not a directory")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise JobDirError(
+            f"output directory {out_dir} is not writable: the results could not be saved there"
+        )
+    if result.is_dir():
+        raise JobDirError(
+            f"{result} is a directory: the results could not be saved there "
+            "(remove it, or give this job another hydra.run.dir)"
+        )
+
+
+Artefact = Callable[[str, NullTracker, dict[str, Any]], Any]
+
+
+def _write_late(step: Artefact, out_dir: str, tracker: NullTracker, results: dict) -> None:
+    """A plot or copy written after the measurement: failing it is a warning, kept in the
+    results, since what was measured is complete and already saved."""
+    try:
+        step(out_dir, tracker, results)
+    except Exception as e:
+        name = getattr(step, "__name__", repr(step))
+        why = f"{name} failed: {type(e).__name__}: {e} (the measured results are kept)"
+        print(f"WARNING: {why}", file=sys.stderr, flush=True)
+        results.setdefault("warnings", []).append(why)
+
+
 def run_job(
     cfg: DictConfig,
     job_type: str,
     body: Callable[[str, NullTracker], dict[str, Any]],
     result_file: str,
+    after: Sequence[Artefact] = (),
 ) -> dict[str, Any]:
     """Run ``body`` and always leave a results file and a finished tracker run behind.
+
+    The job holds its output directory while it runs (:class:`JobDirLock`); a directory
+    that is in use, or where the results could not be saved, is refused with
+    :class:`JobDirError` before ``body`` starts, and nothing in it is written.
+
+    The results are saved as soon as ``body`` returns them; then each of ``after`` (plots:
+    ``step(out_dir, tracker, results)``) runs, and one that fails is a warning, printed and
+    kept in the results' ``warnings``, not a failed job.
 
     A failure is recorded as ``status: failed`` with the error, the W&B run is marked failed,
     and the exception propagates so the job exits non-zero (in a multirun, Hydra records the
     failed job and goes on with the others). A job interrupted by SIGTERM or SIGINT is
-    recorded as ``status: killed`` with the signal, its W&B run finished with exit code
-    128 + signal, and the process then dies of that signal, as it would have (its ranks die
-    with it: :mod:`framework.run.lifeline`). Only SIGKILL leaves no record; the report lists
-    such a job directory as ``missing``.
+    recorded as ``status: killed`` with the signal (if it was still measuring), its W&B run
+    finished with exit code 128 + signal, and the process then dies of that signal, as it
+    would have (its ranks die with it: :mod:`framework.run.lifeline`). Only SIGKILL leaves no
+    record; the report lists such a job directory as ``missing``.
     """
     from hydra.core.hydra_config import HydraConfig
 
     out_dir = HydraConfig.get().runtime.output_dir
     if not is_rank_zero():
         return body(out_dir, NullTracker())  # under torchrun/SLURM only rank 0 records
-    tracker = make_tracker(cfg, out_dir, job_type)
     path = Path(out_dir) / result_file
+    check_job_dir(Path(out_dir), path)
+    lock = JobDirLock(Path(out_dir))
+    lock.acquire()
+    try:
+        return _recorded(cfg, job_type, body, after, out_dir, path, lock)
+    finally:
+        lock.release()
+
+
+def _recorded(
+    cfg: DictConfig,
+    job_type: str,
+    body: Callable[[str, NullTracker], dict[str, Any]],
+    after: Sequence[Artefact],
+    out_dir: str,
+    path: Path,
+    lock: JobDirLock,
+) -> dict[str, Any]:
+    tracker = make_tracker(cfg, out_dir, job_type)
 
     def record(data: dict[str, Any], exit_code: int) -> None:
         write_json_atomic(path, data)
@@ -245,11 +360,21 @@ def run_job(
             "world_size": cfg.parallel.world_size,
         }
 
+    results: dict[str, Any] | None = None
     try:
         with _interruptible():
             results = {"job_type": job_type, **body(out_dir, tracker)}
+            write_json_atomic(path, results)  # measured: saved before anything else can fail
+            for step in after:
+                _write_late(step, out_dir, tracker, results)
     except JobInterrupted as e:
-        record(ended("killed", signal=signal.Signals(e.signum).name, error=str(e)), 128 + e.signum)
+        name = signal.Signals(e.signum).name
+        if results is None:
+            record(ended("killed", signal=name, error=str(e)), 128 + e.signum)
+        else:  # the measurement is complete: keep it
+            results.setdefault("warnings", []).append(f"{e} while writing plots")
+            record(results, 128 + e.signum)
+        lock.release()
         signal.signal(e.signum, signal.SIG_DFL)
         os.kill(os.getpid(), e.signum)  # die of the signal, as without the record
         raise

@@ -48,12 +48,15 @@ def main(cfg: DictConfig) -> float:
         )
         if is_rank_zero():
             print("  ".join(f"{k}={_fmt(results.get(k))}" for k in KEYS), flush=True)
-            png = plot_job_steps(out_dir, f"{spec.strategy}, TP={spec.parallel.world_size}")
-            if png is not None:
-                tracker.attach(png)
         return results
 
-    return run_job(cfg, "infer", body, "results.json")["decode_tokens_per_s"]
+    def plot_steps(out_dir: str, tracker, results: dict) -> None:
+        png = plot_job_steps(out_dir, f"{cfg.strategy.name}, TP={cfg.parallel.world_size}")
+        if png is not None:
+            tracker.attach(png)
+
+    job = run_job(cfg, "infer", body, "results.json", after=[plot_steps])
+    return job["decode_tokens_per_s"]
 
 
 def _fmt(v) -> str:

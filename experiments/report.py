@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -176,9 +177,21 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    """Write ``fig`` as a PNG atomically (a temporary file beside it, then a rename): a write
+    that fails (a full disk, a file-size limit) leaves the previous file or none, not a torn
+    one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno is not None:  # name the plot, not the temporary file or nothing
+            e.filename = str(path)
+        raise
+    finally:
+        _pyplot().close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 
