@@ -39,7 +39,8 @@ the busbw in GB/s of the largest size (median-time based, as in the table; 0 for
 ``bench.compare=[tree,shm,"auto:table=this_host"]`` times more strategies in the same run,
 interleaved with the strategy in every round (``bench.rounds``), and prints every one's time
 per size (``times_us`` in the CSV rows' JSON). ``bench.tune=NAME`` writes the fastest of the
-compared algorithms per size bucket into ``results/tables/NAME.json`` (without ``compare``:
+compared algorithms per size bucket into the user's table ``NAME.json`` (``$COMMLAB_TABLES``,
+else ``~/.local/share/commlab/tables``: :mod:`framework.comm.tuning`; without ``compare``:
 every exact algorithm the backend runs), the table ``strategy=auto strategy.table=NAME``
 dispatches by; rows of other (op, world size, dtype) already in the file are kept.
 """

@@ -30,7 +30,8 @@ class BenchSpec:
     op: str = "all_reduce"  # all_reduce | reduce_scatter | all_gather (nccl-tests' sizes)
     # more strategies timed in the same run, interleaved: "name" or "name:key=value,key=value"
     compare: list[str] | None = None
-    # write the fastest of the compared algorithms per size into results/tables/<tune>.json
+    # write the fastest of the compared algorithms per size into the user's tuning table
+    # <tune>.json (framework.comm.tuning.user_tables_dir)
     # (the table the auto strategy loads); without compare: every exact algorithm
     tune: str | None = None
 

@@ -3,7 +3,9 @@
 ``python -m experiments.selection [--out results/selection] [--runs RUNS_JSON]``
 
 1. Tunes: ``experiments.bench bench.tune=this_host`` at world sizes 2 and 4 writes
-   ``results/tables/this_host.json`` (every exact algorithm, 256 B to 16 MiB).
+   ``this_host.json`` in the user's tables directory (``framework.comm.tuning``; the copy
+   that ships with commlab is ``conf/tables/this_host.json``), every exact algorithm, 256 B
+   to 16 MiB.
 2. Measures again, in a separate run: ``experiments.bench -m experiment=bench_selection`` times
    auto (that table), auto (online), adaptive_threshold and every fixed algorithm in one run per
    world size, interleaved in 3 rounds.
@@ -282,7 +284,8 @@ def write(runs: dict[str, Any], out: Path) -> Path:
     parts = [
         "# Selection study: auto against every fixed algorithm",
         "",
-        "Made by `python -m experiments.selection` (tables: `results/tables/this_host.json`). "
+        "Made by `python -m experiments.selection` (table: `this_host.json` in the user "
+        "tables directory; shipped as `conf/tables/this_host.json`). "
         "Times are medians over 30 iterations (3 interleaved rounds) of the slowest rank; a "
         "ratio's interval combines the order-statistic intervals (90%) of both medians. Per "
         "size the 5% goal is *met* (median ratio <= 1.05), *within noise* (above, but the "

@@ -5,7 +5,8 @@ TensorRT-LLM's AUTO). Each call is dispatched by (op, dtype, size bucket: the ne
 two) to one of ``candidates`` (default: every registered exact algorithm this backend runs,
 ``candidate_options`` per candidate), chosen:
 
-* from ``table`` (a name under ``results/tables/`` or a ``.json`` path) written by
+* from ``table`` (a name: the user's table, else one shipped with commlab; or a ``.json``
+  path; :mod:`framework.comm.tuning`) written by
   ``python -m experiments.bench bench.tune=<name>``: the rows of this world size; a size
   outside the table takes its nearest bucket, a dtype missing from it the float32 rows;
 * or, without a table, online: the first call of each (op, dtype, bucket) times every
