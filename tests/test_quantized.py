@@ -117,3 +117,31 @@ def test_tp_inference_close_to_unsharded_and_identical_on_every_rank(pools) -> N
     assert outs[0][0] == outs[1][0] and torch.equal(outs[0][1], outs[1][1])
     err = float((outs[0][1] - ref).abs().max())
     assert 1e-5 < err < 0.05, err
+
+
+@pytest.mark.parametrize("fmt", list(quant.FORMATS))
+def test_the_top_of_the_float_range_decodes_finite_and_within_the_bound(fmt: str) -> None:
+    """int8 decoded the largest float32 to inf (127 x (max / 127) rounds past max), outside
+    its stated bound; float16 and bfloat16 maxima go through float32 and back."""
+    top = torch.finfo(torch.float32).max
+    values = torch.linspace(3.0e38, top, 500).tolist() + [top, -top]
+    for dtype in (torch.float16, torch.bfloat16):
+        values += [torch.finfo(dtype).max, -torch.finfo(dtype).max]
+    for v in values:
+        x = torch.tensor([v] + [1.0] * 7)
+        out = torch.empty(quant.payload_bytes(fmt, 8, 8), dtype=torch.uint8)
+        quant.encode(x, fmt, 8, out)
+        got = quant.decode(out, fmt, 8, 8)
+        assert torch.isfinite(got).all(), (fmt, v, got)
+        assert ((got.double() - x.double()).abs() <= quant.error_bound(x, fmt, 8)).all(), (fmt, v)
+
+
+def test_a_non_finite_input_spoils_only_its_block() -> None:
+    """Documented behaviour: a block holding inf decodes to NaN (its scale is not finite);
+    the other blocks keep their values."""
+    x = torch.ones(16)
+    x[3] = float("inf")
+    out = torch.empty(quant.payload_bytes("int8", 16, 8), dtype=torch.uint8)
+    quant.encode(x, "int8", 8, out)
+    got = quant.decode(out, "int8", 8, 16)
+    assert got[:8].isnan().all() and torch.equal(got[8:], torch.ones(8))

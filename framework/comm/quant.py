@@ -7,8 +7,10 @@ input dtype, so a decoded block is the same bits on every rank that decodes it: 
 a quantized all-reduce needs to keep TP ranks identical.
 
 :func:`error_bound` states, per element, how far a decoded value may be from its input; the
-conformance kit checks every quantized collective against it. Non-finite inputs are not
-supported (the block they are in decodes to NaN).
+conformance kit checks every quantized collective against it. A finite input decodes to a
+finite value within the bound up to the largest float32 (decoding clamps to it). Non-finite
+inputs are not supported: a block holding an inf or NaN decodes to NaN in every element, on
+every rank alike (its scale is not finite); an exact strategy would keep the other elements.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 _TINY = torch.finfo(torch.float32).tiny
+_MAX = torch.finfo(torch.float32).max
 _U = 2.0**-24  # float32 unit roundoff
 
 
@@ -86,7 +89,10 @@ def decode(payload: Tensor, fmt: str, block: int, numel: int) -> Tensor:
     else:
         y = torch.stack(((q & 15), (q >> 4)), dim=1).view(-1).float() - 8
     scale = payload[split : split + 4 * blocks].view(torch.float32)
-    return (y.view(blocks, block) * scale.view(blocks, 1)).view(-1)[:numel]
+    out = (y.view(blocks, block) * scale.view(blocks, 1)).view(-1)[:numel]
+    # q * scale can round past the largest float32 for a block whose maximum is near it
+    # (3.4e38: 127 * (3.4e38 / 127) is inf); the input was finite and no larger, so clamp
+    return out.clamp_(-_MAX, _MAX)
 
 
 def error_bound(x: Tensor, fmt: str, block: int) -> Tensor:
