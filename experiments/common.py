@@ -20,7 +20,7 @@ from typing import IO, Any
 from omegaconf import DictConfig, OmegaConf
 
 from framework.run.faults import FaultSpec
-from framework.run.runner import flat_summary
+from framework.run.results import flat_summary
 from framework.run.spec import ModelSpec, ParallelSpec, RunSpec, WorkloadSpec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ Examples::
     python -m experiments.infer -m strategy=naive,tree parallel.world_size=2,4
     python -m experiments.infer -m experiment=compare
 
-Each job writes ``results.json`` (see framework.run.runner.summarize) in its run directory and
+Each job writes ``results.json`` (see framework.run.results.summarize) in its run directory and
 returns decode tokens/s, the objective a Hydra sweeper (Optuna) maximises.
 """
 
@@ -19,24 +19,8 @@ from omegaconf import DictConfig
 import experiments.configs  # noqa: F401  (registers the structured configs)
 from experiments.common import is_rank_zero, run_job, run_spec
 from experiments.report import plot_job_steps
+from framework.run.results import HEADLINE
 from framework.run.runner import launch
-
-KEYS = [
-    "strategy",
-    "inner",
-    "world_size",
-    "micro_batches",
-    "ttft_s",
-    "itl_p50_s",
-    "itl_p99_s",
-    "decode_tokens_per_s",
-    "allreduce_calls_per_token",
-    "collectives_per_token",
-    "exposed_comm_s",
-    "exposed_comm_share",
-    "buffer_allocs",
-    "buffer_reuses",
-]
 
 
 @hydra.main(version_base="1.3", config_path="pkg://commlab_conf", config_name="infer")
@@ -47,7 +31,7 @@ def main(cfg: DictConfig) -> float:
             spec, loggers=[CSVLogger(out_dir, name="steps", version="")], progress=cfg.progress
         )
         if is_rank_zero():
-            print("  ".join(f"{k}={_fmt(results.get(k))}" for k in KEYS), flush=True)
+            print("  ".join(f"{k}={_fmt(results.get(k))}" for k in HEADLINE), flush=True)
         return results
 
     def plot_steps(out_dir: str, tracker, results: dict) -> None:

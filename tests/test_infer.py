@@ -19,6 +19,7 @@ from omegaconf.errors import ValidationError
 import experiments.configs  # noqa: F401
 from experiments.common import run_spec
 from framework import available_strategies, strategy_options
+from framework.run.results import HEADLINE
 from framework.run.spec import ConfigError, validate_run
 
 
@@ -171,22 +172,7 @@ def test_infer_runs_and_strategies_agree(pools, tmp_path: Path) -> None:
     )
     results["bucketed"] = pools(2).run(run_on_rank, spec)[0]
     for res in results.values():
-        for key in (
-            "strategy",
-            "inner",
-            "world_size",
-            "micro_batches",
-            "ttft_s",
-            "itl_p50_s",
-            "itl_p99_s",
-            "decode_tokens_per_s",
-            "allreduce_calls_per_token",
-            "collectives_per_token",
-            "exposed_comm_s",
-            "exposed_comm_share",
-            "tokens",
-            "status",
-        ):
+        for key in (*HEADLINE, "tokens", "status"):
             assert key in res, key
         assert res["status"] == "ok" and res["tokens_agree_across_ranks"]
         assert res["allreduce_calls_per_token"] == 2 * 2 * 2  # layers x blocks x micro-batches

@@ -75,7 +75,7 @@ def test_quantized_shows_its_error_and_saving(pools, tmp_path: Path) -> None:
 
 
 def test_tracker_summary_carries_numerics_and_intervals() -> None:
-    from framework.run.runner import flat_summary
+    from framework.run.results import flat_summary
 
     got = flat_summary(
         {

@@ -26,6 +26,7 @@ from framework.model.generate import generate
 from framework.run.faults import FaultInjector
 from framework.run.launch import launch_ranks
 from framework.run.measure import background_load
+from framework.run.results import combine, flat_summary, summarize
 from framework.run.spec import (
     DTYPES,
     RunSpec,
@@ -35,7 +36,6 @@ from framework.run.spec import (
     resolve_device,
     validate_run,
 )
-from framework.run.spread import median_interval
 
 
 class Callback:
@@ -299,26 +299,6 @@ class Runner:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _per_op(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    out = per_rank[0]["per_op"]
-    for phase, ops in out.items():
-        for op, counters in ops.items():
-            counters["wait_s"] = max(r["per_op"][phase][op]["wait_s"] for r in per_rank)
-    return out
-
-
-def _texts(spec: RunSpec, tokens: list[list[int]]) -> dict[str, Any]:
-    """Text prompts: the prompts and the decoded continuations beside the token ids."""
-    if not spec.workload.text:
-        return {}
-    from framework.run.text import decode
-
-    return {
-        "text": list(spec.workload.text),
-        "continuations": decode(spec.model.checkpoint, tokens),
-    }
-
-
 def _rank_device(fabric: Any, spec: RunSpec) -> torch.device:
     """Fabric's device, except for CUDA tensors on gloo (Fabric launches those ranks as CPU
     processes): rank i takes GPU i mod count, so several ranks may share one GPU."""
@@ -336,119 +316,6 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
         return 0
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    return float(torch.tensor(xs, dtype=torch.float64).quantile(q / 100).item())
-
-
-def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    """Combine ranks' measurements: times are the max over ranks, counters rank 0's."""
-    w = spec.workload
-    r0 = per_rank[0]
-    steps = len(r0["itl_s"])
-    itl = [max(r["itl_s"][i] for r in per_rank) for i in range(steps)]
-    ttft = max(r["ttft_s"] for r in per_rank)
-    decode_s = max(r["decode_s"] for r in per_rank)
-    batch = len(r0["tokens"])
-    exposed = max(r["decode"]["wait_s"] for r in per_rank)
-    per_step = max(steps, 1)
-    d = r0["decode"]
-    return {
-        "status": "ok",
-        "strategy": spec.strategy,
-        "inner": spec.strategy_options.get("inner"),
-        "strategy_options": dict(spec.strategy_options),
-        "world_size": len(per_rank),
-        "backend": resolve_backend(spec.parallel),
-        "device": resolve_device(spec.parallel),
-        "cuda_graphs": spec.parallel.cuda_graphs,
-        "graph_capture_s": max(r["graph_capture_s"] for r in per_rank),
-        "model": spec.model.checkpoint or spec.model.preset,
-        "num_layers": spec.model.num_layers,
-        "batch_size": batch,
-        "micro_batches": w.micro_batches,
-        "background_load": w.background_load,
-        "new_tokens": w.new_tokens,
-        "ttft_s": ttft,
-        "prompt_tokens": r0["prompt_tokens"],
-        "prompt_len": r0["prompt_len"],  # the longest prompt (the others are left-padded)
-        "prefill_tokens_per_s": r0["prompt_tokens"] / ttft if ttft else float("nan"),
-        "itl_p50_s": _percentile(itl, 50),
-        "itl_p90_s": _percentile(itl, 90),
-        "itl_p99_s": _percentile(itl, 99),
-        "decode_tokens_per_s": batch * steps / decode_s if decode_s > 0 else float("nan"),
-        # per decode step (one new token for each sequence of the batch)
-        "allreduce_calls_per_token": d["calls"] / per_step,
-        "collectives_per_token": d["collectives"] / per_step,
-        "bytes_per_token": d["bytes"] / per_step,
-        "wire_bytes_per_token": d["wire_bytes"] / per_step,
-        # on CUDA the host is not blocked while the device waits: host time only
-        "exposed_comm_s": exposed,
-        "exposed_comm_is_host_time": resolve_device(spec.parallel) == "cuda",
-        "exposed_comm_share": exposed / decode_s if decode_s > 0 else float("nan"),
-        "prefill_exposed_comm_s": max(r["prefill_wait_s"] for r in per_rank),
-        "buffer_allocs": r0["buffer_allocs"],
-        "buffer_reuses": r0["buffer_reuses"],
-        "peak_mem_bytes": max(r["peak_mem_bytes"] for r in per_rank),
-        "rss_growth": max(r["rss_growth"] for r in per_rank),
-        "pending_max": max(r["pending_max"] for r in per_rank),
-        "comm_extra": r0["extra"],
-        # per op and phase: calls, collectives, bytes, wire_bytes (rank 0), wait_s (max
-        # over ranks): where sequence parallelism moves the traffic
-        "per_op": _per_op(per_rank),
-        "sequence_parallel": spec.parallel.sequence_parallel,
-        "sp_min_tokens": spec.parallel.sp_min_tokens,
-        "sp_steps": r0["sp_steps"],
-        "sp_padded_tokens": r0["sp_padded_tokens"],
-        "tokens": r0["tokens"],
-        **_texts(spec, r0["tokens"]),
-        "tokens_agree_across_ranks": all(r["tokens"] == r0["tokens"] for r in per_rank),
-        "numerics": r0.get("numerics"),
-    }
-
-
-# the timed metrics: medians over repeats, each with its spread
-TIMED = (
-    "ttft_s",
-    "prefill_tokens_per_s",
-    "itl_p50_s",
-    "itl_p90_s",
-    "itl_p99_s",
-    "decode_tokens_per_s",
-    "exposed_comm_s",
-    "exposed_comm_share",
-    "prefill_exposed_comm_s",
-)
-
-
-def combine(repeats: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from the repeats' summaries: the first's counters and tokens (they do not
-    change between repeats: ``tokens_agree_across_repeats`` says so), each timed metric's
-    median, and ``spread[metric]``: median, interval and every run."""
-    out = dict(repeats[0])
-    out["repeats"] = len(repeats)
-    out["tokens_agree_across_repeats"] = all(r["tokens"] == out["tokens"] for r in repeats)
-    out["spread"] = {k: median_interval([r[k] for r in repeats]) for k in TIMED}
-    for k in TIMED:
-        out[k] = out["spread"][k]["median"]
-    return out
-
-
-def flat_summary(data: dict[str, Any]) -> dict[str, Any]:
-    """A result's scalars for a logger or tracker: the numerics block as ``numerics/<key>``
-    (accuracy beside bytes and speed) and each repeated metric's interval as
-    ``<metric>_lo`` / ``<metric>_hi``."""
-    scalar = int | float | str | bool
-    flat = {k: v for k, v in data.items() if isinstance(v, scalar)}
-    for k, v in (data.get("numerics") or {}).items():
-        if isinstance(v, scalar):
-            flat[f"numerics/{k}"] = v
-    for metric, sp in (data.get("spread") or {}).items():
-        flat[f"{metric}_lo"], flat[f"{metric}_hi"] = sp["lo"], sp["hi"]
-    return flat
 
 
 def _number(v: Any) -> bool:
