@@ -333,7 +333,7 @@ def report(fit: bool = False) -> str:
     lines = [
         "# The cost model's GPU presets against published H100 measurements",
         "",
-        "Written by `python -m experiments.published`; checked by `tests/test_published.py`.",
+        "Written by `python -m experiments.published`; checked by `tests/unit/test_published.py`.",
         f"Median relative error of the library all-reduce over {MIN_BYTES >> 10} KiB to "
         f"{MAX_BYTES >> 30} GiB (goal: at most 25%), rows the sources mark as outliers left out.",
         "",

@@ -23,14 +23,16 @@ CONF = ROOT / "conf"
 FULL = pytest.mark.full
 
 
-def one_each(names: list[str], sizes: tuple[int, ...]) -> list[Any]:
+def one_each(names: list[str], sizes: tuple[int, ...], tier: int | None = None) -> list[Any]:
     """Every (name, size) pair for ``parametrize("name, size", ...)``. The README command
-    (first tier) runs each name once, at ``sizes[i % len(sizes)]`` for the i-th name, so
-    the slice covers every name and every size; the other pairs are marked ``full``."""
+    (first tier) runs each name once, at ``sizes[i % tier]`` for the i-th name (``tier``:
+    how many of the first sizes it rotates through, default all, so that the slice covers
+    every size); the other pairs are marked ``full``."""
+    tier = tier or len(sizes)
     pairs = []
     for i, name in enumerate(names):
         for size in sizes:
-            marks = () if size == sizes[i % len(sizes)] else (FULL,)
+            marks = () if size == sizes[i % tier] else (FULL,)
             pairs.append(pytest.param(name, size, marks=marks))
     return pairs
 
@@ -129,3 +131,21 @@ def run_on_rank(spec: Any) -> dict[str, Any]:
             return launch(spec, progress=False)
         except Exception as e:
             return {"status": "raised", "error": f"{type(e).__name__}: {e}"}
+
+
+def write_table(path: Path, world_size: int = 2) -> str:
+    """A small tuning table at ``path``: tree up to 1 KiB, shm above (auto's tests)."""
+    rows = [
+        {
+            "op": "all_reduce",
+            "world_size": world_size,
+            "dtype": "float32",
+            "bucket_bytes": b,
+            "algorithm": "tree" if b <= 1024 else "shm",
+            "time_us": float(b),
+        }
+        for b in (256, 512, 1024, 2048, 4096)
+    ]
+    from framework.comm.tuning import merge_rows
+
+    return str(merge_rows(str(path), rows, {"host": "test"}))

@@ -1,6 +1,6 @@
 """The communication core: everything a strategy may import, and nothing else of commlab.
 
-It imports no other part of ``framework`` (checked by ``tests/test_architecture.py``), so a
+It imports no other part of ``framework`` (checked by ``tests/unit/test_architecture.py``), so a
 strategy author's world is this folder: the interface, the two base classes, the registry,
 buffers, private groups, the shared-memory transport, profiling spans and launcher facts.
 """

@@ -14,6 +14,7 @@ from collections import deque
 from types import SimpleNamespace
 from typing import ClassVar
 
+import pytest
 import torch
 
 from framework import (
@@ -221,6 +222,7 @@ def test_config_refusals_name_the_device_and_the_graph_problem() -> None:
     assert "cannot be captured" in graph_problems("naive", {"validate": True}, nccl)[0]
 
 
+@pytest.mark.full
 def test_gpu_check_prints_its_plan_and_exits_0_without_a_gpu() -> None:
     """CI has no GPU: ``--dry-run`` (and a plain run on a CPU host) prints the plan and exits
     0, measuring nothing; every step the plan names exists and the budgets fit 6 minutes."""

@@ -6,30 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import compose_config, run_on_rank
 
 import experiments.configs  # noqa: F401
 from experiments.common import run_spec
-from framework.run.numerics import compare, first_divergence
-
-
-def test_compare_on_known_logits() -> None:
-    ref = [torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]])]
-    same = compare(ref, ref, [[1, 0]], [[1, 0]], [[1, 0]], 10, 40)
-    assert same["agreement"] == 1.0 and same["kl_mean"] == 0.0
-    assert same["first_divergence"] is None and same["wire_bytes_vs_exact"] == 0.25
-    flipped = [ref[0], torch.tensor([[0.0, 1.0, 0.0]])]
-    got = compare(flipped, ref, [[1, 1]], [[1, 0]], [[1, 2]], 10, 10)
-    assert got["agreement"] == 0.5 and got["first_divergence"] == 1
-    assert got["logit_max_abs_err"] == 1.0 and got["logit_mean_abs_err"] == pytest.approx(2 / 6)
-    p = torch.softmax(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), 0)
-    q = torch.softmax(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), 0)
-    assert got["kl_mean"] == pytest.approx(float((p * (p / q).log()).sum()) / 2)
-
-
-def test_first_divergence_per_sequence() -> None:
-    assert first_divergence([[1, 2, 3], [1, 2, 3]], [[1, 2, 3], [1, 5, 3]]) == [None, 1]
 
 
 def _numerics(pools, tmp_path: Path, strategy: str, *overrides: str) -> dict:
@@ -72,22 +52,3 @@ def test_quantized_shows_its_error_and_saving(pools, tmp_path: Path) -> None:
     assert 0 < int8["kl_mean"] < int4["kl_mean"]
     # ring all-reduce at p=2 sends the payload once; int4 at block 32 sends 4.5 bits/value
     assert int4["wire_bytes_vs_exact"] == pytest.approx((0.5 + 4 / 32) / 4, rel=1e-6)
-
-
-def test_tracker_summary_carries_numerics_and_intervals() -> None:
-    from framework.run.results import flat_summary
-
-    got = flat_summary(
-        {
-            "decode_tokens_per_s": 10.0,
-            "tokens": [[1]],
-            "numerics": {"kl_mean": 0.5, "first_divergence": None},
-            "spread": {"decode_tokens_per_s": {"median": 10.0, "lo": 9.0, "hi": 11.0}},
-        }
-    )
-    assert got == {
-        "decode_tokens_per_s": 10.0,
-        "numerics/kl_mean": 0.5,
-        "decode_tokens_per_s_lo": 9.0,
-        "decode_tokens_per_s_hi": 11.0,
-    }

@@ -37,6 +37,7 @@ def test_hierarchical_with_shm_inside_nodes(pools, world_size: int, ranks_per_no
     )
 
 
+@pytest.mark.full
 def test_chunked_messages(pools) -> None:
     """Chunks far smaller than the message: the multi-chunk path and its odd tails, for the
     three ops and both all-reduce modes."""
@@ -166,7 +167,7 @@ def test_no_segment_left_after_a_process_exits(tmp_path: Path) -> None:
     )
     r = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
         timeout=120,

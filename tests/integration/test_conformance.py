@@ -22,7 +22,7 @@ INNER = [
 ]
 
 
-@pytest.mark.parametrize("name, world_size", one_each(STRATEGIES, (2, 3, 1, 4)))
+@pytest.mark.parametrize("name, world_size", one_each(STRATEGIES, (2, 3, 1, 4), tier=2))
 def test_kit(pools, name: str, world_size: int) -> None:
     passed = pools(world_size).run(run_checks, name, {})
     assert all(p == passed[0] for p in passed) and len(passed[0]) >= 8
@@ -59,6 +59,7 @@ def test_hierarchical_node_maps(pools, world_size: int, ranks_per_node: int) -> 
     )
 
 
+@pytest.mark.full
 def test_small_chunks_pipeline_tree(pools) -> None:
     """Chunks much smaller than the message exercise the tree's pipelining and odd tails."""
     pools(4).run(run_checks, "tree", {"chunk_bytes": 3000}, ["exact_sums", "float_order"])

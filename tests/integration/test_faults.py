@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 10
 
 
@@ -60,7 +60,8 @@ def shm_files() -> set[str]:
 
 
 @pytest.mark.ci
-@pytest.mark.parametrize("strategy", ["naive", pytest.param("shm", marks=pytest.mark.full)])
+@pytest.mark.full
+@pytest.mark.parametrize("strategy", ["naive", "shm"])
 def test_killed_rank_fails_fast_and_is_named(tmp_path: Path, strategy: str) -> None:
     segments = shm_files()
     r, res, elapsed = run_fault(tmp_path, f"strategy={strategy}", "fault.kind=kill", "fault.rank=1")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, as_torchrun_rank, compose_config, first_only
+from conftest import ROOT, as_torchrun_rank, compose_config
 from hydra.errors import MissingConfigException
 
 from framework.run.spec import ConfigError
@@ -92,6 +92,7 @@ def check_rows(rows: list[dict[str, str]], strategy: str, mode: str, tensors: in
         )
 
 
+@pytest.mark.full
 def test_naive_sweep(tmp_path: Path) -> None:
     p = bench(tmp_path, "strategy=naive", *SMALL)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -205,7 +206,8 @@ def test_unknown_strategy_group_option_is_refused_at_compose() -> None:
         compose_config("strategy=nope", name="bench")
 
 
-@pytest.mark.parametrize("op", first_only(["reduce_scatter", "all_gather"]))
+@pytest.mark.full
+@pytest.mark.parametrize("op", ["reduce_scatter", "all_gather"])
 def test_reduce_scatter_and_all_gather(pools, op: str) -> None:
     """bench.op on 3 ranks with shm's native ops: sizes are the whole buffer rounded to 3
     elements, busbw is nccl-tests' (n-1)/n of algbw, and the results are exact."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import first_only
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_plugin_files() -> dict[str, str]:

@@ -3,53 +3,14 @@ fixed after warm-up, choices counted; bench.tune writes the table auto reads."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pytest
-from conftest import as_torchrun_rank, compose_config, run_on_rank
+from conftest import as_torchrun_rank, compose_config, run_on_rank, write_table
 
 import experiments.configs  # noqa: F401
-from experiments.bench import parse_compare, tuning_rows
 from experiments.common import run_spec
 from framework import build_communicator
-from framework.comm.tuning import bucket_of, describe, merge_rows
 from framework.testing import run_checks
-
-
-def _table(path: Path, world_size: int = 2) -> str:
-    rows = [
-        {
-            "op": "all_reduce",
-            "world_size": world_size,
-            "dtype": "float32",
-            "bucket_bytes": b,
-            "algorithm": "tree" if b <= 1024 else "shm",
-            "time_us": float(b),
-        }
-        for b in (256, 512, 1024, 2048, 4096)
-    ]
-    return str(merge_rows(str(path), rows, {"host": "test"}))
-
-
-def test_buckets_and_description(tmp_path: Path) -> None:
-    assert [bucket_of(n) for n in (0, 1, 2, 3, 1024, 1025)] == [1, 1, 2, 4, 1024, 2048]
-    rows = json.loads(Path(_table(tmp_path / "t.json")).read_text())["rows"]
-    assert describe(rows) == [
-        "all_reduce float32 p=2: 129 B-1 KiB -> tree (256-1.02e+03 us)",
-        "all_reduce float32 p=2: 1025 B-4 KiB -> shm (2.05e+03-4.1e+03 us)",
-    ]
-    merge_rows(str(tmp_path / "t.json"), [{**rows[0], "world_size": 4}], {})
-    merged = json.loads((tmp_path / "t.json").read_text())["rows"]
-    assert len(merged) == 6  # the world-size-2 rows are kept beside the new one
-
-
-def test_options_refused_before_any_rank() -> None:
-    with pytest.raises(ValueError, match="not exact; set allow_inexact"):
-        build_communicator("auto", candidates=["naive", "quantized"])
-    with pytest.raises(ValueError, match="'bucketed' is not an algorithm"):
-        build_communicator("auto", candidates=["bucketed"])
-    assert parse_compare("auto:table=x,tune_iters=5") == ("auto", {"table": "x", "tune_iters": 5})
 
 
 def _dispatch(table: str | None) -> dict:
@@ -74,7 +35,7 @@ def _dispatch(table: str | None) -> dict:
 
 
 def test_table_dispatch_counts_choices(pools, tmp_path: Path) -> None:
-    table = _table(tmp_path / "t.json")
+    table = write_table(tmp_path / "t.json")
     for out in pools(2).run(_dispatch, table):
         extra = out["extra"]
         # 512 B twice -> tree; 4 KiB and the 256 KiB call (nearest bucket: 4 KiB) -> shm
@@ -83,7 +44,7 @@ def test_table_dispatch_counts_choices(pools, tmp_path: Path) -> None:
 
 
 def test_table_for_another_world_size_is_refused(pools, tmp_path: Path) -> None:
-    table = _table(tmp_path / "t.json", world_size=4)
+    table = write_table(tmp_path / "t.json", world_size=4)
     kit = pools(2).run(_dispatch_error, table)
     assert all("no rows for world size 2" in msg for msg in kit)
 
@@ -103,21 +64,9 @@ def test_online_tuner_same_choice_everywhere_and_frozen(pools) -> None:
     assert outs[0]["extra"]["auto_untuned_calls"] == 1
 
 
-def test_kit_with_a_table(pools, tmp_path: Path) -> None:
-    table = _table(tmp_path / "t.json", world_size=3)
+def test_kit_with_awrite_table(pools, tmp_path: Path) -> None:
+    table = write_table(tmp_path / "t.json", world_size=3)
     pools(3).run(run_checks, "auto", {"table": table}, ["exact_sums", "scatter_gather_exact"])
-
-
-def test_tuning_rows_pick_the_fastest() -> None:
-    rows = [
-        {"size": 1024, "type": "float32", "times_us": {"tree": 5.0, "shm": 3.0, "naive": 9.0}},
-        {"size": 8192, "type": "float32", "times_us": {"tree": 5.0, "shm": 7.0, "naive": 9.0}},
-    ]
-    got = tuning_rows(rows, ["tree", "shm"], 4, "all_gather")
-    assert [(r["bucket_bytes"], r["algorithm"], r["time_us"]) for r in got] == [
-        (256, "shm", 3.0),  # all-gather: size is the output, each rank sends a quarter
-        (2048, "tree", 5.0),
-    ]
 
 
 def _bench_tune(cfg) -> dict:
@@ -161,21 +110,3 @@ def test_infer_with_auto_fixes_choices_in_warmup(pools, tmp_path: Path) -> None:
         == res["per_op"]["decode"]["all_reduce"]["calls"]
         + res["per_op"]["prefill"]["all_reduce"]["calls"]
     )
-
-
-def test_description_splits_at_gaps() -> None:
-    rows = [
-        {
-            "op": "all_reduce",
-            "world_size": 2,
-            "dtype": "float32",
-            "bucket_bytes": b,
-            "algorithm": "shm",
-            "time_us": 1.0,
-        }
-        for b in (4096, 65536)
-    ]
-    assert describe(rows) == [
-        "all_reduce float32 p=2: 2049 B-4 KiB -> shm (1-1 us)",
-        "all_reduce float32 p=2: 32769 B-64 KiB -> shm (1-1 us)",
-    ]

@@ -159,6 +159,7 @@ def _rank_probe(fabric) -> dict:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.full
 def test_launched_ranks_meet_privately_and_oversubscription_is_said() -> None:
     """Two ranks launched in-process: their default store is a FileStore in a 0700 directory
     (no TCP store on every interface), no socket of theirs listens beyond loopback, and the

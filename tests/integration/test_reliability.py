@@ -372,6 +372,7 @@ def _wait_for(cond, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+@pytest.mark.full
 def test_launcher_killed_while_ranks_import_leaves_no_orphans(tmp_path: Path) -> None:
     # a job of minutes: orphans would still be decoding long after the deadline below
     job = _infer(tmp_path, "strategy=shm", "model.max_seq_len=8192", "workload.new_tokens=8000")
@@ -386,8 +387,12 @@ def test_launcher_killed_while_ranks_import_leaves_no_orphans(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
-)  # one handler serves both; CI runs SIGTERM (preemption), the slow suite Ctrl-C too
+    "sig",
+    [
+        pytest.param(signal.SIGTERM, marks=pytest.mark.full),
+        pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+    ],
+)  # one handler serves both
 def test_interrupted_job_is_recorded_as_killed(tmp_path: Path, sig: signal.Signals) -> None:
     from experiments.report import collect
 

@@ -1,15 +1,9 @@
-"""Medians and intervals of repeated runs, and the runner's repeats."""
+"""Medians and distribution-free intervals of repeats."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from conftest import compose_config, run_on_rank
 
-import experiments.configs  # noqa: F401
-from experiments.common import run_spec
-from experiments.report import markdown
 from framework.run.spread import median_interval, ratio_interval, within_noise
 
 
@@ -32,14 +26,3 @@ def test_ratio_interval_and_noise() -> None:
     assert not within_noise(fast, b)
     ratio, lo, hi = ratio_interval(fast, b)
     assert lo == pytest.approx(20 / 12.5) and hi == pytest.approx(22 / 10.5) and lo < ratio < hi
-
-
-def test_repeats_give_medians_and_intervals(pools, tmp_path: Path) -> None:
-    cfg = compose_config("workload.repeats=3", "workload.new_tokens=4")
-    res = pools(2).run(run_on_rank, run_spec(cfg, str(tmp_path)))[0]
-    assert res["status"] == "ok" and res["repeats"] == 3 and res["tokens_agree_across_repeats"]
-    spread = res["spread"]["decode_tokens_per_s"]
-    assert len(spread["runs"]) == 3 and spread["lo"] <= res["decode_tokens_per_s"] <= spread["hi"]
-    assert res["decode_tokens_per_s"] == sorted(spread["runs"])[1]
-    row = {"decode_tokens_per_s": res["decode_tokens_per_s"], "spread": res["spread"]}
-    assert f"[{spread['lo']:.4g}, {spread['hi']:.4g}]" in markdown([row], ["decode_tokens_per_s"])
