@@ -160,6 +160,7 @@ def test_multirun_with_a_failing_job_reports_and_tracks(tmp_path: Path) -> None:
     assert (sweep / "infer_decode_tokens_per_s.png").stat().st_size > 1000
 
 
+@pytest.mark.full
 def test_same_seed_same_tokens_and_flat_memory(pools, tmp_path: Path) -> None:
     """Determinism across repeated runs, and a short soak: resident memory stays flat after
     prefill (no per-step leak) and pending handles stay bounded (issue: soak)."""
