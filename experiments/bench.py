@@ -339,8 +339,8 @@ def main(cfg: DictConfig) -> float:
     def body(out_dir: str, tracker) -> dict[str, Any]:
         csv_path = Path(out_dir) / "bench.csv"
         name, opts = strategy_options_from(cfg)
-        bench = BenchSpec(**OmegaConf.to_container(cfg.bench, resolve=True))
-        parallel = ParallelSpec(**OmegaConf.to_container(cfg.parallel, resolve=True))
+        bench = OmegaConf.to_object(cfg.bench)  # the structured configs: BenchSpec
+        parallel = OmegaConf.to_object(cfg.parallel)  # and ParallelSpec
         validate_bench(name, opts, bench, parallel)
         with background_load(bench.background_load):
             out = launch_ranks(

@@ -19,9 +19,8 @@ from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.run.faults import FaultSpec
 from framework.run.results import flat_summary
-from framework.run.spec import ModelSpec, ParallelSpec, RunSpec, WorkloadSpec
+from framework.run.spec import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,15 +45,16 @@ def strategy_options_from(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
 
 def run_spec(cfg: DictConfig, out_dir: str) -> RunSpec:
     name, opts = strategy_options_from(cfg)
+    # the groups are the specs' own structured configs: to_object builds the dataclasses
     return RunSpec(
         strategy=name,
         strategy_options=opts,
-        model=ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True)),
-        workload=WorkloadSpec(**OmegaConf.to_container(cfg.workload, resolve=True)),
-        parallel=ParallelSpec(**OmegaConf.to_container(cfg.parallel, resolve=True)),
+        model=OmegaConf.to_object(cfg.model),
+        workload=OmegaConf.to_object(cfg.workload),
+        parallel=OmegaConf.to_object(cfg.parallel),
         seed=cfg.seed,
         out_dir=out_dir,
-        fault=FaultSpec(**OmegaConf.to_container(cfg.fault, resolve=True)),
+        fault=OmegaConf.to_object(cfg.fault),
         profile=bool(cfg.get("profile", False)),
     )
 
