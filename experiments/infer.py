@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 import experiments.configs  # noqa: F401  (registers the structured configs)
 from experiments.common import is_rank_zero, run_job, run_spec
 from experiments.report import plot_job_steps
-from framework.run.results import HEADLINE
+from framework.run.columns import HEADLINE
 from framework.run.runner import launch
 
 

@@ -21,24 +21,14 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
+from framework.run.columns import HEADLINE
+
 INFER_COLS = [
     "job",
     "status",
-    "strategy",
     "options",
-    "world_size",
-    "micro_batches",
     "repeats",
-    "decode_tokens_per_s",
-    "ttft_s",
-    "itl_p50_s",
-    "itl_p99_s",
-    "allreduce_calls_per_token",
-    "collectives_per_token",
-    "exposed_comm_s",
-    "exposed_comm_share",
-    "buffer_allocs",
-    "buffer_reuses",
+    *(c for c in HEADLINE if c != "inner"),  # the options column says the inner algorithm
     "agreement",
     "kl_mean",
     "logit_max_abs_err",

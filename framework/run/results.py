@@ -2,9 +2,8 @@
 
 :func:`summarize` combines one measured run's per-rank readings (times: the max over ranks,
 the slowest rank sets TP's pace; counters: rank 0's), :func:`combine` the repeats (medians and
-intervals), :func:`flat_summary` flattens a result for loggers and trackers. ``HEADLINE`` is
-the columns a reader compares strategies by: the job's printout, the report's table and the
-tests read this one list.
+intervals), :func:`flat_summary` flattens a result for loggers and trackers. Its headline
+columns are :data:`framework.run.columns.HEADLINE`.
 """
 
 from __future__ import annotations
@@ -15,24 +14,6 @@ import torch
 
 from framework.run.spec import RunSpec, resolve_backend, resolve_device
 from framework.run.spread import median_interval
-
-# what infer prints per job, the report tabulates first and every result carries
-HEADLINE = (
-    "strategy",
-    "inner",
-    "world_size",
-    "micro_batches",
-    "ttft_s",
-    "itl_p50_s",
-    "itl_p99_s",
-    "decode_tokens_per_s",
-    "allreduce_calls_per_token",
-    "collectives_per_token",
-    "exposed_comm_s",
-    "exposed_comm_share",
-    "buffer_allocs",
-    "buffer_reuses",
-)
 
 
 def _per_op(per_rank: list[dict[str, Any]]) -> dict[str, Any]:

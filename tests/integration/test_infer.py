@@ -15,7 +15,7 @@ from conftest import ROOT, compose_config, run_on_rank
 
 import experiments.configs  # noqa: F401
 from experiments.common import run_spec
-from framework.run.results import HEADLINE
+from framework.run.columns import HEADLINE
 from framework.run.spec import ConfigError, validate_run
 
 
