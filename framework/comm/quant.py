@@ -8,9 +8,14 @@ a quantized all-reduce needs to keep TP ranks identical.
 
 :func:`error_bound` states, per element, how far a decoded value may be from its input; the
 conformance kit checks every quantized collective against it. A finite input decodes to a
-finite value within the bound up to the largest float32 (decoding clamps to it). Non-finite
-inputs are not supported: a block holding an inf or NaN decodes to NaN in every element, on
-every rank alike (its scale is not finite); an exact strategy would keep the other elements.
+finite value within the bound, up to the largest float32 (decoding clamps to it: 127 x (max /
+127) rounds past it) and at the largest float16 and bfloat16 (the decoded magnitude exceeds the
+block's maximum by a few float32 ulps at most, so casting back keeps it finite).
+
+Non-finite inputs: a block holding an inf or a NaN (anywhere in it) decodes to NaN in every
+element, in every format and on every rank alike: encoding writes a NaN scale and zero codes
+for it (no NaN is ever cast to an integer, whose result is undefined), and every other block
+decodes as usual. An exact strategy would keep the other elements and the inf.
 """
 
 from __future__ import annotations
@@ -64,7 +69,9 @@ def encode(x: Tensor, fmt: str, block: int, out: Tensor) -> None:
     xb[:n].copy_(x.view(-1))
     xb = xb.view(blocks, block)
     scale = (xb.abs().amax(1, keepdim=True) / f.qmax).clamp_min_(_TINY)  # (blocks, 1)
-    y = (xb / scale).clamp_(-f.qmax, f.qmax)
+    bad = ~scale.isfinite()  # a block holding inf or NaN: all NaN when decoded (docstring)
+    scale.masked_fill_(bad, float("nan"))
+    y = (xb / scale).masked_fill_(bad, 0.0).clamp_(-f.qmax, f.qmax)
     split = blocks * block * f.bits // 8
     if f.torch_dtype is not None:
         out[:split].copy_(y.to(f.torch_dtype).view(torch.uint8).view(-1))

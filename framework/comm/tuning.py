@@ -12,10 +12,11 @@ there first, then among the tables that ship with commlab as package data (``con
 ``this_host``, measured on the project's 2-core VM). A name ending in ``.json`` is a path.
 
 A write is atomic and serialised: read, merge and rewrite run under an exclusive ``flock`` on
-``<table>.lock``, and the new text goes to a temporary file renamed over the table, so two
-writers never lose each other's rows and a reader never sees a torn file. A table is checked
-row by row when it is loaded (every rank loads it, so a bad one fails on every rank alike),
-and every error names the file.
+``<table>.json.lock``, and the new text goes to a temporary file (mode 0666 less the umask, as
+``open`` gives) that is fsynced and renamed over the table, so two writers never lose each
+other's rows and a reader never sees a torn file. A table is checked row by row when it is
+loaded (every rank loads it, so a bad one fails on every rank alike) and before a merge (a
+malformed table is refused, not overwritten), and every error names the file.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import contextlib
 import fcntl
 import importlib.resources
 import json
-import math
 import os
-import tempfile
+import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,10 @@ def load_table(name: str) -> dict[str, Any]:
             f"; user tables live in {user_tables_dir()}); write one with: "
             f"python -m experiments.bench bench.tune={name}"
         )
+    return _read(path)
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -103,6 +108,12 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_time(v: Any) -> bool:
+    # a comparison, not math.isfinite, which raises OverflowError (not ValueError) on an
+    # integer past the float range (1e400 written out in full)
+    return (_is_int(v) or isinstance(v, float)) and 0 <= v <= sys.float_info.max
+
+
 def _row_problem(row: Any) -> str | None:
     if not isinstance(row, dict):
         return f"must be an object, got {row!r}"
@@ -115,15 +126,7 @@ def _row_problem(row: Any) -> str | None:
             "a power of two >= 1 (an integer)",
         ),
         "algorithm": (lambda v: isinstance(v, str) and v, "a strategy name"),
-        "time_us": (
-            lambda v: (
-                isinstance(v, int | float)
-                and not isinstance(v, bool)
-                and math.isfinite(v)
-                and v >= 0
-            ),
-            "a finite number >= 0",
-        ),
+        "time_us": (_is_time, "a finite number >= 0"),
     }
     for key, (ok, allowed) in rules.items():
         if key not in row:
@@ -143,8 +146,10 @@ def merge_rows(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> P
     with _locked(path):
         old: dict[str, Any] = {"rows": []}
         if path.exists():
-            old = json.loads(path.read_text())
-            check_table(old, path)
+            try:
+                old = _read(path)
+            except ValueError as e:
+                raise ValueError(f"{e}; not merged into (fix or remove the file)") from None
         keys = {(r["op"], r["world_size"], r["dtype"]) for r in rows}
         kept = [r for r in old["rows"] if (r["op"], r["world_size"], r["dtype"]) not in keys]
         merged = sorted(
@@ -157,7 +162,7 @@ def merge_rows(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> P
 @contextlib.contextmanager
 def _locked(path: Path):
     """An exclusive ``flock`` on ``<path>.lock`` (blocking: writers take turns)."""
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -167,18 +172,24 @@ def _locked(path: Path):
 
 def _write_atomic(path: Path, text: str) -> None:
     """A temporary file beside ``path``, fsynced and renamed over it: the old table or the
-    new one, never a torn one (a write cut short leaves the old table as it was)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    new one, never a torn one (a write cut short leaves the old table as it was). Created with
+    mode 0666 less the umask, as ``open`` would (not mkstemp's 0600)."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
-            os.fchmod(f.fileno(), 0o644)
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a crash
+        finally:
+            os.close(dir_fd)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def describe(rows: list[dict[str, Any]]) -> list[str]:
