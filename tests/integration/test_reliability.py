@@ -54,6 +54,17 @@ def _failing(name: str = "test_fails_first") -> str:
     return name
 
 
+def _built_with_failing(strategy: str, **options):
+    """``strategy`` over the failing algorithm; the algorithm is unregistered once built, so a
+    pool rank's registry does not offer it to ``auto`` in later tests."""
+    from framework.comm import registry
+
+    try:
+        return build_communicator(strategy, inner=_failing(), **options)
+    finally:
+        registry._REGISTRY.pop("test_fails_first", None)
+
+
 # -- 1. desynchronised programs over shm -------------------------------------------------------
 def _shm_desync(via: str) -> str:
     opts = {"intra": "shm", "ranks_per_node": 2} if via == "hierarchical" else {}
@@ -78,7 +89,7 @@ def test_shm_desync_is_an_error_on_every_rank(pools, via: str) -> None:
 
 # -- 2, 3. a failed wait is kept; wait after close is refused --------------------------------
 def _failed_wait_is_kept() -> dict:
-    comm = build_communicator("double_buffer", inner=_failing(), num_buffers=2)
+    comm = _built_with_failing("double_buffer", num_buffers=2)
     h = comm.all_reduce(torch.ones(4))
     first = second = ""
     try:
@@ -102,7 +113,7 @@ def test_a_failed_wait_raises_again_and_frees_its_slot(pools) -> None:
 
 
 def _failed_bucket() -> list[str]:
-    comm = build_communicator("bucketed", inner=_failing())
+    comm = _built_with_failing("bucketed")
     handles = [comm.all_reduce(torch.ones(4)), comm.all_reduce(torch.ones(8))]  # one bucket
     errors = []
     for h in handles:
@@ -121,7 +132,7 @@ def test_every_tensor_of_a_failed_bucket_gets_the_failure(pools) -> None:
 
 
 def _wait_after_close() -> str:
-    comm = build_communicator("async_overlap", inner=_failing())
+    comm = _built_with_failing("async_overlap")
     comm.all_reduce(torch.ones(4))
     late = comm.all_reduce(torch.ones(8))
     with contextlib.suppress(RuntimeError):
