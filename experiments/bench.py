@@ -59,9 +59,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 import experiments.configs  # noqa: F401  (registers the structured configs)
-from experiments.common import atomic_open, run_job, strategy_options_from
+from experiments.common import run_job, strategy_options_from
 from experiments.configs import BenchSpec
 from experiments.report import plot_bench
+from framework.comm.files import atomic_open
 from framework.comm.profiling import profiled
 from framework.comm.registry import (
     available_strategies,

@@ -9,16 +9,16 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from framework.comm.files import atomic_open
 from framework.run.results import flat_summary
 from framework.run.spec import RunSpec
 
@@ -57,44 +57,6 @@ def run_spec(cfg: DictConfig, out_dir: str) -> RunSpec:
         fault=OmegaConf.to_object(cfg.fault),
         profile=bool(cfg.get("profile", False)),
     )
-
-
-def file_mode() -> int:
-    """The mode ``open()`` would give a new file now: 0o666 less the umask (0644 at 022).
-
-    Read from ``/proc/self/status``; setting the umask to read it back would race with
-    other threads creating files."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o644
-
-
-@contextmanager
-def atomic_open(path: str | Path) -> Iterator[IO[str]]:
-    """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``: a
-    reader (the report) never sees a truncated file, even when the job or the machine dies
-    mid-write. The file gets the usual mode (0644 under umask 022), not mkstemp's 0600."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            yield f
-            f.flush()
-            os.fchmod(f.fileno(), file_mode())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a crash
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -26,10 +26,11 @@ import fcntl
 import importlib.resources
 import json
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
+
+from framework.comm.files import atomic_open
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather")
 
@@ -155,7 +156,8 @@ def merge_rows(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> P
         merged = sorted(
             kept + rows, key=lambda r: (r["op"], r["world_size"], r["dtype"], r["bucket_bytes"])
         )
-        _write_atomic(path, json.dumps({**old, **meta, "rows": merged}, indent=1) + "\n")
+        with atomic_open(path) as f:  # the old table or the new one, never a torn one
+            f.write(json.dumps({**old, **meta, "rows": merged}, indent=1) + "\n")
     return path
 
 
@@ -168,28 +170,6 @@ def _locked(path: Path):
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """A temporary file beside ``path``, fsynced and renamed over it: the old table or the
-    new one, never a torn one (a write cut short leaves the old table as it was). Created with
-    mode 0666 less the umask, as ``open`` would (not mkstemp's 0600)."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a crash
-        finally:
-            os.close(dir_fd)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def describe(rows: list[dict[str, Any]]) -> list[str]:
