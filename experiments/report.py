@@ -72,7 +72,7 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     for f in _results(root, "results.json"):
         try:
             r = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
+        except (OSError, ValueError) as e:  # torn, or not a file (a directory in its place)
             r = {"status": "failed", "error": f"unreadable results.json: {e}"}
         if r.get("job_type") == "bench":
             if r.get("status") in ("failed", "killed"):
