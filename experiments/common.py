@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from framework.comm.env import is_rank_zero
 from framework.comm.files import atomic_open
 from framework.run.results import flat_summary
 from framework.run.spec import RunSpec
@@ -132,14 +133,6 @@ def make_tracker(cfg: DictConfig, out_dir: str, job_type: str) -> NullTracker:
     if cfg.logger.name == "none" or os.environ.get("WANDB_MODE") == "disabled":
         return NullTracker()
     return WandbTracker(cfg, out_dir, job_type)
-
-
-def is_rank_zero() -> bool:
-    """False in the non-zero processes of a torchrun/SLURM launch (they neither print nor log)."""
-    from framework.comm.env import launched_externally
-
-    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
-    return not launched_externally() or rank == 0
 
 
 class JobInterrupted(BaseException):

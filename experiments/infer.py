@@ -17,8 +17,9 @@ from lightning.fabric.loggers import CSVLogger
 from omegaconf import DictConfig
 
 import experiments.configs  # noqa: F401  (registers the structured configs)
-from experiments.common import is_rank_zero, run_job, run_spec
+from experiments.common import run_job, run_spec
 from experiments.report import plot_job_steps
+from framework.comm.env import is_rank_zero
 from framework.run.columns import HEADLINE
 from framework.run.runner import launch
 

@@ -17,6 +17,13 @@ def launched_externally() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
 
 
+def is_rank_zero() -> bool:
+    """False in the non-zero processes of a torchrun/SLURM launch (they neither print nor log,
+    nor say what the whole job should hear once)."""
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    return not launched_externally() or rank == 0
+
+
 def ranks_per_node_from_env() -> int | None:
     """Ranks per node as the launcher describes it, or None outside torchrun/SLURM.
 

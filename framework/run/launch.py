@@ -29,7 +29,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessException
 
-from framework.comm.env import launched_externally, ranks_per_node_from_env
+from framework.comm.env import is_rank_zero, launched_externally, ranks_per_node_from_env
 from framework.comm.groups import forget_groups
 from framework.run import lifeline
 from framework.run.faults import RankFailure
@@ -111,7 +111,7 @@ def launch_ranks(
                 f"started {world} processes"
             )
         nodes, devices = world // local, local
-    if resolve_device(parallel) == "cpu" and (not external or _rank_from_env() == 0):
+    if resolve_device(parallel) == "cpu" and is_rank_zero():
         warn_if_oversubscribed(parallel, ranks_here=devices)
     common = {"process_group_backend": backend, "timeout": timedelta(seconds=parallel.timeout_s)}
 
@@ -169,10 +169,6 @@ def warn_if_oversubscribed(parallel: ParallelSpec, ranks_here: int) -> None:
         OversubscriptionWarning,
         stacklevel=2,
     )
-
-
-def _rank_from_env() -> int:
-    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 @contextmanager
