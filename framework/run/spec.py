@@ -196,10 +196,13 @@ def parallel_problems(p: ParallelSpec) -> list[str]:
 
 
 def graph_problems(strategy: str, options: dict[str, Any], p: ParallelSpec) -> list[str]:
-    """A CUDA graph can only capture a strategy whose collectives are all graph-safe."""
-    from framework.comm.registry import get_strategy
-
-    if not p.cuda_graphs or strategy_problems(strategy, {}):
+    """A CUDA graph can only capture a strategy whose collectives are all graph-safe (an
+    unknown strategy is :func:`strategy_problems`'s to report)."""
+    if not p.cuda_graphs:
+        return []
+    try:
+        cls = get_strategy(strategy)
+    except ValueError:
         return []
     if options.get("validate"):
         return [
@@ -207,7 +210,7 @@ def graph_problems(strategy: str, options: dict[str, Any], p: ParallelSpec) -> l
             "synchronises with the host and cannot be captured"
         ]
     backend = resolve_backend(p)
-    if backend in get_strategy(strategy).graph_safe_backends:
+    if backend in cls.graph_safe_backends:
         return []
     safe = [s for s in available_strategies() if backend in get_strategy(s).graph_safe_backends]
     return [
