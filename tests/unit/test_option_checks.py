@@ -61,6 +61,8 @@ def test_the_constructor_refuses_in_the_same_words_before_touching_the_wire() ->
         ("[[1.7, 2.2]]", r"prompt 0 holds \[1.7, 2.2\]"),  # was silently truncated to [1, 2]
         ("[[1, true]]", r"prompt 0 holds \[True\]"),
         ("not json", "is not JSON"),
+        ('"2"', "must hold a JSON list of non-empty token-id lists"),
+        ("[2]", "must hold a JSON list of non-empty token-id lists"),
     ],
 )
 def test_bad_prompt_files_are_refused_naming_the_file(
