@@ -55,7 +55,6 @@ from typing import Any
 
 import hydra
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 import experiments.configs  # noqa: F401  (registers the structured configs)
@@ -77,6 +76,7 @@ from framework.run.spec import (
     ConfigError,
     ParallelSpec,
     parallel_problems,
+    parse_strategy,
     resolve_backend,
     strategy_problems,
 )
@@ -147,7 +147,7 @@ def validate_bench(
     if b.baseline is not None and b.baseline != "raw":
         problems += strategy_problems(b.baseline, {})
     for label in compared(b, resolve_backend(parallel)):
-        problems += strategy_problems(*parse_compare(label))
+        problems += strategy_problems(*parse_strategy(label))
     if b.tune and any(":" in label for label in b.compare or ()):
         problems.append("bench.tune: compare plain algorithm names (auto builds them by name)")
     problems += parallel_problems(parallel) + strategy_problems(name, opts)
@@ -161,19 +161,6 @@ def validate_bench(
             )
     if problems:
         raise ConfigError("invalid bench configuration:\n  - " + "\n  - ".join(problems))
-
-
-def parse_compare(label: str) -> tuple[str, dict[str, Any]]:
-    """``"auto:table=this_host,tune_iters=5"`` -> ("auto", {"table": "this_host", ...});
-    options holding lists are written as a YAML mapping: ``"auto:{candidates: [naive, tree]}"``."""
-    name, _, rest = label.partition(":")
-    if rest.strip().startswith("{"):
-        return name.strip(), dict(yaml.safe_load(rest))
-    opts = {}
-    for kv in filter(None, rest.split(",")):
-        key, _, value = kv.partition("=")
-        opts[key.strip()] = yaml.safe_load(value)
-    return name.strip(), opts
 
 
 def compared(bench: BenchSpec, backend: str) -> list[str]:
@@ -264,7 +251,7 @@ def _rank_bench(
             comms.append(_build(bench.baseline, {}, parallel))
             labels.append(bench.baseline)
         for label in compared(bench, resolve_backend(parallel)):
-            comms.append(_build(*parse_compare(label), parallel))
+            comms.append(_build(*parse_strategy(label), parallel))
             labels.append(label)
         with profiled(profile, out_dir, fabric.global_rank, fabric.device.type == "cuda"):
             out = sweep(

@@ -57,6 +57,7 @@ def run_spec(cfg: DictConfig, out_dir: str) -> RunSpec:
         out_dir=out_dir,
         fault=OmegaConf.to_object(cfg.fault),
         profile=bool(cfg.get("profile", False)),
+        compare=list(cfg.compare) if cfg.get("compare") else None,
     )
 
 

@@ -23,6 +23,9 @@ from hydra.experimental.callback import Callback
 
 from framework.run.columns import HEADLINE
 
+# from its perplexity block (workload.eval_text): report columns ppl_<key>
+PPL_COLS = ("text", "tokens", "exact", "strategy", "ratio", "ratio_lo", "ratio_hi")
+PPL_COLS += ("kl_per_token", "top1_agreement")
 INFER_COLS = [
     "job",
     "status",
@@ -33,6 +36,30 @@ INFER_COLS = [
     "kl_mean",
     "logit_max_abs_err",
     "wire_bytes_vs_exact",
+    *(f"ppl_{k}" for k in PPL_COLS),
+    "same_tokens_as_exact",
+    "continuation",
+    "error",
+]
+# the columns report.md shows (those with a value in some row); report.csv has all of INFER_COLS
+SHOWN_COLS = [
+    "job",
+    "status",
+    "strategy",
+    "options",
+    "world_size",
+    "micro_batches",
+    "repeats",
+    "decode_tokens_per_s",
+    "ttft_s",
+    "itl_p50_s",
+    "exposed_comm_share",
+    "collectives_per_token",
+    "agreement",
+    "kl_mean",
+    "ppl_ratio",
+    "ppl_kl_per_token",
+    "same_tokens_as_exact",
     "error",
 ]
 # from a run's numerics block (workload.reference=exact)
@@ -85,7 +112,8 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                     }
                 )
             continue
-        infer.append(infer_row(r, _job_name(f, root)))
+        for run in r.get("runs") or [r]:  # a job that compared strategies holds several
+            infer.append(infer_row(run, _job_name(f, root)))
     for f in _results(root, "bench.csv"):
         with open(f, newline="") as fh:
             for row in csv.DictReader(fh):
@@ -111,6 +139,12 @@ def infer_row(r: dict[str, Any], job: str) -> dict[str, Any]:
     row["options"] = options_label(r.get("strategy_options") or {})
     row.update({c: (r.get("numerics") or {}).get(c) for c in NUMERICS_COLS})
     row["spread"] = r.get("spread") or {}
+    row["exact"] = r.get("exact")
+    ppl = (r.get("numerics") or {}).get("perplexity") or {}
+    row.update({f"ppl_{k}": ppl.get(k) for k in PPL_COLS})
+    row["text"] = r.get("text") or []
+    row["continuations"] = r.get("continuations") or []
+    row["continuation"] = " / ".join(row["continuations"])
     return row
 
 
@@ -143,7 +177,10 @@ def _fmt(v: Any) -> str:
 
 
 def _cell(row: dict[str, Any], col: str) -> str:
-    """A value; a median over repeats shows its interval: ``12.3 [11.9, 13.0]``."""
+    """A value; a median over repeats shows its interval: ``12.3 [11.9, 13.0]``, and so
+    does the perplexity ratio (a bootstrap interval)."""
+    if col == "ppl_ratio" and row.get("ppl_ratio") is not None:
+        return f"{row['ppl_ratio']:.4f} [{row['ppl_ratio_lo']:.4f}, {row['ppl_ratio_hi']:.4f}]"
     spread = (row.get("spread") or {}).get(col)
     if spread and len(spread.get("runs", ())) > 1:
         return f"{spread['median']:.4g} [{spread['lo']:.4g}, {spread['hi']:.4g}]"
@@ -213,20 +250,31 @@ def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
                 for s in strategies
             ]
             vals = [r[key] if r else 0.0 for r in picked]
-            # error bars: the interval of the median over repeats (none for a single run)
-            spans = [(r.get("spread") or {}).get(key) if r else None for r in picked]
-            err = [
-                [v - sp["lo"] if sp else 0.0 for v, sp in zip(vals, spans, strict=True)],
-                [sp["hi"] - v if sp else 0.0 for v, sp in zip(vals, spans, strict=True)],
-            ]
             xs = [j + i * width for j in range(len(strategies))]
-            ax.bar(xs, vals, width, label=f"TP={ws}", yerr=err, capsize=3)
+            ax.bar(xs, vals, width, label=f"TP={ws}")
+            # error bars: the interval of the median over repeats, only where there are
+            # several (a single run has no interval: no bar, not a zero-height one)
+            spans = [(r.get("spread") or {}).get(key) if r else None for r in picked]
+            bars = [
+                (x, v, sp)
+                for x, v, sp in zip(xs, vals, spans)
+                if sp and len(sp.get("runs", ())) > 1
+            ]
+            if bars:
+                ax.errorbar(
+                    [b[0] for b in bars],
+                    [b[1] for b in bars],
+                    yerr=[[v - sp["lo"] for _, v, sp in bars], [sp["hi"] - v for _, v, sp in bars]],
+                    fmt="none",
+                    ecolor="black",
+                    capsize=3,
+                )
         ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(strategies))])
         ax.set_xticklabels(strategies, rotation=30, ha="right")
         ax.set_ylabel(label)
         ax.legend()
         paths.append(_save(fig, root / f"infer_{key}.png"))
-    numerics = [r for r in ok if r.get("kl_mean") is not None]
+    numerics = [r for r in ok if r.get("kl_mean") is not None and r.get("wire_bytes_vs_exact")]
     if numerics:
         paths.append(plot_numerics(numerics, root))
     return paths
@@ -302,9 +350,16 @@ def plot_job_steps(job_dir: str | Path, title: str) -> Path | None:
 
 
 def _section(
-    root: Path, title: str, rows: list[dict[str, Any]], cols: list[str], plot, csv_name: str
+    root: Path,
+    title: str,
+    rows: list[dict[str, Any]],
+    cols: list[str],
+    plot,
+    csv_name: str,
+    shown: list[str] | None = None,
 ) -> list[str]:
-    """A markdown table plus plots for ``rows``; the same rows go to ``csv_name``."""
+    """A markdown table (``shown``, default every column) plus plots for ``rows``; every
+    column of the rows goes to ``csv_name``."""
     with open(root / csv_name, "w", newline="") as f:
         w = csv.DictWriter(f, cols, extrasaction="ignore")
         w.writeheader()
@@ -312,11 +367,32 @@ def _section(
     return [
         f"## {title}",
         "",
-        markdown(rows, cols),
+        markdown(rows, shown or cols),
         "",
         *[f"![{p.stem}]({p.name})" for p in plot(rows, root)],
         "",
     ]
+
+
+def text_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Each prompt, the exact continuation, and every strategy's beside it: those that
+    differ from the exact one marked. Only for runs with text prompts."""
+    runs = [r for r in rows if r.get("status") == "ok" and r.get("continuations")]
+    exact = next((r for r in runs if r.get("exact")), None)
+    if exact is None:
+        return []
+    out = ["## Text", ""]
+    for i, prompt in enumerate(exact["text"]):
+        out += [f"Prompt {i + 1}: `{_fmt(prompt)}`", "", "| strategy | | continuation |"]
+        out.append("|---|---|---|")
+        for r in runs:
+            text = r["continuations"][i] if i < len(r["continuations"]) else ""
+            mark = "same" if text == exact["continuations"][i] else "**differs**"
+            if r is exact:
+                mark = "exact"
+            out.append(f"| {r['strategy']} {r['options']} | {mark} | {_fmt(text)} |")
+        out.append("")
+    return out
 
 
 def write_report(root: str | Path) -> Path:
@@ -324,7 +400,9 @@ def write_report(root: str | Path) -> Path:
     infer, bench = collect(root)
     parts = [f"# commlab report: {root}", ""]
     if infer:
-        parts += _section(root, "TP inference", infer, INFER_COLS, _plot_infer, "report.csv")
+        shown = [c for c in SHOWN_COLS if any(r.get(c) not in (None, "") for r in infer)]
+        parts += _section(root, "TP inference", infer, INFER_COLS, _plot_infer, "report.csv", shown)
+        parts += text_section(infer)
     if bench:
         parts += _section(
             root, "All-reduce benchmark", bench, BENCH_COLS, plot_bench, "bench_report.csv"

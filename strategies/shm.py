@@ -46,6 +46,7 @@ ONESHOT_MAX_BYTES = {2: 0, 3: 0, 4: 0}
 
 @register_strategy("shm")
 class Shm(Algorithm):
+    summation_order = "rank"  # both modes: input 0 + input 1 + ..., per element
     supports = HOST_ONLY
 
     @classmethod

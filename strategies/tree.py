@@ -26,6 +26,7 @@ from framework.comm.buffers import BufferPool, view_as
 
 @register_strategy("tree")
 class Tree(Algorithm):
+    summation_order = "tree"  # (own + left subtree) + right subtree, whatever the size
     supports = HOST_OR_NCCL
 
     @classmethod

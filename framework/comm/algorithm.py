@@ -278,6 +278,9 @@ def _build_inner(owner: Communicator, inner: str, options: dict[str, Any]):
     return algo
 
 
+INNER = "inner"  # summation_order: the inner algorithm's
+
+
 class _WithInner(Communicator):
     """A strategy that sends its collectives through an inner algorithm: ``inner`` names a
     registered algorithm, ``inner_options`` are passed to it (for example ``{"ranks_per_node":
@@ -303,6 +306,8 @@ class _WithInner(Communicator):
         # over a quantized wire the composition is not exact either; it states no bound of
         # its own (fusion moves the quantization blocks, a sum in the input dtype adds error)
         self.exact = self.inner.exact
+        if self.summation_order == INNER:
+            self.summation_order = self.inner.summation_order
 
     def end_warmup(self) -> None:
         self.inner.end_warmup()
@@ -339,6 +344,8 @@ class Composed(_WithInner, Algorithm):
 class Schedule(_WithInner):
     """A strategy that schedules reductions and sends them through an inner algorithm
     (``inner``, ``inner_options``: see :class:`_WithInner`)."""
+
+    summation_order = INNER  # it only decides when and in what groups inner sums
 
     def _reduce_scatter(self, x: Tensor) -> Handle:
         """Launch through ``inner`` asynchronously; ``wait()`` waits (schedules override)."""

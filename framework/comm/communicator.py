@@ -101,6 +101,12 @@ class Communicator(ABC):
     # False for a strategy whose results may differ from the exact sum by more than float
     # rounding (a quantized wire): :meth:`error_bound` states by how much, the kit checks it
     exact: ClassVar[bool] = True
+    # The per-element summation order when it depends neither on the message size nor on
+    # what else is in the message (a token's bits are the same whatever the batch): "rank"
+    # (input 0 + input 1 + ...), "tree", ...; None where it does (the library's ring cuts the
+    # message by size) or is not known. INNER: the inner algorithm's (set per instance).
+    # auto's deterministic=true keeps the candidates that share one such order.
+    summation_order: ClassVar[str | None] = None
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import torch.distributed as dist
+import yaml
 
 from framework.comm.communicator import Communicator
 
@@ -129,6 +130,29 @@ def exact_algorithms(backend: str) -> list[str]:
 def strategy_options(name: str) -> dict[str, Any]:
     """Keyword-only options of a strategy and their defaults (base options included)."""
     return {k: p.default for k, p in get_strategy(name).declared_options().items()}
+
+
+def parse_strategy(label: str) -> tuple[str, dict[str, Any]]:
+    """``"auto:table=this_host,tune_iters=5"`` -> ("auto", {"table": "this_host", ...});
+    options holding lists are written as a YAML mapping: ``"auto:{candidates: [naive, tree]}"``.
+    The one way a strategy and its options are written as a string: ``infer``'s ``compare``,
+    ``bench.compare``, ``auto``'s candidates and the accuracy tables' rows."""
+    name, _, rest = label.partition(":")
+    if rest.strip().startswith("{"):
+        return name.strip(), dict(yaml.safe_load(rest))
+    opts = {}
+    for kv in filter(None, rest.split(",")):
+        key, _, value = kv.partition("=")
+        opts[key.strip()] = yaml.safe_load(value)
+    return name.strip(), opts
+
+
+def strategy_label(name: str, options: dict[str, Any]) -> str:
+    """The canonical string of a strategy and its (scalar) options, sorted by key:
+    ``quantized:block=32,fmt=int8``; :func:`parse_strategy` reads it back."""
+    if not options:
+        return name
+    return name + ":" + ",".join(f"{k}={options[k]}" for k in sorted(options))
 
 
 def build_inner(owner: Communicator, name: str, **options: Any) -> Communicator:

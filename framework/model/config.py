@@ -66,31 +66,23 @@ class ModelConfig:
         return self.head_dim
 
     def validate_tp(self, tp_size: int) -> None:
-        """Raise ValueError unless every sharded dimension splits evenly over tp_size.
+        """Raise ValueError unless every rank gets at least one query head and one MLP channel.
 
-        KV heads either split (tp_size divides num_kv_heads) or, when tp_size is a multiple of
-        num_kv_heads, are replicated: each KV head held by tp_size / num_kv_heads ranks, as vLLM
-        does (Llama-3-70B's 8 KV heads at TP 16)."""
-        if not isinstance(tp_size, int) or tp_size < 1:
+        Any such TP size works: heads and channels split into floor/ceil blocks and KV heads
+        are replicated where a query group spans ranks (framework.model.sharding). vLLM and
+        Megatron-LM refuse a TP size that does not divide the head count; commlab does not."""
+        if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
             raise ValueError(f"tp_size must be a positive int, got {tp_size!r}")
-        for name in ("num_heads", "intermediate_size"):
-            value = getattr(self, name)
-            if value % tp_size != 0:
-                raise ValueError(
-                    f"tp_size={tp_size} does not divide {name}={value}: tensor parallelism "
-                    f"shards {name} evenly across ranks"
-                )
-        kv = self.num_kv_heads
-        if kv % tp_size != 0 and tp_size % kv != 0:
+        if tp_size > self.num_heads:
             raise ValueError(
-                f"tp_size={tp_size} neither divides num_kv_heads={kv} nor is a multiple of it: "
-                f"KV heads are split evenly when tp_size divides them, or each replicated on "
-                f"tp_size / num_kv_heads ranks when tp_size is a multiple"
+                f"tp_size={tp_size} is larger than num_heads={self.num_heads}: every rank "
+                f"needs at least one query head (TP size larger than the head count)"
             )
-
-    def kv_heads_per_rank(self, tp_size: int) -> int:
-        """Local KV heads: num_kv_heads / tp_size, or 1 when KV heads are replicated."""
-        return max(1, self.num_kv_heads // tp_size)
+        if tp_size > self.intermediate_size:
+            raise ValueError(
+                f"tp_size={tp_size} is larger than intermediate_size={self.intermediate_size}: "
+                f"every rank needs at least one MLP channel"
+            )
 
     @property
     def num_params(self) -> int:

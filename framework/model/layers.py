@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from framework.model.config import ModelConfig
+from framework.model.sharding import rank_layout
 
 
 class AllReduceHandle(Protocol):
@@ -110,18 +111,44 @@ def rope_tables(cfg: ModelConfig, device: torch.device | str) -> tuple[Tensor, T
     return emb.cos().to(device), emb.sin().to(device)
 
 
+def kv_runs(cfg: ModelConfig, tp_rank: int, tp_size: int) -> tuple[tuple[int, int], ...] | None:
+    """How this rank's query heads use its KV heads, as runs of (local KV head, query heads),
+    or None when SDPA's ``enable_gqa`` grouping (local head j -> KV head j // (Hl / KVl))
+    already is the mapping: always when the TP size divides the heads and divides or is a
+    multiple of the KV heads (the layouts commlab always ran, kept bit for bit). Otherwise (9
+    heads in groups of 3 at TP 2: rank 0 has 3 + 2 query heads on 2 KV heads) the runs differ
+    in length and keys/values are expanded to one per query head."""
+    layout = rank_layout(cfg, tp_rank, tp_size)
+    (q0, q1), kv0 = layout.heads, layout.kv_heads[0]
+    group = cfg.num_heads // cfg.num_kv_heads
+    kv_of = [q // group - kv0 for q in range(q0, q1)]  # local KV head of each local query head
+    runs = tuple((k, kv_of.count(k)) for k in range(layout.num_kv_heads))
+    if len({n for _, n in runs}) == 1:  # equal runs in order: exactly the enable_gqa grouping
+        return None
+    return runs
+
+
 class Attention(nn.Module):
     """This rank's share of grouped-query attention; returns the handle of the
     all-reduce of its partial o_proj output."""
 
     def __init__(
-        self, cfg: ModelConfig, comm: AllReducer, tp_size: int, dtype: torch.dtype
+        self,
+        cfg: ModelConfig,
+        comm: AllReducer,
+        tp_rank: int,
+        tp_size: int,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__()
         self.comm = comm
         self.head_dim = cfg.hd
-        self.n_heads = cfg.num_heads // tp_size  # local query heads
-        self.n_kv_heads = cfg.kv_heads_per_rank(tp_size)  # local kv heads (1 if replicated)
+        layout = rank_layout(cfg, tp_rank, tp_size)
+        self.n_heads = layout.num_heads  # local query heads
+        self.n_kv_heads = layout.num_kv_heads  # local KV heads (some may be replicated)
+        # Plain Python, not a buffer: survives the meta-device build and needs no device copy
+        # (an index tensor would have to be refilled after to_empty and live on the device).
+        self.kv_runs = kv_runs(cfg, tp_rank, tp_size)
         d, hd = cfg.hidden_size, cfg.hd
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False, dtype=dtype)
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False, dtype=dtype)
@@ -162,16 +189,26 @@ class Attention(nn.Module):
             v_cache[:, :, pos : pos + t] = v
             keys = k_cache[:, :, : pos + t]  # (b, KVl, L, hd)
             values = v_cache[:, :, : pos + t]  # (b, KVl, L, hd)
-        # enable_gqa: query head j uses kv head j // (Hl / KVl), as HF's repeat_kv, without
-        # materialising repeated keys/values every decode step.
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=True
-        )  # (b, Hl, t, hd)
+        if self.kv_runs is None:
+            # enable_gqa: query head j uses kv head j // (Hl / KVl), as HF's repeat_kv, without
+            # materialising repeated keys/values every decode step.
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, enable_gqa=True
+            )  # (b, Hl, t, hd)
+        else:  # uneven groups (TP size not dividing the heads): one key/value per query head
+            keys, values = self._per_query_head(keys), self._per_query_head(values)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (b, Hl, t, hd)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * hd)  # (b, t, Hl*hd)
         partial = self.o_proj(out)  # (b, t, D): this rank's heads' contribution only
         if sp is None:
             return self.comm.all_reduce(partial)
         return self.comm.reduce_scatter(sp.pad(partial))  # (rows, D): my tokens of the sum
+
+    def _per_query_head(self, x: Tensor) -> Tensor:
+        """(b, KVl, L, hd) -> (b, Hl, L, hd): KV head k repeated for its run of query heads."""
+        assert self.kv_runs is not None
+        b, _, n, hd = x.shape
+        return torch.cat([x[:, k : k + 1].expand(b, r, n, hd) for k, r in self.kv_runs], dim=1)
 
 
 class MLP(nn.Module):
@@ -179,17 +216,22 @@ class MLP(nn.Module):
     partial down_proj output."""
 
     def __init__(
-        self, cfg: ModelConfig, comm: AllReducer, tp_size: int, dtype: torch.dtype
+        self,
+        cfg: ModelConfig,
+        comm: AllReducer,
+        tp_rank: int,
+        tp_size: int,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__()
         self.comm = comm
-        d, i = cfg.hidden_size, cfg.intermediate_size // tp_size
+        d, i = cfg.hidden_size, rank_layout(cfg, tp_rank, tp_size).intermediate_size
         self.gate_proj = nn.Linear(d, i, bias=False, dtype=dtype)
         self.up_proj = nn.Linear(d, i, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(i, d, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor, sp: SeqShard | None = None) -> AllReduceHandle:
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (b, t, I/tp)
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (b, t, local I)
         partial = self.down_proj(h)  # (b, t, D): partial sum over this rank's channels
         if sp is None:
             return self.comm.all_reduce(partial)
@@ -198,12 +240,17 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, comm: AllReducer, tp_size: int, dtype: torch.dtype
+        self,
+        cfg: ModelConfig,
+        comm: AllReducer,
+        tp_rank: int,
+        tp_size: int,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__()
         self.comm = comm
-        self.self_attn = Attention(cfg, comm, tp_size, dtype)
-        self.mlp = MLP(cfg, comm, tp_size, dtype)
+        self.self_attn = Attention(cfg, comm, tp_rank, tp_size, dtype)
+        self.mlp = MLP(cfg, comm, tp_rank, tp_size, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -237,12 +284,17 @@ class LlamaBody(nn.Module):
     """Exists only so parameter names carry HF's ``model.`` prefix."""
 
     def __init__(
-        self, cfg: ModelConfig, comm: AllReducer, tp_size: int, dtype: torch.dtype
+        self,
+        cfg: ModelConfig,
+        comm: AllReducer,
+        tp_rank: int,
+        tp_size: int,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, comm, tp_size, dtype) for _ in range(cfg.num_layers)
+            DecoderLayer(cfg, comm, tp_rank, tp_size, dtype) for _ in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 

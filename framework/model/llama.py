@@ -4,9 +4,11 @@ micro-batch interleaving.
 Every rank holds:
   * a replicated embedding, final norm and lm_head (so no collective is needed at
     the ends of the network),
-  * a 1/tp_size slice of the attention heads (q/k/v column-parallel, o_proj
-    row-parallel) and of the MLP intermediate dimension (gate/up column-parallel,
-    down_proj row-parallel).
+  * a contiguous block of about 1/tp_size of the query heads, the KV heads they use (q/k/v
+    column-parallel, o_proj row-parallel) and of the MLP intermediate dimension (gate/up
+    column-parallel, down_proj row-parallel). The TP size need not divide the head count:
+    blocks are floor or ceil sized and a KV head shared across ranks is replicated
+    (``framework.model.sharding.rank_layout``; vLLM and Megatron-LM refuse such sizes).
 
 The two row-parallel projections produce partial sums; each is reduced with ONE
 explicit ``comm.all_reduce(partial)`` inside the layer that produces it. An exact
@@ -45,7 +47,7 @@ from framework.model.layers import (
     rope_tables,
     split_batch,
 )
-from framework.model.sharding import full_param_shapes, param_shard, slice_dim
+from framework.model.sharding import full_param_shapes, param_shard, rank_layout, slice_dim
 
 _INIT_STD = 0.02
 _INIT_BLOCK_ROWS = 1024  # rows generated per RNG stream in init_random
@@ -91,7 +93,7 @@ class TPLlama(nn.Module):
         # init: weights are always overwritten, and kaiming init of a 128k-vocab
         # embedding would cost seconds for nothing.
         with torch.device("meta"):
-            self.model = LlamaBody(cfg, comm, tp_size, dtype)
+            self.model = LlamaBody(cfg, comm, tp_rank, tp_size, dtype)
             self.lm_head = (
                 None
                 if cfg.tie_word_embeddings
@@ -234,7 +236,7 @@ class TPLlama(nn.Module):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        kv = self.cfg.kv_heads_per_rank(self.tp_size)
+        kv = rank_layout(self.cfg, self.tp_rank, self.tp_size).num_kv_heads
         shape = (batch_size, kv, max_len, self.cfg.hd)
         opts = {"dtype": self.dtype, "device": self.device}
         if self._k_cache and tuple(self._k_cache[0].shape) == shape:

@@ -1,10 +1,22 @@
-"""Sharding layout: which slice of each full (HF-named) weight a TP rank holds.
+"""Sharding layout: which heads, KV heads and MLP channels a TP rank holds, and so which slice
+of each full (HF-named) weight it loads.
 
-Shared by ``TPLlama.init_random``, ``load_state_dict_full`` and the checkpoint loader, so the
-three can never disagree on who holds what.
+One function, :func:`rank_layout`, decides who holds what; ``param_shard`` (used by
+``TPLlama.init_random``, ``load_state_dict_full`` and the checkpoint loader) and the layers'
+local sizes both read it, so they can never disagree.
+
+Any TP size up to the head count works. Query heads and intermediate channels are split into
+contiguous blocks of floor(n/p) or ceil(n/p) (the first n % p ranks get one more): an even split
+when p divides n. A rank holds exactly the KV heads its query heads use, so a KV head whose
+query group spans ranks is replicated on each of them (Llama-3-70B's 8 KV heads at TP 16:
+every KV head on 2 ranks, as vLLM does). vLLM and Megatron-LM refuse a TP size that does not
+divide the head count (SmolLM2-135M's 9 heads at TP 2 or 4); commlab runs it, at the cost of
+uneven work per rank. The collectives are unaffected: they carry hidden-size rows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -32,6 +44,49 @@ def full_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def block(n: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of block ``index`` when n items are cut into ``parts`` contiguous blocks
+    of floor or ceil(n / parts), the first n % parts blocks the larger."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """What one TP rank holds, each as a [start, stop) range of global indices."""
+
+    heads: tuple[int, int]  # query heads
+    kv_heads: tuple[int, int]  # exactly the KV heads those query heads use
+    intermediate: tuple[int, int]  # MLP channels
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads[1] - self.heads[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.intermediate[1] - self.intermediate[0]
+
+
+def rank_layout(cfg: ModelConfig, tp_rank: int, tp_size: int) -> RankLayout:
+    """Rank ``tp_rank``'s query heads, KV heads and MLP channels (see the module docstring)."""
+    cfg.validate_tp(tp_size)
+    if not isinstance(tp_rank, int) or not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank={tp_rank!r} out of range for tp_size={tp_size}")
+    q0, q1 = block(cfg.num_heads, tp_size, tp_rank)
+    group = cfg.num_heads // cfg.num_kv_heads  # query head q uses KV head q // group (HF)
+    return RankLayout(
+        heads=(q0, q1),
+        kv_heads=(q0 // group, (q1 - 1) // group + 1),
+        intermediate=block(cfg.intermediate_size, tp_size, tp_rank),
+    )
+
+
 # (dim split across TP ranks, what that dim counts) per HF-named weight; absent = replicated.
 _SHARDED = {
     "self_attn.q_proj.weight": (0, "heads"),  # column-parallel: output features split
@@ -47,32 +102,16 @@ _SHARDED = {
 def param_shard(
     name: str, cfg: ModelConfig, tp_rank: int, tp_size: int
 ) -> tuple[int, int, int] | None:
-    """(dim, start, stop) of rank ``tp_rank``'s slice of full weight ``name``; None if
-    the weight is replicated on every rank.
-
-    Heads are split in contiguous blocks, so q head j and kv head j // group stay on the
-    same rank (HF's repeat_kv grouping) for any tp_size that divides num_kv_heads. When tp_size
-    is a multiple of num_kv_heads, each KV head is replicated on tp_size / num_kv_heads
-    consecutive ranks (rank r holds KV head r // replicas), as vLLM does: rank r's query heads
-    all belong to that KV head's group.
-    """
-    cfg.validate_tp(tp_size)
-    if not 0 <= tp_rank < tp_size:
-        raise ValueError(f"tp_rank={tp_rank} out of range for tp_size={tp_size}")
+    """(dim, start, stop) of rank ``tp_rank``'s slice of full weight ``name`` (its
+    :func:`rank_layout` blocks, in rows or columns); None if the weight is replicated."""
+    layout = rank_layout(cfg, tp_rank, tp_size)
     suffix = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
     if suffix not in _SHARDED:
         return None
     dim, kind = _SHARDED[suffix]
-    full = {
-        "heads": cfg.num_heads * cfg.hd,
-        "kv_heads": cfg.num_kv_heads * cfg.hd,
-        "intermediate": cfg.intermediate_size,
-    }[kind]
-    if kind == "kv_heads" and tp_size > cfg.num_kv_heads:  # replicated KV heads
-        head = tp_rank // (tp_size // cfg.num_kv_heads)
-        return dim, head * cfg.hd, (head + 1) * cfg.hd
-    size = full // tp_size
-    return dim, tp_rank * size, (tp_rank + 1) * size
+    start, stop = getattr(layout, kind)
+    width = 1 if kind == "intermediate" else cfg.hd  # rows (or columns) per head
+    return dim, start * width, stop * width
 
 
 def slice_dim(t: Tensor, shard: tuple[int, int, int] | None) -> Tensor:

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from framework.run.spec import RunSpec, resolve_backend, resolve_device
+from framework.comm.registry import get_strategy
+from framework.run.spec import RunSpec, checkpoint_dir, resolve_backend, resolve_device
 from framework.run.spread import median_interval
 
 
@@ -32,7 +33,7 @@ def _texts(spec: RunSpec, tokens: list[list[int]]) -> dict[str, Any]:
 
     return {
         "text": list(spec.workload.text),
-        "continuations": decode(spec.model.checkpoint, tokens),
+        "continuations": decode(checkpoint_dir(spec.model), tokens),
     }
 
 
@@ -57,6 +58,7 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "status": "ok",
         "strategy": spec.strategy,
+        "exact": get_strategy(spec.strategy).exact,  # sums as the library does, to rounding
         "inner": spec.strategy_options.get("inner"),
         "strategy_options": dict(spec.strategy_options),
         "world_size": len(per_rank),
@@ -64,7 +66,7 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "device": resolve_device(spec.parallel),
         "cuda_graphs": spec.parallel.cuda_graphs,
         "graph_capture_s": max(r["graph_capture_s"] for r in per_rank),
-        "model": spec.model.checkpoint or spec.model.preset,
+        "model": spec.model.checkpoint or spec.model.preset,  # a path, or the preset's name
         "num_layers": spec.model.num_layers,
         "batch_size": batch,
         "micro_batches": w.micro_batches,
@@ -135,15 +137,38 @@ def combine(repeats: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def compared(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The result of a job that measured several strategies (``RunSpec.compare``): each one's
+    result in ``runs``, the job's own first, each marked ``same_tokens_as_exact`` against the
+    first exact strategy's tokens (the reference text). The headline is the job's own."""
+    reference = next((r for r in runs if r["exact"]), None)
+    for r in runs:
+        same = None if reference is None else r["tokens"] == reference["tokens"]
+        r["same_tokens_as_exact"] = same
+    return {
+        **{k: runs[0][k] for k in ("status", "strategy", "world_size", "decode_tokens_per_s")},
+        "compared": [r["strategy"] for r in runs],
+        "rounds": runs[0]["repeats"],
+        "exact_reference": None if reference is None else reference["strategy"],
+        "runs": runs,
+    }
+
+
 def flat_summary(data: dict[str, Any]) -> dict[str, Any]:
     """A result's scalars for a logger or tracker: the numerics block as ``numerics/<key>``
     (accuracy beside bytes and speed) and each repeated metric's interval as
     ``<metric>_lo`` / ``<metric>_hi``."""
     scalar = int | float | str | bool
     flat = {k: v for k, v in data.items() if isinstance(v, scalar)}
+    for run in data.get("runs") or []:  # a job that compared strategies: one block each
+        label = run["strategy"]
+        flat.update({f"{label}/{k}": v for k, v in flat_summary(run).items() if k != "strategy"})
     for k, v in (data.get("numerics") or {}).items():
         if isinstance(v, scalar):
             flat[f"numerics/{k}"] = v
+    for k, v in ((data.get("numerics") or {}).get("perplexity") or {}).items():
+        if isinstance(v, scalar):
+            flat[f"numerics/perplexity/{k}"] = v
     for metric, sp in (data.get("spread") or {}).items():
         flat[f"{metric}_lo"], flat[f"{metric}_hi"] = sp["lo"], sp["hi"]
     return flat

@@ -11,6 +11,7 @@ Fabric loggers. Times are the maximum over ranks (the slowest rank sets the pace
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from itertools import pairwise
@@ -26,14 +27,17 @@ from framework.model.generate import generate
 from framework.run.faults import FaultInjector
 from framework.run.launch import launch_ranks
 from framework.run.measure import background_load
-from framework.run.results import combine, flat_summary, summarize
+from framework.run.results import combine, compared, flat_summary, summarize
 from framework.run.spec import (
     DTYPES,
     RunSpec,
+    checkpoint_dir,
+    eval_ids,
     load_prompts,
     model_config,
     resolve_backend,
     resolve_device,
+    run_strategies,
     validate_run,
 )
 
@@ -86,26 +90,26 @@ class Runner:
         self.model = None
         self.device = _rank_device(fabric, spec)
         self.graph = None  # the decode step's CUDA graph (parallel.cuda_graphs)
+        self._exact = None  # the exact reference runs (numerics), made once per job
 
     # -- stages ---------------------------------------------------------------------------
     def setup(self) -> None:
         spec = self.spec
         torch.set_num_threads(spec.parallel.threads_per_rank)
-        opts = dict(spec.strategy_options)
-        opts.setdefault("timeout_s", spec.parallel.timeout_s)
-        self.comm = build_communicator(spec.strategy, **opts)
-        if spec.parallel.cuda_graphs and not self.comm.graph_safe:
-            raise RuntimeError(
-                f"parallel.cuda_graphs=true: the communicator {spec.strategy!r} on "
-                f"{self.comm.backend} is not graph-safe (Communicator.graph_safe); run without "
-                f"CUDA graphs or with a graph-safe strategy"
-            )
+        # the job's own strategy first, then what it is compared with (RunSpec.compare)
+        self.runs = [
+            (dataclasses.replace(spec, strategy=name, strategy_options=opts, compare=None), None)
+            for name, opts in run_strategies(spec)
+        ]
+        self.runs = [(s, self._communicator(s)) for s, _ in self.runs]
+        self.spec, self.comm = self.runs[0]
         dtype, device = DTYPES[spec.model.dtype], self.device
-        if spec.model.checkpoint:
+        checkpoint = checkpoint_dir(spec.model)
+        if checkpoint:
             from framework.model.checkpoint import load_hf_checkpoint
 
             self.model = load_hf_checkpoint(
-                spec.model.checkpoint,
+                checkpoint,
                 self.comm,
                 self.rank,
                 self.world_size,
@@ -127,6 +131,24 @@ class Runner:
             from framework.run.graphs import GraphDecode
 
             self.graph = GraphDecode(self.model, self.comm, spec.workload.micro_batches)
+
+    def _communicator(self, spec: RunSpec) -> Any:
+        opts = dict(spec.strategy_options)
+        opts.setdefault("timeout_s", spec.parallel.timeout_s)
+        comm = build_communicator(spec.strategy, **opts)
+        if spec.parallel.cuda_graphs and not comm.graph_safe:
+            comm.close()
+            raise RuntimeError(
+                f"parallel.cuda_graphs=true: the communicator {spec.strategy!r} on "
+                f"{comm.backend} is not graph-safe (Communicator.graph_safe); run without "
+                f"CUDA graphs or with a graph-safe strategy"
+            )
+        return comm
+
+    def _use(self, spec: RunSpec, comm: Any) -> None:
+        """Measure ``spec``'s strategy from now on: the same ranks, weights and prompts."""
+        self.spec, self.comm = spec, comm
+        self.model.set_communicator(comm)
 
     def _generate(self, new_tokens: int, **hooks: Any):
         """Warm-up and measured run alike; with a CUDA graph both use the measured run's cache
@@ -229,7 +251,10 @@ class Runner:
         with exact communication on these ranks and weights, then with the strategy under
         test teacher-forced on the exact tokens. Runs after the measured run: it costs two
         more generations but changes no timing. Both decode as the measured run did (its
-        temperature, top-k and seed), so an exact strategy agrees with itself when sampling."""
+        temperature, top-k and seed), so an exact strategy agrees with itself when sampling.
+        With ``workload.eval_text`` the block gains ``perplexity``
+        (:mod:`framework.run.perplexity`). The exact runs are made once per job (every
+        compared strategy is held to the same ones)."""
         from framework.run.numerics import compare
 
         w = self.spec.workload
@@ -240,19 +265,13 @@ class Runner:
             "seed": self.spec.seed,
             "return_logits": True,
         }
-        exact = build_communicator("naive", timeout_s=self.spec.parallel.timeout_s)
-        try:
-            self.model.set_communicator(exact)
-            ref = generate(self.model, self.prompts, w.new_tokens, **kw)
-            exact.flush()
-            exact_wire = exact.stats.wire_bytes
-        finally:
-            self.model.set_communicator(self.comm)
-            exact.close()
+        if self._exact is None:
+            self._exact = self._exact_runs(kw)
+        ref, exact_wire, exact_eval = self._exact
         self.comm.reset_stats()
         forced = generate(self.model, self.prompts, w.new_tokens, teacher=ref.tokens, **kw)
         self.comm.flush()
-        return compare(
+        block = compare(
             forced.logits,
             ref.logits,
             forced.tokens,
@@ -261,24 +280,72 @@ class Runner:
             self.comm.stats.wire_bytes,
             exact_wire,
         )
+        if exact_eval is not None:
+            from framework.run.perplexity import perplexity_block, score
+
+            ids, digest = self._eval
+            mine = score(self.model, ids, w.eval_chunk, exact_eval["logp"] or None, keep=False)
+            if self.rank == 0:
+                block["perplexity"] = perplexity_block(w.eval_text, digest, mine, exact_eval)
+        return block
+
+    def _exact_runs(self, kw: dict[str, Any]) -> tuple[Any, int, dict[str, Any] | None]:
+        """Exact communication (``naive``) on these ranks and weights: the prompts decoded,
+        the bytes it sent, and (with an evaluation text) the text scored."""
+        exact = build_communicator("naive", timeout_s=self.spec.parallel.timeout_s)
+        w = self.spec.workload
+        try:
+            self.model.set_communicator(exact)
+            ref = generate(self.model, self.prompts, w.new_tokens, **kw)
+            exact.flush()
+            scored = None
+            if w.eval_text is not None:
+                from framework.run.perplexity import score
+
+                self._eval = eval_ids(self.spec)
+                scored = score(self.model, self._eval[0], w.eval_chunk, None, self.rank == 0)
+            return ref, exact.stats.wire_bytes, scored
+        finally:
+            self.model.set_communicator(self.comm)
+            exact.close()
+
+    def rounds(self) -> list[list[dict[str, Any]]]:
+        """Warm every strategy up, then measure each once per round (``workload.repeats``
+        rounds), the order rotated each round, so that every strategy sees the host in the
+        same states and none always runs first; then the numerics blocks. Per strategy, this
+        rank's measurements."""
+        for spec, comm in self.runs:
+            self._use(spec, comm)
+            self.warmup()
+        n, repeats = len(self.runs), self.spec.workload.repeats
+        mine: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        for r in range(repeats):
+            for j in [(r + k) % n for k in range(n)]:
+                self._use(*self.runs[j])
+                mine[j].append(self.measure())
+        for j, (spec, comm) in enumerate(self.runs):
+            if spec.workload.reference == "exact":
+                self._use(spec, comm)
+                mine[j][0]["numerics"] = self.numerics(mine[j][0]["tokens"])
+        self._use(*self.runs[0])
+        return mine
 
     def teardown(self) -> None:
-        if self.comm is not None:
-            self.comm.close()
+        for _, comm in getattr(self, "runs", []):
+            comm.close()
 
     def run(self) -> dict[str, Any]:
         try:
             self.setup()  # inside: a failed load still releases the communicator's groups
             self.fabric.call("on_run_start", runner=self)
-            self.warmup()
-            mine = [self.measure() for _ in range(self.spec.workload.repeats)]
-            if self.spec.workload.reference == "exact":
-                mine[0]["numerics"] = self.numerics(mine[0]["tokens"])
-            per_rank: list[list[dict[str, Any]]] = [None] * self.world_size  # type: ignore[list-item]
+            mine = self.rounds()
+            per_rank: list[list[list[dict[str, Any]]]] = [None] * self.world_size  # type: ignore[list-item]
             dist.all_gather_object(per_rank, mine)
-            results = combine(
-                [summarize(self.spec, [r[i] for r in per_rank]) for i in range(len(mine))]
-            )
+            each = [
+                combine([summarize(spec, [r[j][i] for r in per_rank]) for i in range(len(mine[j]))])
+                for j, (spec, _) in enumerate(self.runs)
+            ]
+            results = each[0] if len(each) == 1 else compared(each)
             self.fabric.call("on_run_end", runner=self, results=results)
             flat = flat_summary(results)
             self.fabric.log_dict({k: v for k, v in flat.items() if _number(v)})

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from framework.comm.registry import available_strategies, get_strategy
+from framework.comm.registry import available_strategies, get_strategy, parse_strategy
 from framework.model import ModelConfig, get_config
 from framework.run.faults import KINDS, FaultSpec
 
@@ -25,8 +25,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSpec:
+    # a shape preset (framework.model.PRESETS: random weights) or a trained model
+    # (framework.model.trained.TRAINED, e.g. smollm2: converted once into cache_dir)
     preset: str = "tiny"
     checkpoint: str | None = None  # a Hugging Face Llama directory; overrides the preset
+    cache_dir: str | None = None  # trained models' cache; None: $COMMLAB_CACHE, ~/.cache/commlab
     num_layers: int | None = None  # keep only the first N layers (realistic shapes, less work)
     dtype: str = "float32"
     max_seq_len: int | None = None  # context length (KV cache size); None: the preset's
@@ -47,6 +50,12 @@ class WorkloadSpec:
     # exact: after the measured run, decode again with exact communication (naive) and with
     # the strategy teacher-forced on the exact tokens: results.json gains a numerics block
     reference: str = "none"
+    # with reference=exact: also perplexity on this fixed text, teacher-forced, against exact
+    # communication (framework.run.perplexity.EVAL_TEXTS: python-docs); its first
+    # eval_tokens + 1 tokens, eval_chunk at a time
+    eval_text: str | None = None
+    eval_tokens: int = 2048
+    eval_chunk: int = 256
     # measured runs after the one warm-up; times are their medians, with the spread of every
     # timed metric in results.json (framework.run.spread)
     repeats: int = 1
@@ -79,6 +88,10 @@ class RunSpec:
     out_dir: str = "."
     fault: FaultSpec = field(default_factory=FaultSpec)  # reliability tests only
     profile: bool = False  # torch.profiler Chrome trace of the measured run, per rank
+    # more strategies measured in the same job, on the same ranks and weights, interleaved
+    # with the job's own in every one of workload.repeats rounds: "name",
+    # "name:key=value,key=value", or "all" (every other registered strategy)
+    compare: list[str] | None = None
 
 
 REFERENCES = ("none", "exact")
@@ -98,11 +111,24 @@ def resolve_device(parallel: ParallelSpec) -> str:
     return "cuda" if resolve_backend(parallel) == "nccl" else "cpu"
 
 
-def model_config(spec: ModelSpec) -> ModelConfig:
+def checkpoint_dir(spec: ModelSpec) -> str | None:
+    """The HF checkpoint the run loads: ``model.checkpoint``, or a trained preset's cached
+    conversion (made on first use); None for a random-weight preset."""
     if spec.checkpoint:
+        return spec.checkpoint
+    from framework.model.trained import TRAINED, trained_checkpoint
+
+    if spec.preset in TRAINED:
+        return str(trained_checkpoint(spec.preset, spec.cache_dir))
+    return None
+
+
+def model_config(spec: ModelSpec) -> ModelConfig:
+    checkpoint = checkpoint_dir(spec)
+    if checkpoint:
         from framework.model.checkpoint import config_from_hf
 
-        cfg = config_from_hf(spec.checkpoint)
+        cfg = config_from_hf(checkpoint)
     else:
         cfg = get_config(spec.preset)
     if spec.num_layers is not None:
@@ -117,9 +143,13 @@ def load_prompts(spec: RunSpec, vocab_size: int) -> list[list[int]]:
     if w.text:
         from framework.run.text import encode
 
-        if not spec.model.checkpoint:
-            raise ConfigError("workload.text needs model.checkpoint (its tokenizer encodes it)")
-        prompts = encode(spec.model.checkpoint, list(w.text))
+        checkpoint = checkpoint_dir(spec.model)
+        if not checkpoint:
+            raise ConfigError(
+                "workload.text needs a model with a tokenizer (model=smollm2, or "
+                "model.checkpoint=<HF directory>)"
+            )
+        prompts = encode(checkpoint, list(w.text))
         if not all(prompts):
             raise ConfigError("workload.text: a prompt encodes to no tokens")
         return prompts
@@ -149,8 +179,50 @@ def load_prompts(spec: RunSpec, vocab_size: int) -> list[list[int]]:
     return torch.randint(1, vocab_size, (w.batch_size, w.prompt_len), generator=g).tolist()
 
 
+def eval_ids(spec: RunSpec) -> tuple[list[int], str]:
+    """The evaluation text's first ``eval_tokens + 1`` token ids and its SHA-256."""
+    from framework.run.perplexity import eval_text
+    from framework.run.text import encode
+
+    w = spec.workload
+    text, digest = eval_text(w.eval_text)
+    checkpoint = checkpoint_dir(spec.model)
+    if not checkpoint:
+        raise ValueError(
+            "workload.eval_text needs a model with a tokenizer (model=smollm2, or "
+            "model.checkpoint=<HF directory>)"
+        )
+    ids = encode(checkpoint, [text])[0][: w.eval_tokens + 1]
+    if len(ids) < w.eval_tokens + 1:
+        raise ValueError(
+            f"workload.eval_text={w.eval_text} holds {len(ids)} tokens, fewer than "
+            f"workload.eval_tokens + 1 = {w.eval_tokens + 1}"
+        )
+    return ids, digest
+
+
+def _check_eval_text(spec: RunSpec, context: int) -> None:
+    eval_ids(spec)
+    if spec.workload.eval_tokens > context:
+        raise ValueError(
+            f"workload.eval_tokens={spec.workload.eval_tokens} exceeds the model context {context}"
+        )
+
+
 def _token_id(t: Any, vocab_size: int) -> bool:
     return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+
+
+def run_strategies(spec: RunSpec) -> list[tuple[str, dict[str, Any]]]:
+    """What the job measures: its own strategy first, then ``compare`` (``all``: every other
+    registered strategy with its default options, in name order)."""
+    out = [(spec.strategy, dict(spec.strategy_options))]
+    for label in spec.compare or []:
+        if label == "all":
+            out += [(n, {}) for n in available_strategies() if n != spec.strategy]
+        else:
+            out.append(parse_strategy(label))
+    return out
 
 
 def strategy_problems(name: str, options: dict[str, Any]) -> list[str]:
@@ -223,8 +295,9 @@ def graph_problems(strategy: str, options: dict[str, Any], p: ParallelSpec) -> l
 def validate_run(spec: RunSpec) -> ModelConfig:
     """Raise ConfigError listing every problem; return the model config when all is well."""
     w, p = spec.workload, spec.parallel
-    problems = strategy_problems(spec.strategy, spec.strategy_options) + parallel_problems(p)
-    problems += graph_problems(spec.strategy, spec.strategy_options, p)
+    problems = parallel_problems(p)
+    for name, options in run_strategies(spec):
+        problems += strategy_problems(name, options) + graph_problems(name, options, p)
     for name in ("batch_size", "prompt_len", "new_tokens", "micro_batches", "repeats"):
         if getattr(w, name) <= 0:
             problems.append(f"workload.{name} must be > 0, got {getattr(w, name)}")
@@ -249,6 +322,17 @@ def validate_run(spec: RunSpec) -> ModelConfig:
         problems.append(f"model.num_layers must be > 0, got {spec.model.num_layers}")
     if spec.model.checkpoint and not os.path.isdir(spec.model.checkpoint):
         problems.append(f"model.checkpoint: {spec.model.checkpoint} is not a directory")
+    if w.eval_text is not None and w.reference != "exact":
+        problems.append(
+            "workload.eval_text is scored against exact communication: set workload.reference=exact"
+        )
+    if w.eval_tokens < 1 or w.eval_chunk < 1:
+        problems.append("workload.eval_tokens and workload.eval_chunk must be >= 1")
+    if spec.compare and p.cuda_graphs:
+        problems.append(
+            "compare with parallel.cuda_graphs=true: a captured graph holds one strategy's "
+            "collectives; measure each strategy in its own job"
+        )
     if w.text is not None and w.prompts:
         problems.append("workload.text and workload.prompts are two prompt sources: pick one")
     if problems:
@@ -258,7 +342,9 @@ def validate_run(spec: RunSpec) -> ModelConfig:
         if p.world_size > 0:
             cfg.validate_tp(p.world_size)
         prompts = load_prompts(spec, cfg.vocab_size)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        if w.eval_text is not None:
+            _check_eval_text(spec, cfg.max_seq_len)
+    except (ValueError, OSError, ImportError, RuntimeError) as e:  # RuntimeError: pip failed
         raise ConfigError(f"invalid run configuration: {e}") from e
     longest = max(len(q) for q in prompts)
     for name in ("new_tokens", "warmup_tokens"):  # the warm-up decodes as far as it asks

@@ -228,8 +228,83 @@ def test_text_prompts_are_encoded_and_continuations_decoded(pools, tmp_path: Pat
     assert res["text"] == texts
     assert res["continuations"] == [tok.decode(t) for t in res["tokens"]]
     assert all(len(c.split()) == 5 for c in res["continuations"])  # 5 words, special-free
-    with pytest.raises(ConfigError, match=r"needs model\.checkpoint"):
+    with pytest.raises(ConfigError, match=r"needs a model with a tokenizer"):
         validate_run(run_spec(cfg_for("workload.text=[hello]"), "."))
     (ckpt / "tokenizer.json").unlink()
     with pytest.raises(ConfigError, match=r"tokenizer\.json does not exist"):
         validate_run(spec)
+
+
+def test_compare_interleaves_strategies_on_the_same_ranks(pools, tmp_path: Path) -> None:
+    """One job, three strategies, two rounds: each strategy's result carries both rounds
+    (median and interval), the exact ones decode the job's own tokens, and the report reads
+    the job as three rows with the text of each beside the exact one."""
+    from experiments.common import write_json_atomic
+    from experiments.report import collect, write_report
+
+    ckpt = tmp_path / "ckpt"
+    _checkpoint_with_tokenizer(ckpt)
+    cfg = cfg_for(
+        "model=hf",
+        f"model.checkpoint={ckpt}",
+        "workload.text=[the cat sat on the mat,a dog ran]",
+        'compare=[tree,"quantized:fmt=int4,block=32"]',
+        "workload.repeats=2",
+        "workload.new_tokens=4",
+    )
+    spec = run_spec(cfg, str(tmp_path))
+    res = pools(2).run(run_on_rank, spec)[0]
+    assert res["status"] == "ok", res
+    assert res["compared"] == ["naive", "tree", "quantized"] and res["rounds"] == 2
+    naive, tree, quant = res["runs"]
+    assert quant["strategy_options"] == {"fmt": "int4", "block": 32}
+    for run in res["runs"]:
+        assert run["repeats"] == 2
+        assert len(run["spread"]["decode_tokens_per_s"]["runs"]) == 2
+    assert naive["same_tokens_as_exact"] and tree["same_tokens_as_exact"]
+    assert tree["tokens"] == naive["tokens"] and res["exact_reference"] == "naive"
+    write_json_atomic(tmp_path / "results.json", {"job_type": "infer", **res})
+    rows, _ = collect(tmp_path)
+    assert [r["strategy"] for r in rows] == ["naive", "tree", "quantized"]
+    report = write_report(tmp_path).read_text()
+    assert "## Text" in report and "| naive  | exact |" in report
+    assert report.count("Prompt ") == 2
+
+
+def test_perplexity_on_the_evaluation_text(pools, tmp_path: Path) -> None:
+    """A trained-model-shaped checkpoint (converted from a tiny GGUF) scores the standard
+    library's documentation: exact communication against itself is a ratio of exactly 1, a
+    4-bit wire is not, and the text is recorded by name and hash."""
+    import hashlib
+
+    pytest.importorskip("gguf")
+    from gguf_files import write_gguf
+
+    from framework.model.gguf import convert_gguf
+    from framework.run.perplexity import eval_text
+
+    ckpt = convert_gguf(write_gguf(tmp_path / "t.gguf"), tmp_path / "ckpt")
+    cfg = cfg_for(
+        "model=hf",
+        f"model.checkpoint={ckpt}",
+        "workload.text=[the cat]",
+        "workload.new_tokens=3",
+        "workload.reference=exact",
+        "workload.eval_text=python-docs",
+        "workload.eval_tokens=48",
+        "workload.eval_chunk=16",
+        'compare=["quantized:fmt=int4,block=32"]',
+    )
+    res = pools(2).run(run_on_rank, run_spec(cfg, str(tmp_path)))[0]
+    assert res["status"] == "ok", res
+    exact, quant = (r["numerics"]["perplexity"] for r in res["runs"])
+    text, digest = eval_text("python-docs")
+    assert digest == hashlib.sha256(text.encode()).hexdigest()
+    assert exact["text"] == "python-docs" and exact["sha256"] == digest and exact["tokens"] == 48
+    assert exact["ratio"] == exact["ratio_lo"] == exact["ratio_hi"] == 1.0
+    assert exact["kl_per_token"] == 0.0 and exact["top1_agreement"] == 1.0
+    assert quant["exact"] == exact["exact"] and quant["ratio"] != 1.0
+    assert quant["ratio_lo"] <= quant["ratio"] <= quant["ratio_hi"] and quant["kl_per_token"] > 0
+    bad = cfg_for("workload.reference=exact", "workload.eval_text=nope")
+    with pytest.raises(ConfigError, match="unknown evaluation text 'nope'"):
+        validate_run(run_spec(bad, "."))

@@ -1,4 +1,5 @@
-"""Tensor-parallel inference is exact: TP 2, 3 and 4 against TP 1, for every strategy.
+"""Tensor-parallel inference is exact: TP 2, 3 and 4 against TP 1, for every strategy, and at
+TP sizes that do not divide the head count (SmolLM2-135M's 9 heads / 3 KV heads at TP 2 and 4).
 
 Tolerance: TP splits each row-parallel matmul's reduction over heads / intermediate channels
 into per-rank partial sums that are then added by the all-reduce, so float32 results differ
@@ -15,8 +16,9 @@ import torch.distributed as dist
 from conftest import FULL, first_only
 
 from framework import available_strategies, build_communicator, get_strategy
-from framework.model import TPLlama, get_config
+from framework.model import ModelConfig, TPLlama, get_config
 from framework.model.generate import generate
+from framework.model.sharding import rank_layout
 
 PROMPTS = [[5, 17, 42, 9, 3, 77], [8, 1, 250], [100, 101, 102, 103], [7, 7, 7, 7, 7]]
 # exact strategies: within float rounding of TP 1 (quantized: tests/integration/test_quantized.py)
@@ -93,17 +95,18 @@ def hf_tp_generate(path: str, prompt: list[int], new_tokens: int) -> tuple[list[
         comm.close()
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_hf_checkpoint_matches_transformers(pools, tmp_path, tp: int) -> None:
-    """2 KV heads: split at TP 2, each replicated on 2 ranks at TP 4 (as vLLM does)."""
+@pytest.mark.parametrize("heads, kv, tp", [(4, 2, 2), (4, 2, 4), (9, 3, 2)])
+def test_hf_checkpoint_matches_transformers(pools, tmp_path, heads: int, kv: int, tp: int) -> None:
+    """4 heads on 2 KV heads: split at TP 2, each replicated on 2 ranks at TP 4 (as vLLM does).
+    9 heads on 3 KV heads (SmolLM2-135M's) at TP 2: 5 + 4 heads, the middle KV head on both."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
         vocab_size=256,
-        hidden_size=64,
+        hidden_size=16 * heads,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
         max_position_embeddings=128,
         tie_word_embeddings=False,
     )
@@ -121,7 +124,9 @@ def test_hf_checkpoint_matches_transformers(pools, tmp_path, tp: int) -> None:
         )[0, len(prompt) :].tolist()
     outs = pools(tp).run(hf_tp_generate, str(tmp_path), prompt, 8)
     assert [tokens for tokens, _ in outs] == [want] * tp
-    assert {rows for _, rows in outs} == {cfg.hidden_size // cfg.num_attention_heads}
+    ours = ModelConfig(256, cfg.hidden_size, 128, 2, heads, kv)
+    kv_rows = [16 * rank_layout(ours, r, tp).num_kv_heads for r in range(tp)]
+    assert [rows for _, rows in outs] == kv_rows
 
 
 def _sp_every_strategy() -> list[tuple[str, int, list, torch.Tensor, int, int]]:
@@ -147,3 +152,42 @@ def test_sequence_parallel_matches_unsharded(pools, reference, world_size: int) 
             # per forward and micro-batch: 2 reduce-scatters and 2 all-gathers per layer,
             # and the all-gather before the head; 4 forwards
             assert calls == 4 * mb * (4 * layers + 1), what
+
+
+# (query heads, KV heads, TP): uneven head blocks (5 + 4, 3 + 2 + 2 + 2, 8 + 7, 4 + 4 + 3 + 3)
+# and KV heads replicated where a query group spans ranks; 151 MLP channels never split evenly.
+UNEVEN = [(9, 3, 2), (9, 3, 4), (15, 5, 2), (14, 2, 4)]
+
+
+def uneven_generate(cases: list[tuple[int, int]]) -> list[tuple[list, torch.Tensor, int, int]]:
+    """On a rank: for each (heads, KV heads), greedy tokens, logits, collectives and
+    sequence-parallel forwards, without then with sequence parallelism."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for heads, kv in cases:
+        cfg = ModelConfig(256, 64, 151, 2, heads, kv, head_dim=8, max_seq_len=64)
+        for sp in (False, True):
+            comm = build_communicator("naive")
+            try:
+                model = TPLlama(cfg, comm, rank, world).init_random(seed=3)
+                model.set_sequence_parallel(sp)
+                gen = generate(model, PROMPTS, 4, micro_batches=2, return_logits=True)
+                out.append((gen.tokens, torch.stack(gen.logits), comm.stats.calls, model.sp_steps))
+            finally:
+                comm.close()
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_tp_not_dividing_the_heads_matches_unsharded(pools, world_size: int) -> None:
+    cases = [(h, kv) for h, kv, tp in UNEVEN if tp == world_size]
+    ref = pools(1).run(uneven_generate, cases)[0]
+    for rank_out in pools(world_size).run(uneven_generate, cases):
+        for i, (tokens, logits, calls, sp_steps) in enumerate(rank_out):
+            sp = i % 2 == 1
+            what = f"heads, kv = {cases[i // 2]}, sequence parallel {sp}"
+            assert tokens == ref[i][0], what
+            torch.testing.assert_close(logits, ref[i][1], atol=1e-5, rtol=0, msg=what)
+            # 4 forwards of 2 micro-batches, 2 layers: 2 all-reduces per layer, or 2
+            # reduce-scatters and 2 all-gathers per layer plus 1 before the head
+            assert (calls, sp_steps) == ((4 * 2 * 9, 4) if sp else (4 * 2 * 4, 0)), what

@@ -57,7 +57,7 @@ def test_structured_config_rejects_bad_types() -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["parallel.world_size=5"], "num_heads"),
+        (["parallel.world_size=25"], "larger than num_heads=24"),
         (["parallel.world_size=0"], "world_size must be > 0"),
         (["workload.micro_batches=8"], "larger than"),
         (["workload.prompt_len=200"], "exceeds the model context"),

@@ -28,6 +28,8 @@ from framework.model import (
 )
 from framework.model.checkpoint import config_from_hf, load_hf_checkpoint
 from framework.model.generate import generate, left_pad
+from framework.model.layers import kv_runs
+from framework.model.sharding import rank_layout, slice_dim
 
 TINY = PRESETS["tiny"]
 
@@ -167,17 +169,91 @@ def test_presets_and_param_counts() -> None:
 
 
 def test_bad_tp_size() -> None:
-    with pytest.raises(ValueError, match="num_heads"):
-        TINY.validate_tp(5)
-    with pytest.raises(ValueError, match="neither divides num_kv_heads=6 nor is a multiple"):
-        dataclasses.replace(TINY, num_kv_heads=6).validate_tp(4)
+    # Any TP size up to the head count is accepted, dividing or not.
+    for tp in (5, 7, 24):
+        TINY.validate_tp(tp)
+    dataclasses.replace(TINY, num_kv_heads=6).validate_tp(4)  # KV groups span ranks
     dataclasses.replace(TINY, num_kv_heads=2).validate_tp(4)  # replicated KV heads
-    with pytest.raises(ValueError, match="intermediate_size"):
-        dataclasses.replace(TINY, intermediate_size=390).validate_tp(4)
+    dataclasses.replace(TINY, intermediate_size=390).validate_tp(4)  # 98 + 98 + 97 + 97
+    with pytest.raises(ValueError, match="tp_size=25 is larger than num_heads=24"):
+        TINY.validate_tp(25)
+    with pytest.raises(ValueError, match="intermediate_size=3"):
+        dataclasses.replace(TINY, intermediate_size=3).validate_tp(4)
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="positive int"):
+            TINY.validate_tp(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_heads"):
-        TPLlama(TINY, CountingComm(), tp_rank=0, tp_size=5)
+        TPLlama(TINY, CountingComm(), tp_rank=0, tp_size=25)
     with pytest.raises(ValueError, match="tp_rank"):
         TPLlama(TINY, CountingComm(), tp_rank=2, tp_size=2)
+
+
+@pytest.mark.parametrize("heads, kv", [(24, 12), (24, 2), (9, 3), (15, 5), (14, 2), (7, 7), (8, 1)])
+def test_rank_layout_blocks(heads: int, kv: int) -> None:
+    """Every TP size up to the head count: contiguous floor/ceil blocks covering every query
+    head and MLP channel (the first n % p ranks the larger), and exactly the KV heads used."""
+    cfg = ModelConfig(256, 64, 150, 1, heads, kv, head_dim=8)
+    group = heads // kv
+    for tp in range(1, heads + 1):
+        layouts = [rank_layout(cfg, r, tp) for r in range(tp)]
+        for n, kind in ((heads, "heads"), (150, "intermediate")):
+            blocks = [getattr(lay, kind) for lay in layouts]
+            assert blocks[0][0] == 0 and blocks[-1][1] == n
+            assert [stop for _, stop in blocks[:-1]] == [start for start, _ in blocks[1:]]
+            sizes = [stop - start for start, stop in blocks]
+            assert sizes == [n // tp + (r < n % tp) for r in range(tp)]
+        for lay in layouts:
+            used = {q // group for q in range(*lay.heads)}
+            assert set(range(*lay.kv_heads)) == used
+
+
+_LEGACY_SHARDED = {  # param_shard before uneven splits, verbatim: the layout to keep
+    "self_attn.q_proj.weight": (0, "heads"),
+    "self_attn.k_proj.weight": (0, "kv_heads"),
+    "self_attn.v_proj.weight": (0, "kv_heads"),
+    "self_attn.o_proj.weight": (1, "heads"),
+    "mlp.gate_proj.weight": (0, "intermediate"),
+    "mlp.up_proj.weight": (0, "intermediate"),
+    "mlp.down_proj.weight": (1, "intermediate"),
+}
+
+
+def _legacy_param_shard(name: str, cfg: ModelConfig, rank: int, tp: int) -> Any:
+    suffix = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+    if suffix not in _LEGACY_SHARDED:
+        return None
+    dim, kind = _LEGACY_SHARDED[suffix]
+    full = {
+        "heads": cfg.num_heads * cfg.hd,
+        "kv_heads": cfg.num_kv_heads * cfg.hd,
+        "intermediate": cfg.intermediate_size,
+    }[kind]
+    if kind == "kv_heads" and tp > cfg.num_kv_heads:  # replicated KV heads
+        head = rank // (tp // cfg.num_kv_heads)
+        return dim, head * cfg.hd, (head + 1) * cfg.hd
+    size = full // tp
+    return dim, rank * size, (rank + 1) * size
+
+
+@pytest.mark.parametrize("tp, kv", [(2, 12), (3, 12), (4, 12), (4, 2), (8, 2), (6, 3)])
+def test_divisible_layout_unchanged(tp: int, kv: int) -> None:
+    """The TP sizes commlab always ran keep their shards and SDPA's enable_gqa path."""
+    cfg = dataclasses.replace(TINY, num_kv_heads=kv)
+    for rank in range(tp):
+        assert kv_runs(cfg, rank, tp) is None
+        for name in full_param_shapes(cfg):
+            assert param_shard(name, cfg, rank, tp) == _legacy_param_shard(name, cfg, rank, tp)
+
+
+@pytest.mark.parametrize("tp, kv", [(5, 12), (4, 6), (7, 3)])
+def test_init_random_uneven_slices_the_full_weights(tp: int, kv: int) -> None:
+    """Uneven blocks and KV heads replicated across a group that spans ranks: every rank holds
+    exactly its param_shard of the unsharded model's weights."""
+    cfg = dataclasses.replace(TINY, num_kv_heads=kv)
+    full = dict(TPLlama(cfg, CountingComm()).init_random(5).named_parameters())
+    for rank in range(tp):
+        for name, p in TPLlama(cfg, CountingComm(), rank, tp).init_random(5).named_parameters():
+            assert torch.equal(p, slice_dim(full[name], param_shard(name, cfg, rank, tp))), name
 
 
 # ----------------------------------------------------------------------------------------
@@ -334,10 +410,13 @@ def test_init_random_identical_for_any_tp(tp: int) -> None:
             assert torch.equal(torch.cat([sd[name] for sd in shards], dim=shard[0]), ref)
 
 
-@pytest.mark.parametrize("tp, kv", [(2, 12), (3, 12), (4, 12), (4, 2), (6, 3), (8, 2)])
+@pytest.mark.parametrize(
+    "tp, kv", [(2, 12), (3, 12), (4, 12), (4, 2), (6, 3), (8, 2), (5, 12), (4, 6), (7, 3)]
+)
 def test_threaded_tp_matches_single_rank(tp: int, kv: int) -> None:
     """Split KV heads (kv = 12) and replicated ones (tp a multiple of kv: 2 or 4 ranks per KV
-    head), against the unsharded model."""
+    head), then TP sizes that divide neither the 24 heads nor the KV heads (uneven blocks,
+    KV groups spanning ranks), against the unsharded model."""
     ref_model, _ = tiny_model(seed=2, num_kv_heads=kv)
     prompts = random_prompts([6, 9, 4])
     tokens, mask = left_pad(prompts, 0)

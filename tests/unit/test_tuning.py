@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import write_table
 
-from experiments.bench import parse_compare, tuning_rows
+from experiments.bench import tuning_rows
 from framework import build_communicator
 from framework.comm.tuning import bucket_of, describe, merge_rows
+from framework.run.spec import parse_strategy
 
 
 def test_buckets_and_description(tmp_path: Path) -> None:
@@ -31,7 +32,7 @@ def test_options_refused_before_any_rank() -> None:
         build_communicator("auto", candidates=["naive", "quantized"])
     with pytest.raises(ValueError, match="'bucketed' is not an algorithm"):
         build_communicator("auto", candidates=["bucketed"])
-    assert parse_compare("auto:table=x,tune_iters=5") == ("auto", {"table": "x", "tune_iters": 5})
+    assert parse_strategy("auto:table=x,tune_iters=5") == ("auto", {"table": "x", "tune_iters": 5})
 
 
 def test_tuning_rows_pick_the_fastest() -> None:
