@@ -20,6 +20,7 @@ from framework import Composed, register_strategy
 @register_strategy("oneshot")
 class OneShot(Composed):
     summation_order = "rank"
+
     def wire_bytes(self, nbytes: int) -> int:
         return self.inner.op_wire_bytes("all_gather", nbytes)
 

@@ -24,6 +24,7 @@ from framework.comm.buffers import BufferPool, view_as
 @register_strategy("twoshot")
 class TwoShot(Composed):
     summation_order = INNER  # its reduce-scatter is inner's
+
     def __init__(self, group=None, **options: Any) -> None:
         super().__init__(group, **options)
         self._pool = BufferPool(self.stats, max_free=2)
