@@ -374,6 +374,12 @@ def _section(
     ]
 
 
+def _text(s: str) -> str:
+    """Generated text in a table cell: code, newlines and tabs shown, not acted on."""
+    shown = s.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+    return "`" + shown.replace("`", "'").replace("|", "/") + "`"
+
+
 def text_section(rows: list[dict[str, Any]]) -> list[str]:
     """Each prompt, the exact continuation, and every strategy's beside it: those that
     differ from the exact one marked. Only for runs with text prompts."""
@@ -383,14 +389,15 @@ def text_section(rows: list[dict[str, Any]]) -> list[str]:
         return []
     out = ["## Text", ""]
     for i, prompt in enumerate(exact["text"]):
-        out += [f"Prompt {i + 1}: `{_fmt(prompt)}`", "", "| strategy | | continuation |"]
+        out += [f"Prompt {i + 1}: {_text(prompt)}", "", "| strategy | | continuation |"]
         out.append("|---|---|---|")
         for r in runs:
             text = r["continuations"][i] if i < len(r["continuations"]) else ""
             mark = "same" if text == exact["continuations"][i] else "**differs**"
             if r is exact:
                 mark = "exact"
-            out.append(f"| {r['strategy']} {r['options']} | {mark} | {_fmt(text)} |")
+            label = f"{r['strategy']} {r['options']}".strip()
+            out.append(f"| {label} | {mark} | {_text(text)} |")
         out.append("")
     return out
 

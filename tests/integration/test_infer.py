@@ -267,7 +267,7 @@ def test_compare_interleaves_strategies_on_the_same_ranks(pools, tmp_path: Path)
     rows, _ = collect(tmp_path)
     assert [r["strategy"] for r in rows] == ["naive", "tree", "quantized"]
     report = write_report(tmp_path).read_text()
-    assert "## Text" in report and "| naive  | exact |" in report
+    assert "## Text" in report and "| naive | exact |" in report
     assert report.count("Prompt ") == 2
 
 
