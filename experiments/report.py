@@ -142,6 +142,9 @@ def infer_row(r: dict[str, Any], job: str) -> dict[str, Any]:
     row["exact"] = r.get("exact")
     ppl = (r.get("numerics") or {}).get("perplexity") or {}
     row.update({f"ppl_{k}": ppl.get(k) for k in PPL_COLS})
+    row["sha256"] = ppl.get("sha256")
+    row["numerics"] = r.get("numerics") or {}
+    row["strategy_options"] = r.get("strategy_options") or {}
     row["text"] = r.get("text") or []
     row["continuations"] = r.get("continuations") or []
     row["continuation"] = " / ".join(row["continuations"])
@@ -448,10 +451,19 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("sweep_dir")
+    ap.add_argument("--view", help="a study's view (experiments.views.VIEWS) instead")
+    ap.add_argument("--out", help="where the view writes (default: the sweep directory)")
     args = ap.parse_args(argv)
     if not Path(args.sweep_dir).is_dir():
         print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
+    if args.view:
+        from experiments.views import get_view
+
+        rows, _ = collect(Path(args.sweep_dir))
+        for p in get_view(args.view)(rows, Path(args.out or args.sweep_dir)):
+            print(f"wrote {p}")
+        return 0
     path = write_report(args.sweep_dir)
     print(path.read_text().split("![")[0])
     print(f"report: {path}")

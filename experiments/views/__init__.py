@@ -1,0 +1,23 @@
+"""Report views: a study's own reading of a sweep, registered by name.
+
+``python -m experiments.report <sweep dir> --view NAME [--out DIR]`` collects the sweep's rows
+(the same rows as the standard report) and hands them to view ``NAME``, which writes its tables,
+plots and data into ``DIR``. A view is one function; it shares the report's table and plot
+helpers (:mod:`experiments.report`) instead of keeping its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+View = Callable[[list[dict[str, Any]], Path], list[Path]]
+VIEWS: dict[str, str] = {"quantized": "experiments.views.quantized"}  # name -> module
+
+
+def get_view(name: str) -> View:
+    if name not in VIEWS:
+        raise ValueError(f"unknown report view {name!r}; available: {sorted(VIEWS)}")
+    return importlib.import_module(VIEWS[name]).view
