@@ -298,13 +298,14 @@ class Runner:
             self.model.set_communicator(exact)
             ref = generate(self.model, self.prompts, w.new_tokens, **kw)
             exact.flush()
+            wire = exact.stats.wire_bytes  # the prompts' decode only, like the strategy's
             scored = None
             if w.eval_text is not None:
                 from framework.run.perplexity import score
 
                 self._eval = eval_ids(self.spec)
                 scored = score(self.model, self._eval[0], w.eval_chunk, None, self.rank == 0)
-            return ref, exact.stats.wire_bytes, scored
+            return ref, wire, scored
         finally:
             self.model.set_communicator(self.comm)
             exact.close()
