@@ -145,6 +145,7 @@ def infer_row(r: dict[str, Any], job: str) -> dict[str, Any]:
     row["sha256"] = ppl.get("sha256")
     row["numerics"] = r.get("numerics") or {}
     row["strategy_options"] = r.get("strategy_options") or {}
+    row["comm_extra"] = r.get("comm_extra") or {}
     row["text"] = r.get("text") or []
     row["continuations"] = r.get("continuations") or []
     row["continuation"] = " / ".join(row["continuations"])

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 View = Callable[[list[dict[str, Any]], Path], list[Path]]
-VIEWS: dict[str, str] = {"quantized": "experiments.views.quantized"}  # name -> module
+VIEWS: dict[str, str] = {  # name -> the module that defines ``view``
+    "quantized": "experiments.views.quantized",
+    "selection": "experiments.views.selection",
+}
 
 
 def get_view(name: str) -> View:

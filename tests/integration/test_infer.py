@@ -298,6 +298,8 @@ def test_perplexity_on_the_evaluation_text(pools, tmp_path: Path) -> None:
     res = pools(2).run(run_on_rank, run_spec(cfg, str(tmp_path)))[0]
     assert res["status"] == "ok", res
     exact, quant = (r["numerics"]["perplexity"] for r in res["runs"])
+    # the same decode on the same arithmetic sends the same bytes (the text is not counted)
+    assert res["runs"][0]["numerics"]["wire_bytes_vs_exact"] == 1.0
     text, digest = eval_text("python-docs")
     assert digest == hashlib.sha256(text.encode()).hexdigest()
     assert exact["text"] == "python-docs" and exact["sha256"] == digest and exact["tokens"] == 48
