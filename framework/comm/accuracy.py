@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from framework.comm.files import atomic_open
+from framework.comm.registry import parse_strategy, strategy_label
 from framework.comm.tuning import table_path
 
 # what an error budget may bound: the two measured end to end, and the element error the
@@ -140,8 +141,12 @@ def admissible(
                 dropped[label] = f"sums in {a.summation_order} order, not {order}"
     if budget:
         rows = accuracy_rows(accuracy, world_size) if accuracy else {}
-        for label, a in algos.items():
-            why = None if a.exact else within(rows.get(label), budget)
+        for label, a in algos.items():  # rows are keyed by the canonical label
+            why = (
+                None
+                if a.exact
+                else within(rows.get(strategy_label(*parse_strategy(label))), budget)
+            )
             if why and label not in dropped:
                 dropped[label] = why
     return [n for n in algos if n not in dropped], dropped, order

@@ -51,6 +51,11 @@ def test_budget_keeps_exact_and_what_was_measured_within_it(tmp_path: Path) -> N
     assert "no ppl_change measured" in dropped["quantized:block=128,fmt=int4"]
     kept, _, _ = admissible(algos, 2, {"ppl_change": 0.1, "kl_per_token": 0.01}, table, False)
     assert kept == ["naive", "quantized:block=32,fmt=int8"]  # every bound holds, or it goes
+    # a label written with its options in another order is the same candidate
+    kept, _, _ = admissible(
+        {"quantized:fmt=int8,block=32": _algo(exact=False)}, 2, {"ppl_change": 0.01}, table, False
+    )
+    assert kept == ["quantized:fmt=int8,block=32"]
     kept, _, _ = admissible(algos, 3, {"ppl_change": 0.1}, table, False)
     assert kept == ["naive"]  # rows of another world size say nothing about this one
 

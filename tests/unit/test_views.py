@@ -1,0 +1,60 @@
+"""Report views, registered by name: the quantized study's view turns compared runs into its
+table and the accuracy table auto reads back; the selection view names what auto served."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from experiments.report import infer_row
+from experiments.views import get_view
+from framework.comm.accuracy import accuracy_rows
+
+
+def _run(strategy: str, options: dict, ratio: float, world_size: int = 2) -> dict:
+    ppl = {
+        "text": "python-docs",
+        "sha256": "ab" * 32,
+        "tokens": 2048,
+        "exact": 12.0,
+        "strategy": 12.0 * ratio,
+        "ratio": ratio,
+        "ratio_lo": ratio - 0.01,
+        "ratio_hi": ratio + 0.02,
+        "kl_per_token": (ratio - 1) / 10,
+        "top1_agreement": 0.9,
+    }
+    return {
+        "status": "ok",
+        "strategy": strategy,
+        "strategy_options": options,
+        "world_size": world_size,
+        "exact": strategy == "naive",
+        "decode_tokens_per_s": 10.0,
+        "comm_extra": {"auto_shm_calls": 4, "auto_untuned_calls": 0},
+        "numerics": {"perplexity": ppl, "wire_bytes_vs_exact": 0.28, "first_divergence": 3},
+    }
+
+
+def test_quantized_view_writes_the_accuracy_table_auto_reads(tmp_path: Path) -> None:
+    rows = [
+        infer_row(_run("naive", {}, 1.0), "0"),
+        infer_row(_run("quantized", {"fmt": "int8", "block": 32, "min_bytes": 0}, 1.004), "0"),
+        infer_row(_run("quantized", {"fmt": "int4", "block": 32}, 1.15), "0"),
+    ]
+    paths = get_view("quantized")(rows, tmp_path)
+    assert {p.name for p in paths} == {"README.md", "accuracy_smollm2.json", "quantized.png"}
+    table = accuracy_rows(str(tmp_path / "accuracy_smollm2.json"), 2)
+    assert sorted(table) == ["quantized:block=32,fmt=int4", "quantized:block=32,fmt=int8"]
+    assert table["quantized:block=32,fmt=int8"]["ppl_change_hi"] == pytest.approx(0.024)
+    assert "| 2 | quantized:block=32,fmt=int4 |" in (tmp_path / "README.md").read_text()
+
+
+def test_selection_view_and_unknown_views(tmp_path: Path) -> None:
+    run = _run("auto", {"error_budget": {"ppl_change": 0.005}}, 1.0)
+    get_view("selection")([infer_row(run, "0")], tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "within {'ppl_change': 0.005}" in text and "shm 4" in text
+    with pytest.raises(ValueError, match="unknown report view 'nope'"):
+        get_view("nope")
