@@ -36,6 +36,11 @@ def main(cfg: DictConfig) -> float:
         if is_rank_zero():
             for run in results.get("runs") or [results]:
                 print("  ".join(f"{k}={_fmt(run.get(k))}" for k in HEADLINE), flush=True)
+            if not results.get("runs"):  # a comparison prints its text in the report
+                for prompt, text in zip(
+                    results.get("text") or [], results.get("continuations") or []
+                ):
+                    print(f"{prompt!r} -> {text!r}", flush=True)
         return results
 
     def plot_steps(out_dir: str, tracker, results: dict) -> None:

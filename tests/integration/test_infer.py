@@ -310,3 +310,22 @@ def test_perplexity_on_the_evaluation_text(pools, tmp_path: Path) -> None:
     bad = cfg_for("workload.reference=exact", "workload.eval_text=nope")
     with pytest.raises(ConfigError, match="unknown evaluation text 'nope'"):
         validate_run(run_spec(bad, "."))
+
+
+@pytest.mark.full
+def test_command_line_prints_the_continuation(tmp_path: Path) -> None:
+    """``python -m experiments.infer ... 'workload.text=[...]'`` shows the text it made."""
+    ckpt = tmp_path / "ckpt"
+    tok = _checkpoint_with_tokenizer(ckpt)
+    r = infer(
+        "model=hf",
+        f"model.checkpoint={ckpt}",
+        "workload.text=[the cat sat]",
+        "workload.new_tokens=3",
+        "logger=none",
+        f"hydra.run.dir={tmp_path / 'job'}",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "job" / "results.json").read_text())
+    assert res["continuations"] == [tok.decode(res["tokens"][0])]
+    assert f"'the cat sat' -> {res['continuations'][0]!r}" in r.stdout
