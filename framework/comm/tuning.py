@@ -22,7 +22,9 @@ malformed table is refused, not overwritten), and every error names the file.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
+import functools
 import importlib.resources
 import json
 import os
@@ -83,7 +85,16 @@ def load_table(name: str) -> dict[str, Any]:
             f"; user tables live in {user_tables_dir()}); write one with: "
             f"python -m experiments.bench bench.tune={name}"
         )
-    return _read(path)
+    st = path.stat()
+    return copy.deepcopy(_read_once(str(path), st.st_ino, st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _read_once(path: str, inode: int, mtime_ns: int, size: int) -> dict[str, Any]:
+    """A table read and checked once per version of the file (``auto`` checks its options
+    before building, then builds: one read, not two). Writers rename a new file over the
+    table, so a rewrite changes the inode, whatever the clock's resolution."""
+    return _read(Path(path))
 
 
 def _read(path: Path) -> dict[str, Any]:

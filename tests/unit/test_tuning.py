@@ -63,3 +63,29 @@ def test_description_splits_at_gaps() -> None:
         "all_reduce float32 p=2: 2049 B-4 KiB -> shm (1-1 us)",
         "all_reduce float32 p=2: 32769 B-64 KiB -> shm (1-1 us)",
     ]
+
+
+def test_a_table_is_read_once_per_version(tmp_path, monkeypatch) -> None:
+    """auto checks its options, then builds: the table is parsed once, and again only after
+    it was rewritten."""
+    from framework.comm import tuning
+
+    row = {
+        "op": "all_reduce",
+        "world_size": 2,
+        "dtype": "float32",
+        "bucket_bytes": 256,
+        "algorithm": "tree",
+        "time_us": 1.0,
+    }
+    path = tuning.merge_rows(str(tmp_path / "t.json"), [row], {})
+    reads = []
+    real = tuning._read
+    monkeypatch.setattr(tuning, "_read", lambda p: reads.append(p) or real(p))
+    first = tuning.load_table(str(path))
+    first["rows"].clear()  # a caller's copy: the cache is not touched
+    assert tuning.load_table(str(path))["rows"] == [row] and len(reads) == 1
+    tuning.merge_rows(str(path), [{**row, "algorithm": "shm"}], {})  # renamed over it
+    before = len(reads)  # merge_rows read it too, under its lock
+    assert tuning.load_table(str(path))["rows"][0]["algorithm"] == "shm"
+    assert len(reads) == before + 1
