@@ -231,7 +231,7 @@ def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return []
-    strategies = sorted({r["strategy"] for r in ok})
+    strategies = sorted({_label(r) for r in ok})  # a strategy with its options: one bar each
     sizes = sorted({r["world_size"] for r in ok})
     paths = []
     for key, label in [
@@ -247,7 +247,7 @@ def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
                     (
                         r
                         for r in ok
-                        if r["strategy"] == s and r["world_size"] == ws and r[key] is not None
+                        if _label(r) == s and r["world_size"] == ws and r[key] is not None
                     ),
                     None,
                 )
@@ -282,6 +282,10 @@ def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
     if numerics:
         paths.append(plot_numerics(numerics, root))
     return paths
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['strategy']} {row.get('options') or ''}".strip()
 
 
 def plot_numerics(rows: list[dict[str, Any]], root: Path) -> Path:
@@ -388,22 +392,24 @@ def text_section(rows: list[dict[str, Any]]) -> list[str]:
     """Each prompt, the exact continuation, and every strategy's beside it: those that
     differ from the exact one marked. Only for runs with text prompts."""
     runs = [r for r in rows if r.get("status") == "ok" and r.get("continuations")]
-    exact = next((r for r in runs if r.get("exact")), None)
-    if exact is None:
-        return []
-    out = ["## Text", ""]
-    for i, prompt in enumerate(exact["text"]):
-        out += [f"Prompt {i + 1}: {_text(prompt)}", "", "| strategy | | continuation |"]
-        out.append("|---|---|---|")
-        for r in runs:
-            text = r["continuations"][i] if i < len(r["continuations"]) else ""
-            mark = "same" if text == exact["continuations"][i] else "**differs**"
-            if r is exact:
-                mark = "exact"
-            label = f"{r['strategy']} {r['options']}".strip()
-            out.append(f"| {label} | {mark} | {_text(text)} |")
-        out.append("")
-    return out
+    out = []
+    for job in dict.fromkeys(r["job"] for r in runs):  # each job against its own exact run
+        mine = [r for r in runs if r["job"] == job]
+        exact = next((r for r in mine if r.get("exact")), None)
+        if exact is None:
+            continue
+        where = f" (job {job}, TP {exact['world_size']})" if job != "." else ""
+        for i, prompt in enumerate(exact["text"]):
+            out += [f"Prompt {i + 1}{where}: {_text(prompt)}", ""]
+            out += ["| strategy | | continuation |", "|---|---|---|"]
+            for r in mine:
+                text = r["continuations"][i] if i < len(r["continuations"]) else ""
+                mark = "same" if text == exact["continuations"][i] else "**differs**"
+                if r is exact:
+                    mark = "exact"
+                out.append(f"| {_label(r)} | {mark} | {_text(text)} |")
+            out.append("")
+    return ["## Text", "", *out] if out else []
 
 
 def write_report(root: str | Path) -> Path:

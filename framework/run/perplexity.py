@@ -55,7 +55,7 @@ def score(
     nll, kl, agree, kept = [], [], [], []
     for i, start in enumerate(range(0, n, chunk)):
         x = torch.tensor([ids[start : min(start + chunk, n)]])
-        logp = F.log_softmax(model(x)[0].double(), dim=-1)  # (t, V)
+        logp = F.log_softmax(model(x)[0].double(), dim=-1).cpu()  # (t, V), on the host
         target = torch.tensor(ids[start + 1 : start + 1 + x.shape[1]])
         nll.append(-logp.gather(1, target[:, None])[:, 0])
         if reference is not None:
@@ -75,12 +75,15 @@ def ratio_interval(
 ) -> tuple[float, float, float]:
     """Perplexity ratio (this / exact) and its 95% interval: the per-token differences of
     log-likelihood resampled in whole blocks of ``block`` tokens (a fixed generator: the same
-    numbers every time)."""
-    d = (nll - exact_nll).double()
+    numbers every time; a text under 16 blocks is cut into 16 smaller ones; tokens past the
+    last whole block count in the ratio, not in the resampling; fewer than two blocks: no
+    interval, NaN)."""
+    d = (nll - exact_nll).double().cpu()
     ratio = math.exp(float(d.mean()))
-    blocks = d[: len(d) // block * block].view(-1, block).mean(1)
-    if len(blocks) < 2:
-        return ratio, ratio, ratio
+    block = max(1, min(block, len(d) // 16))  # a short text: 16 smaller blocks
+    blocks = d[: len(d) // block * block].view(-1, block).mean(1)  # a partial tail block: out
+    if len(blocks) < 2:  # no interval from fewer than two blocks: say so, not lo = hi
+        return ratio, math.nan, math.nan
     g = torch.Generator().manual_seed(seed)
     pick = torch.randint(len(blocks), (resamples, len(blocks)), generator=g)
     means = blocks[pick].mean(1)

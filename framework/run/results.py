@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from framework.comm.registry import get_strategy
+from framework.comm.registry import strategy_label
 from framework.run.spec import RunSpec, checkpoint_dir, resolve_backend, resolve_device
 from framework.run.spread import median_interval
 
@@ -58,7 +58,7 @@ def summarize(spec: RunSpec, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "status": "ok",
         "strategy": spec.strategy,
-        "exact": get_strategy(spec.strategy).exact,  # sums as the library does, to rounding
+        "exact": r0["exact"],  # the communicator as built: sums as the library does, to rounding
         "inner": spec.strategy_options.get("inner"),
         "strategy_options": dict(spec.strategy_options),
         "world_size": len(per_rank),
@@ -160,8 +160,11 @@ def flat_summary(data: dict[str, Any]) -> dict[str, Any]:
     ``<metric>_lo`` / ``<metric>_hi``."""
     scalar = int | float | str | bool
     flat = {k: v for k, v in data.items() if isinstance(v, scalar)}
+    seen: dict[str, int] = {}
     for run in data.get("runs") or []:  # a job that compared strategies: one block each
-        label = run["strategy"]
+        label = strategy_label(run["strategy"], run.get("strategy_options") or {})
+        seen[label] = seen.get(label, 0) + 1
+        label += f"#{seen[label]}" if seen[label] > 1 else ""
         flat.update({f"{label}/{k}": v for k, v in flat_summary(run).items() if k != "strategy"})
     for k, v in (data.get("numerics") or {}).items():
         if isinstance(v, scalar):

