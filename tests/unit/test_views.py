@@ -58,3 +58,35 @@ def test_selection_view_and_unknown_views(tmp_path: Path) -> None:
     assert "within {'ppl_change': 0.005}" in text and "shm 4" in text
     with pytest.raises(ValueError, match="unknown report view 'nope'"):
         get_view("nope")
+
+
+def test_error_bars_only_from_several_runs(tmp_path: Path, monkeypatch) -> None:
+    """A single run draws no error bar (not a zero-height one); repeats draw their interval."""
+    import matplotlib.axes
+
+    from experiments.report import _plot_infer
+
+    bars: list[int] = []
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "errorbar",
+        lambda self, x, *a, **k: bars.append(len(x)) or real(self, x, *a, **k),
+    )
+
+    def row(name: str, runs: list[float]) -> dict:
+        r = infer_row({**_run(name, {}, 1.0), "world_size": 2}, "0")
+        r["spread"] = {
+            "decode_tokens_per_s": {
+                "median": runs[0],
+                "lo": min(runs),
+                "hi": max(runs),
+                "runs": runs,
+            }
+        }
+        return r
+
+    _plot_infer([row("naive", [10.0]), row("shm", [20.0])], tmp_path)
+    assert bars == []
+    _plot_infer([row("naive", [10.0, 9.0, 11.0]), row("shm", [20.0])], tmp_path)
+    assert bars == [1]  # naive's interval, nothing for shm's single run
