@@ -159,9 +159,9 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
-    from experiments.report import _pyplot, _save
+    from experiments.report import pyplot, save_png
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         if r["strategy"] in EXACT:
@@ -194,7 +194,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_title("o small preset, s HF checkpoint; blue prefill-heavy, orange decode-heavy")
-    _save(fig, out / "quantized_comm.png")
+    save_png(fig, out / "quantized_comm.png")
 
 
 def write(rows: list[dict[str, Any]], out: Path) -> Path:

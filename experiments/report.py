@@ -197,7 +197,7 @@ def markdown(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(out)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (jobs run without a display)."""
     import matplotlib
 
@@ -207,7 +207,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     """Write ``fig`` as a PNG atomically (a temporary file beside it, then a rename): a write
     that fails (a full disk, a file-size limit) leaves the previous file or none, not a torn
     one."""
@@ -221,13 +221,13 @@ def _save(fig, path: Path) -> Path:
             e.filename = str(path)
         raise
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
         tmp.unlink(missing_ok=True)
     return path
 
 
 def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return []
@@ -277,7 +277,7 @@ def _plot_infer(rows: list[dict[str, Any]], root: Path) -> list[Path]:
         ax.set_xticklabels(strategies, rotation=30, ha="right")
         ax.set_ylabel(label)
         ax.legend()
-        paths.append(_save(fig, root / f"infer_{key}.png"))
+        paths.append(save_png(fig, root / f"infer_{key}.png"))
     numerics = [r for r in ok if r.get("kl_mean") is not None and r.get("wire_bytes_vs_exact")]
     if numerics:
         paths.append(plot_numerics(numerics, root))
@@ -291,7 +291,7 @@ def _label(row: dict[str, Any]) -> str:
 def plot_numerics(rows: list[dict[str, Any]], root: Path) -> Path:
     """Accuracy against bytes and speed: KL to the exact run and decode tokens/s, each
     against bytes on the wire relative to exact, one point per run (labelled)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in rows:
         label = f"{r['strategy']} {r.get('options') or ''}".strip()
@@ -306,11 +306,11 @@ def plot_numerics(rows: list[dict[str, Any]], root: Path) -> Path:
     for ax in axes:
         ax.set_xlabel("bytes on the wire / exact")
         ax.grid(True, alpha=0.3)
-    return _save(fig, root / "infer_numerics.png")
+    return save_png(fig, root / "infer_numerics.png")
 
 
 def plot_bench(rows: list[dict[str, Any]], root: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     ok = [r for r in rows if r.get("mode") != "failed" and r.get("time_us")]
     if not ok:
         return []
@@ -333,13 +333,13 @@ def plot_bench(rows: list[dict[str, Any]], root: Path) -> list[Path]:
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
-        paths.append(_save(fig, root / f"bench_{key}.png"))
+        paths.append(save_png(fig, root / f"bench_{key}.png"))
     return paths
 
 
 def plot_job_steps(job_dir: str | Path, title: str) -> Path | None:
     """One job's inter-token latency per decode step (from the Fabric CSV logger)."""
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(job_dir) / "steps" / "metrics.csv"
     if not path.exists():
         return None
@@ -354,7 +354,7 @@ def plot_job_steps(job_dir: str | Path, title: str) -> Path | None:
     ax.set_xlabel("decode step")
     ax.set_ylabel("inter-token latency (ms, rank 0)")
     ax.set_title(title)
-    return _save(fig, Path(job_dir) / "itl_per_step.png")
+    return save_png(fig, Path(job_dir) / "itl_per_step.png")
 
 
 def _section(

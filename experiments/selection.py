@@ -252,9 +252,9 @@ def summary(outcomes: dict[str, Any]) -> list[str]:
 
 
 def plot(runs: dict[str, Any], out: Path) -> None:
-    from experiments.report import _pyplot, _save
+    from experiments.report import pyplot, save_png
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(runs["bench"]), figsize=(6 * len(runs["bench"]), 4))
     for ax, b in zip(axes if len(runs["bench"]) > 1 else [axes], runs["bench"], strict=True):
         sizes = [r["size"] for r in b["rows"]]
@@ -277,7 +277,7 @@ def plot(runs: dict[str, Any], out: Path) -> None:
         ax.set_title(f"all-reduce, world size {b['world_size']}")
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
-    _save(fig, out / "selection.png")
+    save_png(fig, out / "selection.png")
 
 
 def write(runs: dict[str, Any], out: Path) -> Path:

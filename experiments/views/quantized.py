@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from experiments.report import _fmt, _pyplot, _save, markdown
+from experiments.report import markdown, pyplot, save_png
 from framework.comm.accuracy import write_accuracy
 from framework.comm.registry import strategy_label
 
@@ -87,7 +87,7 @@ def view(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 
 def _plot(rows: list[dict[str, Any]], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in rows:
         if r["strategy"] == "naive":
@@ -96,9 +96,8 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> Path:
         lo, hi = r["ppl_ratio"] - r["ppl_ratio_lo"], r["ppl_ratio_hi"] - r["ppl_ratio"]
         marker = "o" if r["world_size"] == 2 else "s"
         axes[0].errorbar(x, r["ppl_ratio"], yerr=[[lo], [hi]], fmt=marker, capsize=3)
-        axes[0].annotate(
-            f"{_fmt(r['label'])[10:]} p={r['world_size']}", (x, r["ppl_ratio"]), fontsize=6
-        )
+        name = r["label"].removeprefix("quantized:")
+        axes[0].annotate(f"{name} p={r['world_size']}", (x, r["ppl_ratio"]), fontsize=6)
         axes[1].scatter(x, max(r["ppl_kl_per_token"], 1e-9), marker=marker)
     axes[0].axhline(1.0, color="grey", lw=0.8)
     axes[0].set_ylabel("perplexity / exact (95% interval)")
@@ -107,4 +106,4 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> Path:
     for ax in axes:
         ax.set_xlabel("bytes on the wire / exact (float32)")
         ax.grid(True, alpha=0.3)
-    return _save(fig, out / "quantized.png")
+    return save_png(fig, out / "quantized.png")
