@@ -62,6 +62,7 @@ from experiments.common import run_job, strategy_options_from
 from experiments.configs import BenchSpec
 from experiments.report import plot_bench
 from framework.comm.files import atomic_open
+from framework.comm.fused import FUSED_OPS
 from framework.comm.profiling import profiled
 from framework.comm.registry import (
     available_strategies,
@@ -70,6 +71,7 @@ from framework.comm.registry import (
     get_strategy,
 )
 from framework.comm.tuning import bucket_of, merge_rows
+from framework.run.fused_timing import fused_sweep
 from framework.run.launch import launch_ranks
 from framework.run.measure import RawAllReduce, SweepSpec, background_load, bench_sizes, sweep
 from framework.run.spec import (
@@ -137,9 +139,19 @@ def validate_bench(
         )
     if b.dtype not in BENCH_DTYPES:
         problems.append(f"bench.dtype must be one of {list(BENCH_DTYPES)}, got {b.dtype!r}")
-    ops = ("all_reduce", "reduce_scatter", "all_gather")
+    ops = ("all_reduce", "reduce_scatter", "all_gather", *FUSED_OPS)
     if b.op not in ops:
         problems.append(f"bench.op must be one of {list(ops)}, got {b.op!r}")
+    elif b.op in FUSED_OPS:
+        if b.dtype not in ("float32", "bfloat16", "float16"):
+            problems.append(f"bench.op={b.op} needs a floating-point bench.dtype, got {b.dtype}")
+        if b.hidden < 1:
+            problems.append(f"bench.hidden must be >= 1, got {b.hidden}")
+        if b.many_small or b.tune or b.memcpy:
+            problems.append(
+                f"bench.op={b.op} times one call per iteration against its composition: "
+                f"many_small, memcpy and tune do not apply"
+            )
     if b.rounds < 1:
         problems.append(f"bench.rounds must be >= 1, got {b.rounds}")
     if b.background_load < 0:
@@ -253,6 +265,9 @@ def _rank_bench(
         for label in compared(bench, resolve_backend(parallel)):
             comms.append(_build(*parse_strategy(label), parallel))
             labels.append(label)
+        if bench.op in FUSED_OPS:
+            spec, rank, world = sweep_spec(bench), fabric.global_rank, fabric.world_size
+            return fused_sweep(comms, labels, spec, bench.hidden, rank, world)
         with profiled(profile, out_dir, fabric.global_rank, fabric.device.type == "cuda"):
             out = sweep(
                 comms,
@@ -315,11 +330,84 @@ def _time(t: float, width: int = 7) -> str:
     return f"{t:{width}.0f}" if t >= 10000 else f"{t:{width}.1f}" if t >= 100 else f"{t:{width}.2f}"
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] = CSV_COLUMNS) -> None:
     with atomic_open(path) as f:
-        w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+
+
+FUSED_CSV_COLUMNS = [
+    "size",
+    "rows_per_rank",
+    "strategy",
+    "fused_us",
+    "composed_us",
+    "comm_us",
+    "compute_us",
+    "speedup",
+    "hidden",
+    "max_diff",
+    "op",
+    "world_size",
+    "type",
+]
+
+
+def format_fused(rows: list[dict[str, Any]], title: str) -> str:
+    """One line per size and strategy: the four ways (median us), speedup and hidden share."""
+    lines = [
+        f"# {title}",
+        "# speedup = composed / fused; hidden = (composed - fused) / min(comm, compute)",
+        f"# {'size':>10}  {'strategy':>14}  {'fused':>9}  {'composed':>9}  {'comm':>9}  "
+        f"{'compute':>9}  {'speedup':>7}  {'hidden':>7}  {'max_diff':>8}",
+    ]
+    for r in rows:
+        lines.append(
+            f"  {r['size']:10d}  {r['strategy'][:14]:>14}  {_time(r['fused_us'], 9)}  "
+            f"{_time(r['composed_us'], 9)}  {_time(r['comm_us'], 9)}  "
+            f"{_time(r['compute_us'], 9)}  {r['speedup']:7.3f}  {r['hidden']:7.2f}  "
+            f"{r['max_diff']:8.2g}"
+        )
+    return "\n".join(lines)
+
+
+def fused_results(
+    rows: list[dict[str, Any]],
+    name: str,
+    opts: dict[str, Any],
+    bench: BenchSpec,
+    parallel: ParallelSpec,
+    csv_path: Path,
+    tracker: Any,
+) -> dict[str, Any]:
+    """Print, write and log a fused op's rows (``bench.op`` in FUSED_OPS)."""
+    rows = [
+        {**r, "op": bench.op, "world_size": parallel.world_size, "type": bench.dtype} for r in rows
+    ]
+    title = (
+        f"{bench.op} against its composition  strategy: {name}  world_size: "
+        f"{parallel.world_size}  dtype: {bench.dtype}  hidden: {bench.hidden}  iters: "
+        f"{bench.iters} x {bench.rounds} interleaved rounds  warmup: {bench.warmup}"
+    )
+    print(format_fused(rows, title), flush=True)
+    write_csv(csv_path, rows, FUSED_CSV_COLUMNS)
+    tracker.log_table("fused", rows)
+    tracker.attach(csv_path)
+    mine = [r for r in rows if r["strategy"] == name]
+    return {
+        "status": "ok",
+        "strategy": name,
+        "options": opts,
+        "world_size": parallel.world_size,
+        "backend": resolve_backend(parallel),
+        "op": bench.op,
+        "dtype": bench.dtype,
+        "bench": asdict(bench),
+        "objective": "speedup (composed / fused) of the largest size",
+        "speedup": mine[-1]["speedup"],
+        "size_results": rows,
+    }
 
 
 @hydra.main(version_base="1.3", config_path="pkg://commlab_conf", config_name="bench")
@@ -334,6 +422,8 @@ def main(cfg: DictConfig) -> float:
             out = launch_ranks(
                 _rank_bench, parallel, name, opts, bench, parallel, bool(cfg.profile), out_dir
             )
+        if bench.op in FUSED_OPS:
+            return fused_results(out["rows"], name, opts, bench, parallel, csv_path, tracker)
         mode, tensors = mode_name(bench.many_small), bench.many_small
         rows = [
             {
@@ -398,10 +488,13 @@ def main(cfg: DictConfig) -> float:
         }
 
     def plots(out_dir: str, tracker, results: dict[str, Any]) -> None:
+        if results["op"] in FUSED_OPS:
+            return
         for png in plot_bench(results["size_results"], Path(out_dir)):
             tracker.attach(png)
 
-    return run_job(cfg, "bench", body, "results.json", after=[plots])["busbw_gbps"]
+    out = run_job(cfg, "bench", body, "results.json", after=[plots])
+    return out["speedup"] if out["op"] in FUSED_OPS else out["busbw_gbps"]
 
 
 if __name__ == "__main__":

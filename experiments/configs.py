@@ -27,7 +27,10 @@ class BenchSpec:
     rounds: int = 1  # alternate strategy and baseline this many times per size
     memcpy: bool = False  # also time a single-core copy of each size (the memory limit)
     background_load: int = 0  # busy processes running on the host during the measurement
-    op: str = "all_reduce"  # all_reduce | reduce_scatter | all_gather (nccl-tests' sizes)
+    # all_reduce | reduce_scatter | all_gather (nccl-tests' sizes), or a fused op timed
+    # against its composition: all_reduce_add_rmsnorm | all_gather_matmul | matmul_reduce_scatter
+    op: str = "all_reduce"
+    hidden: int = 1024  # fused ops: the tensors' last dim, weights (hidden, hidden)
     # more strategies timed in the same run, interleaved: "name" or "name:key=value,key=value"
     compare: list[str] | None = None
     # write the fastest of the compared algorithms per size into the user's tuning table

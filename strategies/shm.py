@@ -28,10 +28,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from framework import HOST_ONLY, Algorithm, register_strategy
+from framework import HOST_ONLY, Algorithm, Handle, register_strategy
+from framework.comm.fused import rms_norm
+from framework.comm.library import ag_output
 from framework.comm.shm import shm_segment_for
 
 MODES = ("oneshot", "twoshot", "auto")
@@ -46,6 +49,7 @@ ONESHOT_MAX_BYTES = {2: 0, 3: 0, 4: 0}
 
 @register_strategy("shm")
 class Shm(Algorithm):
+    chunked_ops = frozenset({"all_gather_matmul"})
     summation_order = "rank"  # both modes: input 0 + input 1 + ..., per element
     supports = HOST_ONLY
 
@@ -113,6 +117,42 @@ class Shm(Algorithm):
             super().all_gather_(x, out)
         else:
             self.segment.all_gather_(x, out, deadline=self.deadline)
+
+    # -- fused ops: the add folded into the reduction; each peer's rows multiplied on arrival
+    def _all_reduce_add_rmsnorm(
+        self, partial: Tensor, residual: Tensor, weight: Tensor, eps: float
+    ) -> Handle:
+        seg = self.segment
+        if seg is None or self.oneshot(partial.nbytes):
+            return super()._all_reduce_add_rmsnorm(partial, residual, weight, eps)
+        self._start(partial)
+        new_residual = torch.empty_like(residual)
+        if not seg.all_reduce_add_(partial, residual, new_residual, self.deadline):
+            seg.all_reduce_(partial, self.deadline)  # larger than a slot: in chunks, then add
+            torch.add(residual, partial, out=new_residual)
+        normed = self.compute(rms_norm, new_residual, weight, eps)
+        return Handle(self, None, (normed, new_residual))
+
+    def _all_gather_matmul(self, shard: Tensor, weights: list[Tensor]) -> Handle:
+        if self.segment is None:
+            return super()._all_gather_matmul(shard, weights)
+        p, q = self.world_size, shard.shape[0]
+        gathered = ag_output(shard, p)
+        outs = [shard.new_empty(p * q, w.shape[1]) for w in weights]
+
+        def multiply(j: int) -> None:
+            rows = gathered[j * q : (j + 1) * q]
+            for w, o in zip(weights, outs):
+                torch.matmul(rows, w, out=o[j * q : (j + 1) * q])
+
+        self._start(shard, "all_gather")
+        if not self.segment.all_gather_each_(
+            shard, gathered, lambda j: self.compute(multiply, j), self.deadline
+        ):
+            self.segment.all_gather_(shard, gathered, deadline=self.deadline)
+            for j in range(p):
+                self.compute(multiply, j)
+        return Handle(self, None, (gathered, outs))
 
     def _release(self) -> None:
         super()._release()

@@ -26,6 +26,7 @@ import bisect
 import inspect
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.profiler import record_function
 
+from framework.comm.fused import add_rmsnorm, check_fused, gather_matmul
 from framework.comm.groups import acquire_group, release_group
 from framework.comm.handle import Handle
 from framework.comm.library import (
@@ -63,19 +65,16 @@ DEFAULT_DTYPES = frozenset(
     }
 )
 
-_OP_ALL_REDUCE, _OP_FLUSH, _OP_CLOSE, _OP_REDUCE_SCATTER, _OP_ALL_GATHER = 1, 2, 3, 4, 5
-_OP_NAMES = {
-    _OP_ALL_REDUCE: "all_reduce",
-    _OP_FLUSH: "flush",
-    _OP_CLOSE: "close",
-    _OP_REDUCE_SCATTER: "reduce_scatter",
-    _OP_ALL_GATHER: "all_gather",
-}
+_OP_FLUSH, _OP_CLOSE = 2, 3
 _OP_CODES = {
-    "all_reduce": _OP_ALL_REDUCE,
-    "reduce_scatter": _OP_REDUCE_SCATTER,
-    "all_gather": _OP_ALL_GATHER,
+    "all_reduce": 1,
+    "reduce_scatter": 4,
+    "all_gather": 5,
+    "all_reduce_add_rmsnorm": 6,
+    "all_gather_matmul": 7,
+    "matmul_reduce_scatter": 8,
 }
+_OP_NAMES = {_OP_FLUSH: "flush", _OP_CLOSE: "close"} | {v: k for k, v in _OP_CODES.items()}
 _DTYPE_CODES = {dt: i for i, dt in enumerate(sorted(DEFAULT_DTYPES, key=str))}
 
 
@@ -107,6 +106,11 @@ class Communicator(ABC):
     # message by size) or is not known. INNER: the inner algorithm's (set per instance).
     # auto's deterministic=true keeps the candidates that share one such order.
     summation_order: ClassVar[str | None] = None
+    # The fused ops whose matmul this strategy splits into row blocks (``overlap``'s chunks,
+    # ``shm`` multiplying each peer's rows as they land): a blocked matmul may round
+    # differently from one whole matmul, so the kit holds these to a stated tolerance
+    # instead of the composed op's exact bits.
+    chunked_ops: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -168,25 +172,63 @@ class Communicator(ABC):
         dim 0 in rank order, a new tensor. Every rank passes the same shape."""
         return self._call("all_gather", x)
 
-    def _call(self, op: str, x: Tensor) -> Handle:
+    # -- the fused ops: a collective with the compute beside it (framework.comm.fused) ------
+    def all_reduce_add_rmsnorm(
+        self, partial: Tensor, residual: Tensor, weight: Tensor, eps: float
+    ) -> Handle:
+        """Start summing ``partial`` over the group; ``wait()`` returns ``(normed,
+        new_residual)``: ``new_residual = residual + sum`` and ``normed`` its RMSNorm with
+        ``weight`` and ``eps`` (:func:`~framework.comm.fused.rms_norm`), new tensors. The end
+        of a TP layer's row-parallel block: ``residual`` and ``weight`` are the same on every
+        rank (the replicated residual stream), which a strategy may rely on (``shm`` adds a
+        slice of it per rank); ``residual`` is read until ``wait()``."""
+        return self._call("all_reduce_add_rmsnorm", partial, residual, weight, eps)
+
+    def all_gather_matmul(self, shard: Tensor, weights: list[Tensor]) -> Handle:
+        """Start gathering the 2-D ``shard`` from every rank; ``wait()`` returns ``(gathered,
+        [gathered @ w for w in weights])``: the start of a column-parallel block under
+        sequence parallelism. The weights are read until ``wait()``."""
+        return self._call("all_gather_matmul", shard, weights)
+
+    def matmul_reduce_scatter(self, x: Tensor, weight: Tensor) -> Handle:
+        """Start ``x @ weight`` summed over the group; ``wait()`` returns this rank's rows of
+        the sum (rows ``[r n/p, (r+1) n/p)``, as :meth:`reduce_scatter`): the end of a
+        row-parallel block under sequence parallelism. Dim 0 of ``x`` must divide by p."""
+        return self._call("matmul_reduce_scatter", x, weight)
+
+    def compute(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a fused op's own compute (a matmul, the add and norm): counted in
+        ``stats.compute_s``, not in ``wait_s``, so exposed communication stays communication
+        whichever strategy does the compute."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.stats.compute_s += time.perf_counter() - t0
+
+    def _call(self, op: str, x: Tensor, *args: Any) -> Handle:
         self._check_input(x, op)
+        if args:
+            problem = check_fused(op, x, args, self.world_size)
+            if problem is not None:
+                raise self._error(problem)
         # the hot path of every strategy: timed inline (no context manager), about 1 us
         outer = self._depth == 0
         self._depth += 1
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self.stats.compute_s
         try:
             if outer and _profiling():
                 with record_function(self._blocked_span):
-                    return self._issue(op, x)
-            return self._issue(op, x)
+                    return self._issue(op, x, args)
+            return self._issue(op, x, args)
         finally:
             self._depth -= 1
             if outer:
-                dt = time.perf_counter() - t0
+                dt = max(0.0, time.perf_counter() - t0 - (self.stats.compute_s - c0))
                 self.stats.wait_s += dt
                 self.stats.by_op[op]["wait_s"] += dt
 
-    def _issue(self, op: str, x: Tensor) -> Handle:
+    def _issue(self, op: str, x: Tensor, args: tuple = ()) -> Handle:
         lo = x.data_ptr()
         hi = lo + x.nbytes
         spans = self._spans
@@ -207,8 +249,14 @@ class Communicator(ABC):
             h = self._all_reduce(x)
         elif op == "reduce_scatter":
             h = self._reduce_scatter(x)
-        else:
+        elif op == "all_gather":
             h = self._all_gather(x)
+        elif op == "all_reduce_add_rmsnorm":
+            h = self._all_reduce_add_rmsnorm(x, *args)
+        elif op == "all_gather_matmul":
+            h = self._all_gather_matmul(x, *args)
+        else:
+            h = self._matmul_reduce_scatter(x, *args)
         h._op = op
         if not h.done and hi > lo:
             h._span, h._input = (lo, hi), x
@@ -257,6 +305,12 @@ class Communicator(ABC):
     def end_warmup(self) -> None:
         """Called by the runner after its warm-up: a strategy that tunes itself on the
         messages it sees (``auto``) fixes its choices here, before anything is measured."""
+
+    def token_splits(self, tokens: int) -> int:
+        """Into how many runs of tokens the model should cut a micro-batch of ``tokens``
+        tokens inside each layer, so one run's reduction overlaps the next run's compute
+        (``token_split``). 1: none."""
+        return 1
 
     @property
     def graph_safe(self) -> bool:
@@ -373,6 +427,27 @@ class Communicator(ABC):
         library_all_gather(out, x, group=self.group)
         return Handle(self, None, out)
 
+    # The fused ops, composed from the three collectives above: right for every strategy,
+    # third-party plugins included; a strategy overrides what it does better (``shm`` fuses
+    # the epilogue into its pass over memory, ``overlap`` pipelines chunks).
+    def _all_reduce_add_rmsnorm(
+        self, partial: Tensor, residual: Tensor, weight: Tensor, eps: float
+    ) -> Handle:
+        return self.then(self._all_reduce(partial), add_rmsnorm, residual, weight, eps)
+
+    def _all_gather_matmul(self, shard: Tensor, weights: list[Tensor]) -> Handle:
+        return self.then(self._all_gather(shard), gather_matmul, weights)
+
+    def _matmul_reduce_scatter(self, x: Tensor, weight: Tensor) -> Handle:
+        return self._reduce_scatter(self.compute(torch.matmul, x, weight))
+
+    def then(self, handle: Handle, epilogue: Callable[..., Any], *args: Any) -> Handle:
+        """A handle whose ``wait()`` waits ``handle`` and returns ``epilogue(result, *args)``,
+        run as the op's compute (:meth:`compute`); at once if ``handle`` is already done."""
+        if handle.done:
+            return Handle(self, None, self.compute(epilogue, handle.wait(), *args))
+        return Handle(self, lambda: self.compute(epilogue, handle.wait(), *args))
+
     def error_bound(self, op: str, inputs: list[Tensor], rank: int) -> Tensor:
         """Per element of ``rank``'s result of ``op`` on every rank's ``inputs`` (in rank
         order), the most it may differ from the exact result (float64, the result's shape).
@@ -402,9 +477,10 @@ class Communicator(ABC):
 
     @contextmanager
     def _blocked(self):
-        """Add the time spent inside the outermost communicator call to ``wait_s``."""
+        """Add the time spent inside the outermost communicator call to ``wait_s`` (less the
+        fused ops' compute, :meth:`compute`)."""
         self._depth += 1
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self.stats.compute_s
         try:
             if self._depth == 1 and _profiling():
                 with record_function(self._blocked_span):
@@ -414,7 +490,9 @@ class Communicator(ABC):
         finally:
             self._depth -= 1
             if self._depth == 0:
-                self.stats.wait_s += time.perf_counter() - t0
+                self.stats.wait_s += max(
+                    0.0, time.perf_counter() - t0 - (self.stats.compute_s - c0)
+                )
 
     def _check_open(self) -> None:
         if self._closed:

@@ -1,10 +1,10 @@
-"""A pending collective: what ``all_reduce``/``reduce_scatter``/``all_gather`` return."""
+"""A pending collective: what every op of a communicator returns."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 
 class Handle:
-    """A pending collective. ``wait()`` blocks until the result is ready and returns it.
+    """A pending collective. ``wait()`` blocks until the result is ready and returns it: a
+    tensor, or for a fused op the tuple its method names.
 
     ``finish`` is the strategy's completion step (wait for the wire, copy out of a buffer);
     it runs at most once. If it raises, the error is kept and raised again by every later
@@ -41,7 +42,7 @@ class Handle:
     def done(self) -> bool:
         return self._finish is None
 
-    def wait(self) -> Tensor:
+    def wait(self) -> Any:
         if self._finish is None:
             if self._error is not None:
                 raise self._error
@@ -51,14 +52,16 @@ class Handle:
                 "wait() after close(): the communicator's groups and "
                 "buffers are released; wait before closing"
             )
+        stats = self._comm.stats
         outer = self._comm._depth == 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), stats.compute_s
         try:
             with self._comm._blocked():
                 self._complete()
         finally:  # the caller blocked on this op (a nested wait is its caller's time)
             if outer:
-                self._comm.stats.by_op[self._op]["wait_s"] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0 - (stats.compute_s - c0)
+                stats.by_op[self._op]["wait_s"] += max(0.0, dt)
         return self._result
 
     def _complete(self) -> None:

@@ -70,6 +70,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -447,6 +448,81 @@ class ShmSegment:
             self._arrive(_ARRIVED, g, fp=fp)
             blocks[:, lo : lo + c].copy_(slots[:p, :c])
             self._arrive(_REDUCED, g)
+
+    def all_reduce_add_(
+        self, x: Tensor, residual: Tensor, out: Tensor, deadline: float | None = None
+    ) -> bool:
+        """``out = residual + sum of x`` over the group, with the add folded into the
+        reduction: the residual stream is the same on every rank, so each rank adds its
+        slice of it to its slice of the sum and copies the result straight into ``out``
+        (one add of 1/p of the elements per rank, instead of a copy back into ``x`` and a
+        whole add). The same bits as ``residual + sum`` (an add commutes exactly). One chunk
+        only: returns False, doing nothing, when ``x`` does not fit one slot."""
+        self._check()
+        if self.world_size == 1:
+            torch.add(residual, x, out=out)
+            return True
+        if x.numel() * x.element_size() > self.capacity:
+            return False
+        self._begin(deadline)
+        self._settle()
+        fp = _fingerprint(_OP_ALL_REDUCE, x)
+        mine, parts, reduced, result = self._plan(x)
+        g = self._round = self._round + 1
+        mine.copy_(x)
+        self._arrive(_ARRIVED, g, fp=fp)
+        if parts:
+            m, p, r = x.numel(), self.world_size, self.rank
+            torch.add(parts[0], parts[1], out=reduced)
+            for part in parts[2:]:
+                reduced.add_(part)
+            reduced.add_(residual.view(-1)[m * r // p : m * (r + 1) // p])
+        self._arrive(_REDUCED, g)
+        out.copy_(result)
+        return True
+
+    def all_gather_each_(
+        self, x: Tensor, out: Tensor, arrived: Callable[[int], None], deadline: float | None = None
+    ) -> bool:
+        """:meth:`all_gather_` that calls ``arrived(j)`` as soon as rank j's block of ``out``
+        is filled, in ring order from this rank's own (which needs no wait): the caller works
+        on each block while later ones are still being written (``shm``'s
+        ``all_gather_matmul``). One chunk only: returns False, doing nothing, when ``x`` does
+        not fit one slot."""
+        self._check()
+        p, r = self.world_size, self.rank
+        flat = x.view(-1)
+        n = flat.numel()
+        blocks = out.view(p, n)
+        if p > 1 and n * x.element_size() > self.capacity:
+            return False
+        blocks[r].copy_(flat)
+        if p == 1:
+            arrived(r)
+            return True
+        self._begin(deadline)
+        self._settle()
+        slots = self._data.view(x.dtype).view(p + 1, self.capacity // x.element_size())
+        g = self._round = self._round + 1
+        slots[r, :n].copy_(flat)
+        fp = _fingerprint(_OP_ALL_GATHER, x)
+        self._arrive(_ARRIVED, g, only=r, fp=fp)  # publish; wait for nobody yet
+        arrived(r)
+        tag = self._flags[self._flag(_ARRIVED, r) + 1]
+        for k in range(1, p):
+            j = (r + k) % p
+            self._arrive(_ARRIVED, g, only=j)
+            theirs = self._flags[self._flag(_ARRIVED, j) + 1]
+            if theirs != tag:
+                self._broken = (
+                    f"ranks disagree on the collective of round {g}: rank {r}: "
+                    f"{_describe(tag)}; rank {j}: {_describe(theirs)}"
+                )
+                raise ShmError(f"rank {r}: {self._broken}")
+            blocks[j].copy_(slots[j, :n])
+            arrived(j)
+        self._arrive(_REDUCED, g)
+        return True
 
     def _round1(
         self, x: Tensor, mine: Tensor, parts: list[Tensor], out: Tensor, result: Tensor, fp: int

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-# The collectives of the interface, in the order the counters list them.
-OPS = ("all_reduce", "reduce_scatter", "all_gather")
+# The ops of the interface, in the order the counters list them: the three collectives, then
+# the fused ops (a collective with its compute, framework.comm.fused).
+OPS = (
+    "all_reduce",
+    "reduce_scatter",
+    "all_gather",
+    "all_reduce_add_rmsnorm",
+    "all_gather_matmul",
+    "matmul_reduce_scatter",
+)
 OP_COUNTERS = ("calls", "collectives", "bytes", "wire_bytes", "wait_s")
 
 
@@ -18,8 +26,11 @@ class CommStats:
     ``wire_bytes`` of each of :data:`OPS` alone (``as_dict`` flattens them as
     ``<op>_<counter>``; an op's ``wait_s`` is the time blocked issuing and waiting its
     handles: time blocked in ``flush()`` or ``close()`` counts in the total ``wait_s`` only).
-    ``calls`` logical calls; ``collectives`` operations put on the wire
-    (fusion makes it smaller than ``calls``); ``bytes`` input bytes; ``wire_bytes`` bytes this
+    ``calls`` logical calls, counted under the op called; ``collectives`` operations put on
+    the wire, counted under the collective that went (a fused op's all-reduce counts as an
+    ``all_reduce`` collective; bucketing makes it smaller than ``calls``, chunking larger);
+    ``compute_s`` seconds the fused ops spent on their own compute (matmuls, add and norm),
+    kept out of ``wait_s``; ``bytes`` input bytes; ``wire_bytes`` bytes this
     rank sent according to the algorithm; ``wait_s`` seconds the caller was blocked inside
     ``all_reduce``/``wait``/``flush`` (exposed communication); ``buffer_allocs`` and
     ``buffer_reuses`` count communication buffers created and handed out again; ``extra`` holds
@@ -31,6 +42,7 @@ class CommStats:
     bytes: int = 0
     wire_bytes: int = 0
     wait_s: float = 0.0
+    compute_s: float = 0.0
     buffer_allocs: int = 0
     buffer_reuses: int = 0
     by_op: dict[str, dict[str, int]] = field(default_factory=lambda: _zero_ops())

@@ -1,22 +1,25 @@
 """Layers of one TP rank: every collective of a decoder layer is on this screen.
 
 The two row-parallel projections (attention's ``o_proj``, the MLP's ``down_proj``) produce
-partial sums; each is reduced with ONE explicit ``comm.all_reduce(partial)`` inside the layer
-that produces it, as vLLM's RowParallelLinear does. With sequence parallelism (a
-:class:`SeqShard` passed in) the residual stream is split over tokens: the reduction becomes
-``comm.reduce_scatter`` (each rank keeps its token shard of the sum), the norms run on the
-shard, and an explicit ``comm.all_gather`` brings the normed tokens back before each
-column-parallel projection: the same bytes on the wire, 1/p of the norm and residual work
-(Megatron-LM's sequence parallelism; vLLM's rewrite of all-reduce + RMSNorm). The
-communicator is duck-typed (:class:`AllReducer`), so this package never imports the
-communication core.
+partial sums; each is reduced with ONE explicit call inside the layer that produces it, as
+vLLM's RowParallelLinear does, and the call is the fused op the reduction really is:
+``comm.all_reduce_add_rmsnorm(partial, residual, norm.weight, norm.eps)`` sums the partials,
+adds the residual stream and applies the next RMSNorm (TensorRT-LLM's and vLLM's fusion), so a
+strategy may fuse those passes over memory. With sequence parallelism (a :class:`SeqShard`
+passed in) the residual stream is split over tokens: the column-parallel projections start
+with ``comm.all_gather_matmul(shard, weights)`` (gather every rank's normed tokens and
+multiply) and the row-parallel ones end with ``comm.matmul_reduce_scatter(x, weight)`` (each
+rank keeps its token rows of the sum), the pairs PyTorch's async-TP decomposes to overlap
+transfer with compute; the add and norm then run on the shard (Megatron-LM's sequence
+parallelism). The communicator is duck-typed (:class:`AllReducer`), so this package never
+imports the communication core.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +30,37 @@ from framework.model.sharding import rank_layout
 
 
 class AllReduceHandle(Protocol):
-    def wait(self) -> Tensor: ...
+    def wait(self) -> Any: ...
 
 
 class AllReducer(Protocol):
     """What the model needs from a communicator (framework.Communicator satisfies it);
-    a Protocol so tests can pass tiny stand-ins. ``reduce_scatter`` and ``all_gather`` are
-    only called with sequence parallelism on."""
+    a Protocol so tests can pass tiny stand-ins. ``all_gather_matmul``,
+    ``matmul_reduce_scatter`` and ``all_gather`` are only called with sequence parallelism on.
+    A communicator may also offer ``token_splits(tokens) -> int`` (see ``TPLlama``)."""
 
-    def all_reduce(self, x: Tensor) -> AllReduceHandle: ...
+    def all_reduce_add_rmsnorm(
+        self, partial: Tensor, residual: Tensor, weight: Tensor, eps: float
+    ) -> AllReduceHandle: ...
 
-    def reduce_scatter(self, x: Tensor) -> AllReduceHandle: ...
+    def all_gather_matmul(self, shard: Tensor, weights: list[Tensor]) -> AllReduceHandle: ...
+
+    def matmul_reduce_scatter(self, x: Tensor, weight: Tensor) -> AllReduceHandle: ...
 
     def all_gather(self, x: Tensor) -> AllReduceHandle: ...
+
+
+class AddNorm:
+    """The epilogue of a sequence-parallel block on this rank's tokens: wait for the
+    reduce-scatter, add the residual shard, norm. ``wait()`` gives ``(normed, residual)``,
+    like ``all_reduce_add_rmsnorm``'s handle."""
+
+    def __init__(self, handle: AllReduceHandle, residual: Tensor, norm: RMSNorm) -> None:
+        self.handle, self.residual, self.norm = handle, residual, norm
+
+    def wait(self) -> tuple[Tensor, Tensor]:
+        residual = self.residual + self.handle.wait()
+        return self.norm(residual), residual
 
 
 @dataclass(frozen=True)
@@ -164,17 +185,27 @@ class Attention(nn.Module):
         k_cache: Tensor,
         v_cache: Tensor,
         pos: int | Tensor,
+        residual: Tensor,
+        norm: RMSNorm,
         sp: SeqShard | None = None,
     ) -> AllReduceHandle:
-        """``pos``: the cache position of the first new token; an int (attend over the cache
-        up to the new tokens) or a 1-element device tensor (one token, attend over the whole
-        cache under ``mask``: fixed shapes for CUDA graphs). ``sp``: reduce-scatter the
-        output over tokens instead of all-reducing it."""
-        b, t, _ = x.shape  # x: (b, t, D), already normed
+        """``x``: the normed input, (b, t, D), or with ``sp`` this rank's token rows of it.
+        ``pos``: the cache position of the first new token; an int (attend over the cache up
+        to the new tokens) or a 1-element device tensor (one token, attend over the whole
+        cache under ``mask``: fixed shapes for CUDA graphs). Returns the handle of the
+        reduction, whose ``wait()`` gives ``(norm(residual + sum), residual + sum)``."""
+        if sp is None:
+            b, t, _ = x.shape
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # gather every rank's tokens and multiply: the transfer a strategy may overlap
+            b, t = sp.batch, sp.seq
+            weights = [self.q_proj.weight.t(), self.k_proj.weight.t(), self.v_proj.weight.t()]
+            _, qkv = self.comm.all_gather_matmul(x, weights).wait()
+            q, k, v = (sp.unpad(y) for y in qkv)  # (b, t, *)
         hd = self.head_dim
-        q = self.q_proj(x).view(b, t, self.n_heads, hd).transpose(1, 2)  # (b, Hl, t, hd)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)  # (b, KVl, t, hd)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)  # (b, KVl, t, hd)
+        q = q.view(b, t, self.n_heads, hd).transpose(1, 2)  # (b, Hl, t, hd)
+        k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)  # (b, KVl, t, hd)
+        v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)  # (b, KVl, t, hd)
         cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # (b, 1, t, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -199,10 +230,11 @@ class Attention(nn.Module):
             keys, values = self._per_query_head(keys), self._per_query_head(values)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (b, Hl, t, hd)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * hd)  # (b, t, Hl*hd)
-        partial = self.o_proj(out)  # (b, t, D): this rank's heads' contribution only
         if sp is None:
-            return self.comm.all_reduce(partial)
-        return self.comm.reduce_scatter(sp.pad(partial))  # (rows, D): my tokens of the sum
+            partial = self.o_proj(out)  # (b, t, D): this rank's heads' contribution only
+            return self.comm.all_reduce_add_rmsnorm(partial, residual, norm.weight, norm.eps)
+        rows = self.comm.matmul_reduce_scatter(sp.pad(out), self.o_proj.weight.t())
+        return AddNorm(rows, residual, norm)  # (rows, D): my tokens of the sum
 
     def _per_query_head(self, x: Tensor) -> Tensor:
         """(b, KVl, L, hd) -> (b, Hl, L, hd): KV head k repeated for its run of query heads."""
@@ -230,12 +262,20 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, i, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(i, d, bias=False, dtype=dtype)
 
-    def forward(self, x: Tensor, sp: SeqShard | None = None) -> AllReduceHandle:
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (b, t, local I)
-        partial = self.down_proj(h)  # (b, t, D): partial sum over this rank's channels
+    def forward(
+        self, x: Tensor, residual: Tensor, norm: RMSNorm, sp: SeqShard | None = None
+    ) -> AllReduceHandle:
+        """As :meth:`Attention.forward`: ``x`` normed, the handle gives ``(normed, residual)``
+        with ``norm`` the next layer's input norm (or the final norm)."""
         if sp is None:
-            return self.comm.all_reduce(partial)
-        return self.comm.reduce_scatter(sp.pad(partial))  # (rows, D): my tokens of the sum
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (b, t, local I)
+            partial = self.down_proj(h)  # (b, t, D): partial sum over this rank's channels
+            return self.comm.all_reduce_add_rmsnorm(partial, residual, norm.weight, norm.eps)
+        weights = [self.gate_proj.weight.t(), self.up_proj.weight.t()]
+        _, (gate, up) = self.comm.all_gather_matmul(x, weights).wait()  # (padded, local I)
+        h = F.silu(gate) * up  # zero pad rows stay zero
+        rows = self.comm.matmul_reduce_scatter(h, self.down_proj.weight.t())
+        return AddNorm(rows, residual, norm)  # (rows, D): my tokens of the sum
 
 
 class DecoderLayer(nn.Module):
@@ -255,10 +295,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     # The layer is split in two halves (instead of one forward) so TPLlama can interleave
-    # micro-batches between them while each half's all-reduce is in flight.
+    # micro-batches between them while each half's reduction is in flight. Each half takes
+    # its normed input and the residual stream and hands back (normed, residual) for the
+    # next half: the norm belongs to the reduction before it (``input_layernorm`` is applied
+    # by the previous layer's MLP reduction, or by TPLlama before the first layer).
     def attention(
         self,
-        h: Tensor,
+        x: Tensor,
+        residual: Tensor,
         cos: Tensor,
         sin: Tensor,
         mask: Tensor,
@@ -267,17 +311,17 @@ class DecoderLayer(nn.Module):
         pos: int | Tensor,
         sp: SeqShard | None = None,
     ) -> AllReduceHandle:
-        """``h``: the residual stream, (b, t, D), or with ``sp`` this rank's token shard."""
-        x = self.input_layernorm(h)
-        if sp is not None:  # the norm ran on my tokens; attention needs every token
-            x = sp.unpad(self.comm.all_gather(x).wait())
-        return self.self_attn(x, cos, sin, mask, k_cache, v_cache, pos, sp)
+        """``x``: ``input_layernorm(residual)``; (b, t, D), or with ``sp`` this rank's token
+        rows. The handle gives ``(post_attention_layernorm(residual'), residual')``."""
+        norm = self.post_attention_layernorm
+        return self.self_attn(x, cos, sin, mask, k_cache, v_cache, pos, residual, norm, sp)
 
-    def feed_forward(self, h: Tensor, sp: SeqShard | None = None) -> AllReduceHandle:
-        x = self.post_attention_layernorm(h)
-        if sp is not None:
-            x = sp.unpad(self.comm.all_gather(x).wait())
-        return self.mlp(x, sp)
+    def feed_forward(
+        self, x: Tensor, residual: Tensor, next_norm: RMSNorm, sp: SeqShard | None = None
+    ) -> AllReduceHandle:
+        """The handle gives ``(next_norm(residual'), residual')``: ``next_norm`` is the next
+        layer's ``input_layernorm``, or the final norm after the last layer."""
+        return self.mlp(x, residual, next_norm, sp)
 
 
 class LlamaBody(nn.Module):

@@ -11,16 +11,18 @@ Every rank holds:
     (``framework.model.sharding.rank_layout``; vLLM and Megatron-LM refuse such sizes).
 
 The two row-parallel projections produce partial sums; each is reduced with ONE
-explicit ``comm.all_reduce(partial)`` inside the layer that produces it. An exact
-forward therefore performs exactly ``2 * num_layers * micro_batches`` all-reduces
-and nothing else communicates. With sequence parallelism (``set_sequence_parallel``) a
-forward of enough tokens instead performs, per micro-batch, ``2 * num_layers``
-reduce-scatters and ``2 * num_layers + 1`` all-gathers (the last brings the normed tokens to
-the head), and the residual stream between them is this rank's shard of the tokens. The
-communicator is duck-typed:
+explicit call inside the layer that produces it, ``comm.all_reduce_add_rmsnorm(partial,
+residual, norm.weight, eps)``: the sum, the residual add and the next norm as one op a
+strategy may fuse. An exact forward therefore performs exactly ``2 * num_layers * units``
+all-reduces (units: micro-batches, times the communicator's ``token_splits``) and nothing
+else communicates. With sequence parallelism (``set_sequence_parallel``) a forward of enough
+tokens instead performs, per unit, ``2 * num_layers`` ``matmul_reduce_scatter`` and as many
+``all_gather_matmul`` calls plus one all-gather (the normed tokens to the head), and the
+residual stream between them is this rank's shard of the tokens. The communicator is
+duck-typed:
 
-    handle = comm.all_reduce(x)   # the caller gives x up
-    y = handle.wait()             # summed tensor (may or may not be x itself)
+    handle = comm.all_reduce_add_rmsnorm(partial, residual, w, eps)  # partial given up
+    normed, residual = handle.wait()
 
 Parameter names mirror Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.
 self_attn.q_proj.weight`` ...) so a full HF state dict maps onto this module by
@@ -33,6 +35,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -362,53 +365,94 @@ class TPLlama(nn.Module):
         sequence_parallel: bool = False,
     ) -> Tensor:
         """Embedding, the decoder layers (with their collectives) and the head."""
-        bounds = split_batch(tokens.shape[0], micro_batches)
-        x = self.model.embed_tokens(tokens)  # (B, t, D)
-        mbs = [slice(s, e) for s, e in bounds]
         t = tokens.shape[1]
-        sps = [SeqShard(e - s, t, self.tp_size) if sequence_parallel else None for s, e in bounds]
+        units = self._units(tokens.shape[0], t, micro_batches, pos, sequence_parallel)
+        x = self.model.embed_tokens(tokens)  # (B, t, D)
         if sequence_parallel:  # every rank embeds every token and keeps its shard: no comm
             self.sp_steps += 1
-            self.sp_padded_tokens += sum(sp.padded - sp.tokens for sp in sps)
-            resid = [sp.shard(x[m], self.tp_rank) for sp, m in zip(sps, mbs)]  # (rows, D)
+            self.sp_padded_tokens += sum(u.sp.padded - u.sp.tokens for u in units)
+            resid = [u.sp.shard(x[u.rows, u.cols], self.tp_rank) for u in units]  # (rows, D)
         else:
-            resid = [x[m] for m in mbs]  # residual stream per micro-batch, (b_i, t, D)
-        mlp_pending: list[AllReduceHandle | None] = [None] * len(mbs)
+            # the residual stream per unit, (b, t_u, D), contiguous (a run of tokens is not)
+            resid = [x[u.rows, u.cols].contiguous() for u in units]
+        layers = self.model.layers
+        norms = [layer.input_layernorm for layer in layers] + [self.model.norm]
+        normed = [norms[0](r) for r in resid]
+        mlp_pending: list[AllReduceHandle | None] = [None] * len(units)
 
-        # Domino-style schedule per layer:
-        #   for each micro-batch i: finish its previous MLP all-reduce, compute attention,
-        #                           ISSUE the attention all-reduce;
-        #   for each micro-batch i: wait its attention all-reduce, compute MLP, ISSUE.
-        # So micro-batch i's all-reduce is in flight while micro-batch i+1 computes, and
-        # an MLP handle is only waited when that micro-batch's hidden state is next needed.
-        for li, layer in enumerate(self.model.layers):
+        # Domino-style schedule per layer, over units (micro-batches, or halves of their
+        # tokens when the communicator asks for token splits):
+        #   for each unit i: finish its previous MLP reduction, compute attention,
+        #                    ISSUE the attention reduction;
+        #   for each unit i: wait its attention reduction, compute MLP, ISSUE.
+        # So unit i's reduction is in flight while unit i+1 computes, and an MLP handle is
+        # only waited when that unit's hidden state is next needed. Token halves of one
+        # sequence run in order: the second half's attention reads the first half's keys and
+        # values, written to the cache a moment before.
+        for li, layer in enumerate(layers):
             k_cache, v_cache = self._k_cache[li], self._v_cache[li]
             attn_pending: list[AllReduceHandle] = []
-            for i, m in enumerate(mbs):
+            for i, u in enumerate(units):
                 handle = mlp_pending[i]
                 if handle is not None:
-                    resid[i] = resid[i] + handle.wait()
+                    normed[i], resid[i] = handle.wait()
                     mlp_pending[i] = None
+                rows, cols = u.rows, u.cols
+                keys = None if isinstance(pos, Tensor) else pos + cols.stop  # int pos: cut keys
                 attn_pending.append(
                     layer.attention(
-                        resid[i], cos[m], sin[m], mask[m], k_cache[m], v_cache[m], pos, sps[i]
+                        normed[i],
+                        resid[i],
+                        cos[rows, cols],
+                        sin[rows, cols],
+                        mask[rows, :, cols, :keys],
+                        k_cache[rows],
+                        v_cache[rows],
+                        pos if isinstance(pos, Tensor) else pos + cols.start,
+                        u.sp,
                     )
                 )
-            for i in range(len(mbs)):
-                resid[i] = resid[i] + attn_pending[i].wait()
-                mlp_pending[i] = layer.feed_forward(resid[i], sps[i])
+            for i, u in enumerate(units):
+                normed[i], resid[i] = attn_pending[i].wait()
+                mlp_pending[i] = layer.feed_forward(normed[i], resid[i], norms[li + 1], u.sp)
 
-        outs = []
-        for i, sp in enumerate(sps):
+        outs: dict[int, list[Tensor]] = {}  # micro-batch start -> its units' final hidden
+        for i, u in enumerate(units):
             handle = mlp_pending[i]
-            h = resid[i] if handle is None else resid[i] + handle.wait()
-            if sp is not None:  # norm my tokens, then gather every token for the head
-                h = sp.unpad(self.comm.all_gather(self.model.norm(h)).wait())
-                if last_only:
-                    h = h[:, -1:]
-            else:
-                if last_only:
-                    h = h[:, -1:]  # (b_i, 1, D)
-                h = self.model.norm(h)
-            outs.append(self._lm_head(h))  # (b_i, t or 1, V)
-        return torch.cat(outs, dim=0)  # (B, t or 1, V)
+            h = normed[i] if handle is None else handle.wait()[0]  # final-normed
+            if u.sp is not None:  # gather every token's final hidden for the head
+                h = u.sp.unpad(self.comm.all_gather(h).wait())
+            if not last_only:
+                outs.setdefault(u.rows.start, []).append(h)
+            elif u.cols.stop == t:  # the unit holding each micro-batch's last token
+                outs[u.rows.start] = [h[:, -1:]]  # (b_i, 1, D)
+        hidden = [torch.cat(hs, dim=1) if len(hs) > 1 else hs[0] for hs in outs.values()]
+        return torch.cat([self._lm_head(h) for h in hidden], dim=0)  # (B, t or 1, V)
+
+    def _units(
+        self, batch: int, t: int, micro_batches: int, pos: int | Tensor, sequence_parallel: bool
+    ) -> list[Unit]:
+        """The units the schedule interleaves: each micro-batch, cut into the communicator's
+        ``token_splits(tokens)`` contiguous runs of tokens (TokenWeave: one half's reduction
+        overlaps the other half's compute, which helps a batch of one where micro-batches
+        cannot). Static decode (a tensor ``pos``) is never cut."""
+        splits = getattr(self.comm, "token_splits", None)
+        units = []
+        for start, stop in split_batch(batch, micro_batches):
+            n = 1
+            if splits is not None and not isinstance(pos, Tensor):
+                n = max(1, min(t, int(splits((stop - start) * t))))
+            for c0, c1 in split_batch(t, n):
+                sp = SeqShard(stop - start, c1 - c0, self.tp_size) if sequence_parallel else None
+                units.append(Unit(slice(start, stop), slice(c0, c1), sp))
+        return units
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of one forward the layer schedule treats as a whole: batch ``rows`` and token
+    ``cols`` of this step's tokens, with its sequence-parallel split (or None)."""
+
+    rows: slice
+    cols: slice
+    sp: SeqShard | None

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from framework.comm.fused import FusedFromCollectives
 from framework.comm.library import (
     ag_output,
     library_all_gather,
@@ -77,7 +78,7 @@ class Done:
         return self.x
 
 
-class NoComm:
+class NoComm(FusedFromCollectives):
     """A communicator that communicates nothing: ``all_reduce`` returns its input.
 
     A decode run through it is the step's compute alone (wrong sums, but the same shapes and
@@ -98,7 +99,7 @@ class NoComm:
         pass
 
 
-class RawAllReduce:
+class RawAllReduce(FusedFromCollectives):
     """The baseline ``raw``: a bare ``torch.distributed.all_reduce``, no framework.
 
     It runs on a group of its own made by ``dist.new_group`` like ``naive``'s private group,

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from framework.comm.communicator import CommError, Communicator
+from framework.comm.fused import FUSED_OPS, add_rmsnorm
 from framework.comm.library import library_reduce_scatter
 from framework.comm.registry import build_communicator
 from framework.run.inputs import rank_input as _cpu_input
@@ -451,6 +452,167 @@ def validate_mismatch(name: str, options: dict[str, Any]) -> None:
             "different ops with validate=True",
         )
         if "all_gather" not in msg or "reduce_scatter" not in msg:
+            raise AssertionError(f"mismatch error does not name both ops: {msg}")
+
+
+def _fused_inputs(seed: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Random floats of a TP layer's scale (the same on every rank for the same seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype).to(_device)
+
+
+def _expect_close_matmul(
+    got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, k: int, what: str
+) -> None:
+    """A row-chunked matmul against the whole one: within ``(k + p) u |x||w|`` per element
+    (k products summed, p ranks' partials; u the dtype's unit roundoff, float32's for the
+    accumulation of 16-bit types), the textbook bound of a dot product's rounding."""
+    u = torch.finfo(got.dtype).eps
+    bound = (k + dist.get_world_size()) * u * scale.double() + 1e-30
+    err = (got.cpu().double() - want.cpu().double()).abs()
+    if got.shape != want.shape or not bool((err <= bound.cpu()).all()):
+        worst = float((err - bound.cpu()).max()) if got.shape == want.shape else float("nan")
+        raise AssertionError(f"{what}: beyond the chunked-matmul tolerance by {worst:.3g}")
+
+
+@check
+def fused_ops(name: str, options: dict[str, Any]) -> None:
+    """The fused ops against their composition from the same communicator's collectives:
+    the same bits where the strategy keeps the summation order, within the stated matmul
+    tolerance for the ops it chunks (``Communicator.chunked_ops``); identical on every rank;
+    several in flight waited out of order; counted under their own names."""
+    rank, world = _me()
+    with _opened(name, options) as comm:
+        chunked = comm.chunked_ops
+        dtypes = [torch.float32, torch.bfloat16]
+        cases = [(1, 1), (3, 7), (8, 64), (64, 1024)]  # the last: 256 KiB in float32
+        n_calls = 0
+        for k, dtype in enumerate(dtypes):
+            for rows, hidden in cases[: 3 + (dtype == torch.float32)]:
+                seed = 7000 + 101 * k + rows
+                what = f"{dtype} ({rows}, {hidden})"
+                partial = _fused_inputs(seed + rank, (rows, hidden), dtype)
+                residual = _fused_inputs(seed - 1, (rows, hidden), dtype)
+                weight = _fused_inputs(seed - 2, (hidden,), dtype)
+                summed = comm.all_reduce(partial.clone()).wait()
+                want = add_rmsnorm(summed, residual, weight, 1e-5)
+                got = comm.all_reduce_add_rmsnorm(partial, residual, weight, 1e-5).wait()
+                n_calls += 1
+                for g, w, part in zip(got, want, ("normed", "new_residual")):
+                    _expect_equal(g, w, f"all_reduce_add_rmsnorm {part} {what}")
+                    _expect_same_everywhere(g, f"all_reduce_add_rmsnorm {part} {what}")
+
+                shard = _fused_inputs(seed + 10 + rank, (rows, hidden), dtype)
+                ws = [
+                    _fused_inputs(seed + 20 + i, (hidden, c), dtype) for i, c in enumerate((5, 3))
+                ]
+                gathered = comm.all_gather(shard).wait()
+                g_all, outs = comm.all_gather_matmul(shard, ws).wait()
+                n_calls += 1
+                _expect_equal(g_all, gathered, f"all_gather_matmul gathered {what}")
+                for i, (o, w) in enumerate(zip(outs, ws)):
+                    want_o = torch.matmul(gathered, w)
+                    if "all_gather_matmul" in chunked:
+                        scale = torch.matmul(gathered.abs().float(), w.abs().float())
+                        _expect_close_matmul(o, want_o, scale, hidden, f"agm out {i} {what}")
+                    else:
+                        _expect_equal(o, want_o, f"all_gather_matmul out {i} {what}")
+
+                x = _fused_inputs(seed + 30 + rank, (world * rows, hidden), dtype)
+                w = _fused_inputs(seed + 31, (hidden, 6), dtype)
+                want_rs = comm.reduce_scatter(torch.matmul(x, w)).wait()
+                got_rs = comm.matmul_reduce_scatter(x, w).wait()
+                n_calls += 1
+                if "matmul_reduce_scatter" in chunked:
+                    mags = [
+                        _fused_inputs(seed + 30 + j, (world * rows, hidden), dtype).abs().float()
+                        for j in range(world)
+                    ]
+                    scale = sum(torch.matmul(m, w.abs().float()) for m in mags)
+                    scale = scale[rank * rows : (rank + 1) * rows]
+                    _expect_close_matmul(got_rs, want_rs, scale, hidden, f"mrs {what}")
+                else:
+                    _expect_equal(got_rs, want_rs, f"matmul_reduce_scatter {what}")
+
+        # in flight together, waited out of order
+        partial, residual = _ones(4, 8) * (rank + 1), _ones(4, 8)
+        h1 = comm.all_reduce_add_rmsnorm(partial, residual, _ones(8), 1e-6)
+        h2 = comm.matmul_reduce_scatter(_ones(2 * world, 8), _ones(8, 2))
+        h3 = comm.all_gather_matmul(_ones(3, 8), [_ones(8, 1)])
+        _, (out3,) = h3.wait()
+        got2 = h2.wait()
+        normed, new_res = h1.wait()
+        n_calls += 3
+        total = world * (world + 1) // 2
+        if not (
+            torch.equal(new_res.cpu(), torch.full((4, 8), 1.0 + total))
+            and torch.allclose(normed.cpu(), torch.ones(4, 8))
+            and torch.equal(got2.cpu(), torch.full((2, 2), 8.0 * world))
+            and torch.equal(out3.cpu(), torch.full((3 * world, 1), 8.0))
+        ):
+            raise AssertionError("fused ops waited out of order gave wrong results")
+        if comm.pending:
+            raise AssertionError(f"{comm.pending} handles still pending after every wait()")
+        s = comm.stats.by_op
+        fused_calls = sum(s[op]["calls"] for op in FUSED_OPS)
+        if fused_calls != n_calls:
+            raise AssertionError(f"fused ops counted {fused_calls} calls, made {n_calls}: {s}")
+
+
+@check
+def fused_bad_input(name: str, options: dict[str, Any]) -> None:
+    """Bad shapes, dtypes and weights refused on the calling rank with a ``CommError`` naming
+    the strategy and the op; with ``validate=True`` a fused op on one rank and a plain one on
+    another is an error on every rank naming both ops."""
+    rank, world = _me()
+    with _opened(name, options) as comm:
+        x, w8 = _ones(4, 8), _ones(8)
+        bad = {
+            "all_reduce_add_rmsnorm": [
+                lambda: comm.all_reduce_add_rmsnorm(x, _ones(4, 7), w8, 1e-6),
+                lambda: comm.all_reduce_add_rmsnorm(x, _ones(4, 8), _ones(7), 1e-6),
+                lambda: comm.all_reduce_add_rmsnorm(x, _ones(4, 8, dtype=torch.float64), w8, 1e-6),
+                lambda: comm.all_reduce_add_rmsnorm(
+                    _ones(4, 8, dtype=torch.int32), _ones(4, 8, dtype=torch.int32), w8, 1e-6
+                ),
+                lambda: comm.all_reduce_add_rmsnorm(x, _ones(4, 8), w8, -1.0),
+            ],
+            "all_gather_matmul": [
+                lambda: comm.all_gather_matmul(x, []),
+                lambda: comm.all_gather_matmul(x, [_ones(7, 2)]),
+                lambda: comm.all_gather_matmul(_ones(8), [_ones(8, 2)]),
+                lambda: comm.all_gather_matmul(x, [_ones(8, 2, dtype=torch.bfloat16)]),
+            ],
+            "matmul_reduce_scatter": [
+                lambda: comm.matmul_reduce_scatter(_ones(world * 2, 8), _ones(7, 2)),
+                lambda: comm.matmul_reduce_scatter(_ones(world * 2, 8), _ones(8)),
+            ],
+        }
+        if world > 1:
+            bad["matmul_reduce_scatter"].append(
+                lambda: comm.matmul_reduce_scatter(_ones(world + 1, 8), _ones(8, 2))
+            )
+        for op, calls in bad.items():
+            for i, call in enumerate(calls):
+                msg = _expect_comm_error(call, name, f"{op} bad input {i}")
+                if op not in msg:
+                    raise AssertionError(f"{op} bad input {i}: error does not name the op: {msg}")
+        if comm.stats.calls:
+            raise AssertionError("a refused call was counted")
+    if world == 1:
+        return
+    with _opened(name, options, validate=True) as comm:
+        x = _ones(4, 8)
+        msg = _expect_comm_error(
+            lambda: (
+                comm.all_reduce_add_rmsnorm(x, _ones(4, 8), _ones(8), 1e-6)
+                if rank == 0
+                else comm.all_reduce(x)
+            ).wait(),
+            name,
+            "fused and plain op with validate=True",
+        )
+        if "all_reduce_add_rmsnorm" not in msg or "all_reduce #" not in msg:
             raise AssertionError(f"mismatch error does not name both ops: {msg}")
 
 

@@ -102,7 +102,7 @@ def _fused_scatter_gather(inner: str) -> dict[str, int]:
                 [rank_input(10 + i, j, s[0] * s[1], torch.float32).view(s) for j in range(p)]
             )
             assert torch.equal(h.wait(), want), i
-        return {op: c["collectives"] for op, c in comm.stats.by_op.items()}
+        return {op: c["collectives"] for op, c in comm.stats.by_op.items() if c["collectives"]}
     finally:
         comm.close()
 
@@ -110,7 +110,7 @@ def _fused_scatter_gather(inner: str) -> dict[str, int]:
 @pytest.mark.parametrize("world_size, inner", [(2, "naive"), (3, "tree")])
 def test_bucketed_fuses_each_op(pools, world_size: int, inner: str) -> None:
     got = pools(world_size).run(_fused_scatter_gather, inner)
-    assert all(g == {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 1} for g in got)
+    assert all(g == {"reduce_scatter": 1, "all_gather": 1} for g in got)
 
 
 @pytest.mark.parametrize(  # tree's ops are the library's
@@ -157,3 +157,53 @@ def _off_by_one_kit(check: str) -> str:
 def test_kit_catches_a_wrong_sum(pools, check: str) -> None:
     for msg in pools(2).run(_off_by_one_kit, check):
         assert "result differs from the exact sum" in msg, msg
+
+
+def _bad_fused_kit(fault: str) -> str:
+    """A strategy whose fused op is wrong in one way (the collective itself is right) must
+    fail the kit's fused check."""
+    import torch
+
+    from framework import Handle, get_strategy, register_strategy
+    from framework.comm.fused import add_rmsnorm
+    from framework.comm.registry import available_strategies
+
+    name = f"naive_bad_{fault}"
+    if name not in available_strategies():
+
+        @register_strategy(name)
+        class Bad(get_strategy("naive")):
+            def _all_reduce_add_rmsnorm(self, partial, residual, weight, eps):
+                if fault == "norm_eps":  # the norm with another eps
+                    return self.then(self._all_reduce(partial), add_rmsnorm, residual, weight, 0.1)
+                return super()._all_reduce_add_rmsnorm(partial, residual, weight, eps)
+
+            def _matmul_reduce_scatter(self, x, weight):
+                if fault == "rows":  # every rank keeps the next rank's rows of the sum
+                    full = self._all_reduce(torch.matmul(x, weight)).wait()
+                    q, p = x.shape[0] // self.world_size, self.world_size
+                    j = (self.rank + 1) % p
+                    return Handle(self, None, full[j * q : (j + 1) * q].clone())
+                return super()._matmul_reduce_scatter(x, weight)
+
+    try:
+        run_checks(name, {}, ["fused_ops"])
+    except AssertionError as e:
+        return str(e)
+    finally:
+        from framework.comm import registry
+
+        registry._REGISTRY.pop(name, None)
+    return "passed"
+
+
+@pytest.mark.parametrize("fault", ["norm_eps", "rows"])
+def test_kit_catches_a_wrong_fused_op(pools, fault: str) -> None:
+    for msg in pools(2).run(_bad_fused_kit, fault):
+        assert "failed check 'fused_ops'" in msg, msg
+        assert ("all_reduce_add_rmsnorm" if fault == "norm_eps" else "matmul_reduce_scatter") in msg
+
+
+def test_overlap_chunks_conform(pools) -> None:
+    """overlap with its gate open: every fused op chunked, three chunks at world size 3."""
+    pools(3).run(run_checks, "overlap", {"min_tokens": 0, "chunks": 3}, ["fused_ops"])

@@ -154,6 +154,45 @@ def test_sequence_parallel_matches_unsharded(pools, reference, world_size: int) 
             assert calls == 4 * mb * (4 * layers + 1), what
 
 
+# Chunked and token-split schedules with their gates open, so the tiny prompts exercise them:
+# (strategy, options, sequence parallel)
+FUSED_SCHEDULES = [
+    ("overlap", {"min_tokens": 0}, True),
+    ("overlap", {"min_tokens": 0, "chunks": 3, "inner": "shm"}, True),
+    ("token_split", {"min_tokens": 0}, False),
+    ("token_split", {"min_tokens": 0, "inner": "shm"}, True),
+    ("shm", {}, True),
+]
+
+
+def _fused_schedules() -> list[tuple[str, int, list, torch.Tensor, int, int, dict]]:
+    out = []
+    for strategy, options, sp in FUSED_SCHEDULES:
+        for mb in (1, 2):
+            tokens, logits, calls, collectives = tp_generate(strategy, options, mb, sp=sp)
+            out.append((f"{strategy} {options} sp={sp}", mb, tokens, logits, calls, collectives))
+    return out
+
+
+@pytest.mark.parametrize("world_size", first_only([3, 2, 4]))
+def test_fused_and_overlapped_ops_match_unsharded(pools, reference, world_size: int) -> None:
+    """The fused ops as the model calls them, chunked (overlap), multiplied on arrival (shm)
+    and with each micro-batch's tokens cut in two (token_split): the unsharded model's tokens,
+    logits within 1e-5. Chunking shows in the count: more collectives than calls."""
+    ref_tokens, ref_logits = reference
+    for rank_out in pools(world_size).run(_fused_schedules, timeout_s=300):
+        for what, mb, tokens, logits, calls, collectives in rank_out:
+            what = f"{what}, {mb} micro-batches"
+            assert tokens == ref_tokens, what
+            torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0, msg=what)
+            if what.startswith("overlap"):
+                assert collectives > calls, what
+            if what.startswith("token_split"):  # prefill cut in two: 2 more units per mb
+                layers = get_config("tiny").num_layers
+                per_unit = 4 * layers + 1 if "sp=True" in what else 2 * layers
+                assert calls == mb * per_unit * 4 + mb * per_unit, what
+
+
 # (query heads, KV heads, TP): uneven head blocks (5 + 4, 3 + 2 + 2 + 2, 8 + 7, 4 + 4 + 3 + 3)
 # and KV heads replicated where a query group spans ranks; 151 MLP channels never split evenly.
 UNEVEN = [(9, 3, 2), (9, 3, 4), (15, 5, 2), (14, 2, 4)]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from gguf_files import write_gguf
 
+from framework.comm.fused import FusedFromCollectives
 from framework.model import trained
 from framework.model.gguf import convert_gguf
 
@@ -74,7 +75,7 @@ def test_converted_checkpoint_runs_like_transformers(converted) -> None:
     torch.testing.assert_close(torch.stack(got.logits)[:, 0], logits, atol=1e-5, rtol=0)
 
 
-class _Identity:
+class _Identity(FusedFromCollectives):
     """TP 1's communicator: the sum over one rank is the tensor itself."""
 
     class _Done:

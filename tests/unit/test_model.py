@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from framework.comm.fused import FusedFromCollectives
 from framework.model import (
     PRESETS,
     ModelConfig,
@@ -47,7 +48,7 @@ class _Done:
         return self.x
 
 
-class CountingComm:
+class CountingComm(FusedFromCollectives):
     """World size 1: all_reduce is the identity; records issue/wait order."""
 
     def __init__(self) -> None:
@@ -105,7 +106,7 @@ class ThreadGroup:
                         return total[rank * rows : (rank + 1) * rows].clone()
                     return total.clone()
 
-        class Comm:
+        class Comm(FusedFromCollectives):
             def __init__(self) -> None:
                 self.calls = 0
                 self.ops: list[str] = []
@@ -666,7 +667,7 @@ def test_comm_may_update_inputs_in_place_from_another_thread() -> None:
         def wait(self) -> Tensor:
             return self.future.result()
 
-    class ThreadedComm:
+    class ThreadedComm(FusedFromCollectives):
         def all_reduce(self, x: Tensor) -> Future:
             return Future(x)
 
@@ -758,3 +759,16 @@ def test_sequence_parallel_matches_single_rank(tp: int, micro_batches: int) -> N
             )
         ]
         assert model.sp_padded_tokens == sum(-n % tp for n in bounds)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_norm_is_the_model_norm(dtype: torch.dtype) -> None:
+    """The communicator's composed epilogue and the model's RMSNorm round alike: the fused
+    op gives the bits the model always had (the model may not import the comm core)."""
+    from framework.comm.fused import rms_norm
+    from framework.model.layers import RMSNorm
+
+    norm = RMSNorm(64, 1e-6, dtype)
+    norm.weight.data = torch.randn(64).to(dtype)
+    x = (torch.randn(5, 3, 64) * 7).to(dtype)
+    assert torch.equal(norm(x), rms_norm(x, norm.weight, 1e-6))
