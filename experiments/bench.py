@@ -69,6 +69,7 @@ from framework.comm.registry import (
     build_communicator,
     exact_algorithms,
     get_strategy,
+    strategy_label,
 )
 from framework.comm.tuning import bucket_of, merge_rows
 from framework.run.fused_timing import fused_sweep
@@ -246,6 +247,14 @@ def _build(name: str, opts: dict[str, Any], parallel: ParallelSpec) -> Any:
     return build_communicator(name, **opts)
 
 
+def _label(name: str, opts: dict[str, Any]) -> str:
+    """``name:key=value`` with the options that differ from the strategy's defaults."""
+    declared = get_strategy(name).declared_options()
+    changed = {k: v for k, v in opts.items() if k in declared and v != declared[k].default}
+    changed.pop("timeout_s", None)
+    return strategy_label(name, changed)
+
+
 def _rank_bench(
     fabric: Any,
     name: str,
@@ -267,6 +276,7 @@ def _rank_bench(
             labels.append(label)
         if bench.op in FUSED_OPS:
             spec, rank, world = sweep_spec(bench), fabric.global_rank, fabric.world_size
+            labels[0] = _label(name, opts)  # the job's own strategy may be compared to itself
             return fused_sweep(comms, labels, spec, bench.hidden, rank, world)
         with profiled(profile, out_dir, fabric.global_rank, fabric.device.type == "cuda"):
             out = sweep(
@@ -394,7 +404,7 @@ def fused_results(
     write_csv(csv_path, rows, FUSED_CSV_COLUMNS)
     tracker.log_table("fused", rows)
     tracker.attach(csv_path)
-    mine = [r for r in rows if r["strategy"] == name]
+    mine = [r for r in rows if r["strategy"] == rows[0]["strategy"]]
     return {
         "status": "ok",
         "strategy": name,

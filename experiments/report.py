@@ -149,6 +149,7 @@ def infer_row(r: dict[str, Any], job: str) -> dict[str, Any]:
     row["text"] = r.get("text") or []
     row["continuations"] = r.get("continuations") or []
     row["continuation"] = " / ".join(row["continuations"])
+    row["model"], row["prompt_len"] = r.get("model"), r.get("prompt_len")
     return row
 
 

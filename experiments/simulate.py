@@ -13,6 +13,10 @@ communication per collective issued. Writes ``simulate.csv``, ``simulate.md`` an
 mark the crossovers: the world size where tree overtakes naive, where hierarchical overtakes
 naive (the flat ring), and the message size where fusing two messages stops paying. These are
 model predictions from published constants, not measurements.
+
+It also writes ``overlap.md`` and ``overlap.csv``: a TP 8 layer of Llama-3-8B and -70B
+composed, chunked, as async-TP, token split and with the fused epilogue
+(:mod:`experiments.simulate_overlap`).
 """
 
 from __future__ import annotations
@@ -104,12 +108,12 @@ def simulate(batch: int) -> tuple[list[dict[str, Any]], list[str]]:
         for p in (sizes[-1],):
             lim = fusion_limit(topo, p)
             notes.append(
-                f"{tname}, p = {p}: fusing 2 messages stops paying at {_size(lim)} per message"
+                f"{tname}, p = {p}: fusing 2 messages stops paying at {size_label(lim)} per message"
             )
         if topo.custom_ar is not None:
             for p in (2, 4, 8):
                 x = oneshot_crossover(topo, p)
-                when = "never" if x == float("inf") else f"above {_size(x)}"
+                when = "never" if x == float("inf") else f"above {size_label(x)}"
                 notes.append(f"{tname}, p = {p}: two-shot beats one-shot {when}")
     return rows, notes
 
@@ -164,7 +168,7 @@ def schedule_rows(
     return out
 
 
-def _size(n: float | None) -> str:
+def size_label(n: float | None) -> str:
     if n is None:
         return "never (within 16 GiB)"
     for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -270,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
         for r in sequence_parallel_rows()
     ]
     (out / "simulate.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[: 4 + len(notes)]))
+    from experiments.simulate_overlap import write_overlap  # it reads MODELS from here
+
+    print("\n".join(lines[: 4 + len(notes)] + write_overlap(out)))
 
 
 if __name__ == "__main__":

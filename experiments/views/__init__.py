@@ -15,6 +15,7 @@ from typing import Any
 
 View = Callable[[list[dict[str, Any]], Path], list[Path]]
 VIEWS: dict[str, str] = {  # name -> the module that defines ``view``
+    "fusion_overlap": "experiments.views.fusion_overlap",
     "quantized": "experiments.views.quantized",
     "selection": "experiments.views.selection",
 }

@@ -17,11 +17,13 @@ model uses the same latency + bytes / bandwidth form per algorithm and protocol)
 * across nodes the library's ring and tree run one channel per NIC (a rail-optimised node has a
   NIC per GPU), so their inter-node bandwidth is ``nics_per_node`` times a NIC's; ``hierarchical``
   sends its leaders' ring from one rank per node, through one NIC.
-* ``protocols`` (presets): NCCL picks, per message, the fastest of its protocols (LL: low
-  latency at part of the bandwidth; Simple: full bandwidth after a longer start-up), each with
-  its own base latency and share of the link bandwidth (NCCL's ``src/graph/tuning.cc`` has the
-  same form). A library collective costs the minimum over the topology's protocols;
-  :func:`library_time` also takes the faster of ring and tree, as NCCL's tuner does.
+* GPU presets (``nccl`` in the topology): the library's collectives follow NCCL's own tuning
+  model (:mod:`.nccl`, constants of ``src/graph/tuning.cc``): per algorithm (ring, tree) and
+  protocol (LL, LL128, Simple) a base latency, a latency per hop inside the node and across
+  the network, and a share of the bus bandwidth, which is the node's on one or two nodes and
+  the NICs' on more; :func:`library_time` takes the cheapest, as NCCL's tuner does. ``naive``
+  is NCCL's ring; ``tree`` and ``hierarchical`` pay NCCL's per-protocol costs on their own
+  steps.
 * ``oneshot`` / ``twoshot`` (the custom all-reduce kernels of vLLM, SGLang and TensorRT-LLM over
   NVLink peer memory, constants ``custom_ar``): one-shot reads every peer's whole input in one
   stage, ``base + alpha + (p-1) n beta``; two-shot reduce-scatters then all-gathers,
@@ -43,7 +45,9 @@ leave it 0: on a GPU the collective kernel is queued behind the compute on a str
 
 Schedules: fusing ``k`` messages of ``n`` bytes costs one collective of ``k n`` bytes plus a
 copy in and out of the bucket (``2 k n / copy_bw``) instead of ``k`` collectives; overlap with
-compute leaves ``max(0, comm - overlappable compute)`` exposed.
+compute leaves ``max(0, comm - overlappable compute)`` exposed. A TP layer's matmul and its
+collective, composed, chunked into a pipeline, split by tokens, or fused with the epilogue's
+passes over memory, are :mod:`.overlap`.
 
 The constants live in topology files (``conf/topology/*.yaml``): presets from published figures
 with the source of each number beside it, and ``this_host``, fitted by
@@ -52,7 +56,8 @@ squares of the formula's features per algorithm, so each algorithm gets its own 
 and beta; :func:`add_insitu` adds the in-situ extra).
 
 The package: :mod:`.topology` (links, presets, YAML), :mod:`.formulas` (the model),
-:mod:`.fits` (constants fitted from measurements, and the model's errors).
+:mod:`.nccl` (NCCL's tuning model, the presets' library), :mod:`.overlap` (a TP layer's
+schedules), :mod:`.fits` (constants fitted from measurements, and the model's errors).
 """
 
 from framework.costmodel.fits import (
@@ -85,7 +90,6 @@ from framework.costmodel.topology import (
     PEER_ALGORITHMS,
     TOPOLOGY_DIR,
     Link,
-    Protocol,
     Topology,
     load_topology,
     to_yaml,
@@ -99,7 +103,6 @@ __all__ = [
     "TOPOLOGY_DIR",
     "DecodeShape",
     "Link",
-    "Protocol",
     "Topology",
     "add_insitu",
     "allreduce_errors",

@@ -6,13 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from framework.costmodel.topology import (
-    ALGORITHMS,
-    OP_KEYS,
-    PEER_ALGORITHMS,
-    Protocol,
-    Topology,
-)
+from framework.costmodel import nccl
+from framework.costmodel.topology import ALGORITHMS, OP_KEYS, PEER_ALGORITHMS, Topology
 
 
 # -- features: time = alpha * latency_terms + beta * byte_terms (+ gamma * reduce_bytes) ------
@@ -95,36 +90,57 @@ def allreduce_time(
         )
     if algorithm in PEER_ALGORITHMS:
         return _peer(topo, algorithm, p, n)
-    protocols = list(topo.protocols.values()) or [Protocol(topo.base_s)]
+    if topo.nccl:  # a GPU preset: every step at NCCL's per-protocol costs
+        return _on_nccl(topo, algorithm, p, n, chunk)
     if algorithm == "hierarchical":
-        return min(_hierarchical(topo, p, n, topo.ranks_per_node, chunk, pr) for pr in protocols)
+        return _hierarchical(topo, p, n, topo.ranks_per_node, chunk)
     alpha, beta = _library_link(topo, p)
     lat, byt = features(algorithm if algorithm != "shm" else "naive", p, n, chunk)
     reduce = (p - 1) / p * n if algorithm == "naive" else n
+    return topo.base_s + alpha * lat + beta * byt + topo.gamma_s_per_byte * reduce
+
+
+def _on_nccl(topo: Topology, algorithm: str, p: int, n: float, chunk: float) -> float:
+    """naive (the library's ring; shm has no GPU form and is costed as it) is NCCL's ring;
+    tree and hierarchical pay NCCL's per-protocol start-up and hop latencies on their own
+    steps and bytes: tree over the link a ring of p would see, hierarchical a tree inside the
+    node (NVLink) and the leaders' ring through one NIC each."""
+    if algorithm in ("naive", "shm"):
+        return nccl.ring_time(topo, p, n)
+    g, m = nccl.layout(topo, p)
+    if algorithm == "tree":
+        lat, byt = features("tree", p, n, chunk)
+        bw = nccl.link_busbw_gbps(topo, p) * 1e9
+        return min(
+            s.start_s + (s.net_hop_s if m > 1 else s.nvlink_hop_s) * lat + byt / (bw * s.share)
+            for s in nccl.steps(topo)
+        )
+    t_lat, t_byt = features("tree", g, n, chunk)
+    r_lat, r_byt = features("naive", m, n)
+    node, nic = topo.intra.bandwidth_gbps * 1e9, topo.inter.bandwidth_gbps * 1e9
     return min(
-        pr.base_s + alpha * lat + beta / pr.bandwidth_factor * byt + topo.gamma_s_per_byte * reduce
-        for pr in protocols
+        s.start_s
+        + s.nvlink_hop_s * t_lat
+        + t_byt / (node * s.share)
+        + s.net_hop_s * r_lat
+        + r_byt / (nic * s.share)
+        for s in nccl.steps(topo)
     )
 
 
 def collective_time(topo: Topology, op: str, p: int, n: float) -> float:
     """The library's ``op`` on ``n`` bytes (the whole buffer, as nccl-tests counts it): the
     all-reduce as :func:`library_time`; reduce-scatter and all-gather as rings, (p-1) steps
-    moving (p-1)/p n bytes, at the fastest protocol (each is half a ring all-reduce)."""
+    moving (p-1)/p n bytes (each is half a ring all-reduce), on a GPU preset NCCL's."""
     if op == "all_reduce":
         return library_time(topo, p, n)
     if p <= 1:
         return 0.0
+    if topo.nccl:
+        return nccl.ring_time(topo, p, n, op)
     alpha, beta = _library_link(topo, p)
-    protocols = list(topo.protocols.values()) or [Protocol(topo.base_s)]
     reduce = (p - 1) / p * n if op == "reduce_scatter" else 0.0
-    return min(
-        pr.base_s
-        + alpha * (p - 1)
-        + beta / pr.bandwidth_factor * (p - 1) / p * n
-        + topo.gamma_s_per_byte * reduce
-        for pr in protocols
-    )
+    return topo.base_s + alpha * (p - 1) + beta * (p - 1) / p * n + topo.gamma_s_per_byte * reduce
 
 
 def sequence_parallel_forward(
@@ -165,21 +181,23 @@ def _library_link(topo: Topology, p: int) -> tuple[float, float]:
 
 
 def library_time(topo: Topology, p: int, n: float) -> float:
-    """The library all-reduce as NCCL's tuner runs it: the faster of ring and tree (each at
-    its fastest protocol). What published nccl-tests tables measure."""
+    """The library all-reduce as its tuner runs it, what published nccl-tests tables measure:
+    on a GPU preset NCCL's own model (:mod:`.nccl`), else the faster of ring and tree."""
+    if topo.nccl:
+        return nccl.nccl_time(topo, p, n)
     return min(allreduce_time(topo, a, p, n) for a in ("naive", "tree"))
 
 
-def _hierarchical(topo: Topology, p: int, n: float, g: int, chunk: float, pr: Protocol) -> float:
+def _hierarchical(topo: Topology, p: int, n: float, g: int, chunk: float) -> float:
     g = max(1, min(g, p))
     m = math.ceil(p / g)
-    t = pr.base_s + topo.gamma_s_per_byte * n
+    t = topo.base_s + topo.gamma_s_per_byte * n
     if g > 1:  # reduce to the leader and broadcast back: a tree each way on the intra link
         lat, byt = features("tree", g, n, chunk)
-        t += topo.intra.alpha_s * lat + topo.intra.beta_s_per_byte / pr.bandwidth_factor * byt
+        t += topo.intra.alpha_s * lat + topo.intra.beta_s_per_byte * byt
     if m > 1:  # the leaders' ring on the inter-node link, one NIC per leader
         lat, byt = features("naive", m, n)
-        t += topo.inter.alpha_s * lat + topo.inter.beta_s_per_byte / pr.bandwidth_factor * byt
+        t += topo.inter.alpha_s * lat + topo.inter.beta_s_per_byte * byt
     return t
 
 
@@ -260,6 +278,7 @@ def decode_step(
     *,
     compute_s: float | None = None,
     overlap: float = 0.0,
+    allreduce_s: float | None = None,
 ) -> dict[str, float]:
     """Predicted decode inter-token latency: compute + exposed all-reduce time.
 
@@ -268,6 +287,8 @@ def decode_step(
     ``compute_s`` is the step's compute time (measured on this host); by default it is the
     weight-streaming bound of a memory-bound decode: weights / p / HBM bandwidth per
     micro-batch. ``overlap`` is the fraction of compute that communication can hide behind.
+    ``allreduce_s`` replaces ``algorithm``'s time per all-reduce (a TP layer's choice of
+    kernel, :func:`.tp_layer.tp_allreduce_time`).
     """
     if compute_s is None:
         if topo.hbm_gbps <= 0:
@@ -275,7 +296,11 @@ def decode_step(
         compute_s = (
             shape.micro_batches * shape.params * shape.dtype_bytes / p / (topo.hbm_gbps * 1e9)
         )
-    per_call = allreduce_time(topo, algorithm, p, shape.message_bytes)
+    per_call = (
+        allreduce_s
+        if allreduce_s is not None
+        else allreduce_time(topo, algorithm, p, shape.message_bytes)
+    )
     comm = shape.allreduces * (per_call + insitu_time(topo, algorithm, p))
     exposed = exposed_time(comm, overlap * compute_s)
     return {

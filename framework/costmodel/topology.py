@@ -1,4 +1,4 @@
-"""Topologies: the links, protocols and fitted constants of a machine, read from
+"""Topologies: the links, library model and fitted constants of a machine, read from
 ``conf/topology/*.yaml`` (package data: ``commlab_conf``) or a path, and written back."""
 
 from __future__ import annotations
@@ -52,14 +52,6 @@ class Link:
 
 
 @dataclass
-class Protocol:
-    """One of the library's protocols: its start-up cost and share of the link bandwidth."""
-
-    base_s: float
-    bandwidth_factor: float = 1.0
-
-
-@dataclass
 class Topology:
     """Links of a machine type. ``fits`` (this_host) holds per-algorithm fitted constants
     that replace the link constants for that algorithm."""
@@ -73,8 +65,14 @@ class Topology:
     gamma_s_per_byte: float = 0.0  # reduction arithmetic
     copy_gbps: float = 100.0  # local memory copy bandwidth (bucket packing)
     hbm_gbps: float = 0.0  # device memory bandwidth (decode compute is weight-bound)
+    peak_tflops: float = 0.0  # dense matmul peak of one device at the model's dtype
+    matmul_efficiency: float = 1.0  # share of that peak a large matmul reaches
+    kernel_s: float = 0.0  # fixed cost of one more kernel on the device (launch gap, ramp)
+    comm_sm_share: float = 0.0  # share of the device's SMs a collective's kernel holds
     nics_per_node: int = 1  # inter-node NICs per node, one library channel each (rails)
-    protocols: dict[str, Protocol] = field(default_factory=dict)  # none: one, base_s
+    # library collectives follow NCCL's tuning model (costmodel.nccl) with these fitted shares;
+    # empty: the link formulas (alpha-beta)
+    nccl: dict[str, float] = field(default_factory=dict)
     custom_ar: Link | None = None  # peer-memory all-reduce kernels: alpha per stage, bandwidth
     custom_base_s: float = 0.0  # fixed cost of launching a custom all-reduce kernel
     fits: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -102,11 +100,12 @@ def load_topology(name_or_path: str | Path) -> Topology:
         gamma_s_per_byte=float(d.get("gamma_s_per_byte", 0.0)),
         copy_gbps=float(d.get("copy_gbps", 100.0)),
         hbm_gbps=float(d.get("hbm_gbps", 0.0)),
+        peak_tflops=float(d.get("peak_tflops", 0.0)),
+        matmul_efficiency=float(d.get("matmul_efficiency", 1.0)),
+        kernel_s=float(d.get("kernel_s", 0.0)),
+        comm_sm_share=float(d.get("comm_sm_share", 0.0)),
         nics_per_node=int(d.get("nics_per_node", 1)),
-        protocols={
-            k: Protocol(float(v["base_s"]), float(v.get("bandwidth_factor", 1.0)))
-            for k, v in (d.get("protocols") or {}).items()
-        },
+        nccl={k: float(v) for k, v in (d.get("nccl") or {}).items()},
         custom_ar=_link(d["custom_ar"]) if d.get("custom_ar") else None,
         custom_base_s=float((d.get("custom_ar") or {}).get("base_s", 0.0)),
         fits={k: {kk: float(vv) for kk, vv in v.items()} for k, v in (d.get("fits") or {}).items()},
@@ -115,7 +114,8 @@ def load_topology(name_or_path: str | Path) -> Topology:
 
 
 def _link(d: dict[str, Any]) -> Link:
-    return Link(float(d["alpha_s"]), 1e-9 / float(d["bandwidth_gbps"]))
+    """A link; its alpha may be left out where NCCL's model gives the latencies (presets)."""
+    return Link(float(d.get("alpha_s", 0.0)), 1e-9 / float(d["bandwidth_gbps"]))
 
 
 def to_yaml(topo: Topology) -> str:
@@ -129,7 +129,12 @@ def to_yaml(topo: Topology) -> str:
         "gamma_s_per_byte": topo.gamma_s_per_byte,
         "copy_gbps": topo.copy_gbps,
         "hbm_gbps": topo.hbm_gbps,
+        "peak_tflops": topo.peak_tflops,
+        "matmul_efficiency": topo.matmul_efficiency,
+        "kernel_s": topo.kernel_s,
+        "comm_sm_share": topo.comm_sm_share,
         "nics_per_node": topo.nics_per_node,
+        "nccl": topo.nccl,
         "fits": topo.fits,
         "sources": topo.sources,
     }

@@ -137,16 +137,16 @@ def fused_sweep(
                 for _ in range(spec.warmup):
                     refill()
                     ways[way](c)
-        times = {(lb, way): [] for lb in labels for way in WAYS}
+        times = {(i, way): [] for i in range(len(comms)) for way in WAYS}  # labels may repeat
         for _ in range(spec.rounds):
-            for lb, c in zip(labels, comms, strict=True):
+            for i, c in enumerate(comms):
                 for way in WAYS:
-                    times[lb, way] += _timed(ways[way], c, refill, spec.iters)
-        for lb, c in zip(labels, comms, strict=True):
+                    times[i, way] += _timed(ways[way], c, refill, spec.iters)
+        for i, (lb, c) in enumerate(zip(labels, comms, strict=True)):
             med = {}
             row: dict[str, Any] = {"size": nbytes, "rows_per_rank": per_rank, "strategy": lb}
             for way in WAYS:
-                slowest = max_over_ranks(times[lb, way]).tolist()
+                slowest = max_over_ranks(times[i, way]).tolist()
                 span = median_interval([t * 1e6 for t in slowest])
                 med[way] = span["median"]
                 row[f"{way}_us"] = round(span["median"], 3)

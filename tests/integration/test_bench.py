@@ -181,6 +181,10 @@ def test_baseline_memcpy_and_profile(tmp_path: Path) -> None:
         ("strategy.name=nope", "unknown strategy 'nope'; available: ["),
         ("bench.baseline=nope", "unknown strategy 'nope'; available: ["),
         ("bench.rounds=0", "bench.rounds must be >= 1"),
+        (
+            "bench.op=all_gather_matmul bench.dtype=int32",
+            "bench.op=all_gather_matmul needs a floating-point bench.dtype",
+        ),
     ],
 )
 def test_bad_config_fails_before_spawning(
@@ -193,7 +197,7 @@ def test_bad_config_fails_before_spawning(
         raise AssertionError("ranks were launched for an invalid configuration")
 
     monkeypatch.setattr(experiments.bench, "launch_ranks", spawned)
-    cfg = compose_config(override, "logger=none", name="bench", hydra_dir=tmp_path)
+    cfg = compose_config(*override.split(), "logger=none", name="bench", hydra_dir=tmp_path)
     with pytest.raises(ConfigError) as err:
         experiments.bench.main(cfg)
     assert message in str(err.value)
@@ -220,3 +224,28 @@ def test_reduce_scatter_and_all_gather(pools, op: str) -> None:
         algbw = r["size"] / (r["time_us"] * 1e-6) / 1e9
         assert r["algbw_gbps"] == pytest.approx(algbw, rel=1e-2)
         assert r["busbw_gbps"] == pytest.approx(algbw * 2 / 3, rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    "op", ["all_reduce_add_rmsnorm", "all_gather_matmul", "matmul_reduce_scatter"]
+)
+def test_fused_ops_against_their_composition(pools, op: str) -> None:
+    """bench.op=<fused op>: every size timed four ways (fused, composed, the collective, the
+    compute) for the strategy and a compared one; naive's fused op is its composition, bit
+    for bit; overlap (gate open) chunks, within rounding."""
+    cfg = compose_config(
+        f"bench.op={op}",
+        "bench.hidden=64",
+        'bench.compare=["overlap:min_tokens=0"]',
+        *SMALL[1:],
+        name="bench",
+    )
+    rows = pools(2).run(bench_on_rank, cfg)[0]["rows"]
+    assert [r["strategy"] for r in rows] == ["naive", "overlap:min_tokens=0"] * 3
+    for r in rows:
+        assert min(r[f"{w}_us"] for w in ("fused", "composed", "comm", "compute")) > 0
+        assert r["speedup"] == pytest.approx(r["composed_us"] / r["fused_us"], rel=1e-3)
+        shorter = min(r["comm_us"], r["compute_us"])
+        hidden = (r["composed_us"] - r["fused_us"]) / shorter
+        assert r["hidden"] == pytest.approx(hidden, rel=1e-3, abs=1e-3)
+        assert r["max_diff"] == 0.0 if r["strategy"] == "naive" else r["max_diff"] < 1e-4

@@ -3,6 +3,7 @@ and the studies built on it, are in ``test_studies.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from framework.costmodel import (
     fused_time,
     host_features,
     load_topology,
+    nccl,
 )
 
 
@@ -106,3 +108,30 @@ def test_fit_recovers_known_constants() -> None:
     assert got["overhead_s"] == pytest.approx(over, rel=1e-6)
     # without oversubscribed rows there is nothing to fit alpha_over on
     assert fit([r for r in rows if r[0] <= 4], "naive", cores=4)["alpha_over_s"] == 0.0
+
+
+def test_nccl_ring_crosses_the_network_once_per_node_boundary() -> None:
+    """NCCL's ring: 2(p-1) steps of which 2(m-1) cross the network; across nodes a step inside
+    a node costs at least the network overhead (1 us at LL). An empty message: LL's latency."""
+    ib = load_topology("h100_ib")
+    one_node = 6.6 + 14 * 0.6  # base + 14 NVLink hops at 0.6 us
+    four_nodes = 6.6 + (62 - 6) * 1.0 + 6 * 2.7
+    assert nccl.ring_time(ib, 8, 0) == pytest.approx(ib.base_s + one_node * 1e-6)
+    assert nccl.ring_time(ib, 32, 0) == pytest.approx(ib.base_s + four_nodes * 1e-6)
+
+
+def test_nccl_tree_pays_a_network_hop_each_way_per_doubling_of_nodes() -> None:
+    ib = load_topology("h100_ib")
+    t = [nccl.tree_time(ib, 8 * m, 0) for m in (2, 4, 8)]
+    assert t[1] - t[0] == pytest.approx(2 * 5.0e-6)  # LL's network hop, up and down
+    assert t[2] - t[1] == pytest.approx(2 * 5.0e-6)
+
+
+def test_nccl_bandwidth_is_the_nodes_on_two_nodes_and_the_nics_beyond() -> None:
+    ib = load_topology("h100_ib")
+    node, nic = ib.intra.bandwidth_gbps, ib.inter.bandwidth_gbps
+    assert nccl.link_busbw_gbps(ib, 8) == node
+    assert nccl.link_busbw_gbps(ib, 16) == min(node, 2 * 8 * nic) == node  # 752 GB/s of NICs
+    assert nccl.link_busbw_gbps(ib, 32) == 8 * nic < node
+    half = dataclasses.replace(ib, ranks_per_node=4, nics_per_node=4)  # two nodes of 4
+    assert nccl.link_busbw_gbps(half, 8) == 2 * 4 * nic < node
