@@ -2,12 +2,13 @@
 against the plain collectives, per model, TP size and prompt length
 (from ``experiment=fusion_overlap``).
 
-Per job (one model, TP size and prompt): every strategy's TTFT, decode ITL and exposed
-communication (prefill: time blocked in the communicator during prefill / TTFT; decode: the
-run's ``exposed_comm_share``), medians over the job's interleaved rounds with their intervals;
-each against ``naive`` as a ratio with a conservative interval (both intervals' extremes), and
-the share of naive's prefill exposed communication that each strategy removed. The verdict
-names the fastest prefill per job only where its ratio interval excludes 1.
+Per point (one model, TP size and prompt length; one job per seed, each comparing the
+strategies in interleaved rounds): every strategy's TTFT, decode ITL and exposed communication
+(prefill: time blocked in the communicator during prefill / TTFT; decode: the run's
+``exposed_comm_share``), medians over every round of every job with their intervals; each
+against ``naive`` as a ratio with a conservative interval (both intervals' extremes), and the
+share of naive's prefill exposed communication that each strategy removed. The verdict names
+the fastest prefill per point only where its ratio interval excludes 1.
 """
 
 from __future__ import annotations
@@ -31,13 +32,20 @@ COLS = [
     "itl_ms",
     "itl_vs_naive",
     "decode_exposed",
+    "jobs",
     "same_tokens_as_exact",
 ]
 
 
-def _span(row: dict[str, Any], metric: str, scale: float = 1.0) -> dict[str, Any]:
+def _runs(row: dict[str, Any], metric: str) -> list[float]:
+    """Every round's reading of ``metric`` in one job (the median alone if it kept none)."""
     runs = (row.get("spread") or {}).get(metric, {}).get("runs") or [row.get(metric)]
-    return median_interval([x * scale for x in runs if x is not None])
+    return [x for x in runs if x is not None]
+
+
+def _span(rows: list[dict[str, Any]], metric: str, scale: float = 1.0) -> dict[str, Any]:
+    """Median and interval over every round of every job (seed) of a point."""
+    return median_interval([x * scale for r in rows for x in _runs(r, metric)])
 
 
 def _fmt(sp: dict[str, Any], digits: str = ".3g") -> str:
@@ -50,20 +58,22 @@ def _ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
     return f"{r:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def _prefill_share(row: dict[str, Any]) -> dict[str, Any]:
-    """Per round: prefill exposed communication / TTFT."""
-    sp = row.get("spread") or {}
-    waits = sp.get("prefill_exposed_comm_s", {}).get("runs") or []
-    ttfts = sp.get("ttft_s", {}).get("runs") or []
-    return median_interval([w / t for w, t in zip(waits, ttfts, strict=False) if t])
+def _prefill_share(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per round of every job: prefill exposed communication / TTFT."""
+    shares = []
+    for r in rows:
+        pairs = zip(_runs(r, "prefill_exposed_comm_s"), _runs(r, "ttft_s"), strict=False)
+        shares += [w / t for w, t in pairs if t]
+    return median_interval(shares)
 
 
 def table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The study's rows (one per job and strategy) and a verdict line per job."""
+    """The study's rows (one per point and strategy) and a verdict line per point."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("strategy") in STRATEGIES]
-    jobs: dict[tuple, dict[str, dict[str, Any]]] = {}
+    jobs: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
     for r in ok:
-        jobs.setdefault((r["model"], r["world_size"], r["prompt_len"]), {})[r["strategy"]] = r
+        point = jobs.setdefault((r["model"], r["world_size"], r["prompt_len"]), {})
+        point.setdefault(r["strategy"], []).append(r)
     out, verdicts = [], []
     for key in sorted(jobs):
         by = jobs[key]
@@ -75,7 +85,7 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
         best, best_ratio = None, 1.0
         for name in STRATEGIES:
             r = by.get(name)
-            if r is None:
+            if not r:
                 continue
             ttft, itl = _span(r, "ttft_s", 1e3), _span(r, "itl_p50_s", 1e3)
             wait = _span(r, "prefill_exposed_comm_s", 1e3)
@@ -93,7 +103,8 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
                     "itl_ms": _fmt(itl),
                     "itl_vs_naive": _ratio(itl, base_itl),
                     "decode_exposed": _fmt(_span(r, "exposed_comm_share"), ".2f"),
-                    "same_tokens_as_exact": r.get("same_tokens_as_exact"),
+                    "jobs": len(r),
+                    "same_tokens_as_exact": all(x.get("same_tokens_as_exact") for x in r),
                     "_ttft_ratio": ratio_interval(base_ttft, ttft),
                 }
             )
@@ -151,12 +162,13 @@ def view(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         "Regenerate: `python -m experiments.infer -m experiment=fusion_overlap`, then",
         "`python -m experiments.report <sweep dir> --view fusion_overlap --out <this folder>`.",
         "",
-        "Medians over each job's interleaved rounds, [interval]. `ttft_vs_naive` and",
-        "`itl_vs_naive`: naive's time / the strategy's (above 1: faster), interval from both",
-        "intervals' extremes. `prefill_exposed`: time blocked in the communicator during",
-        "prefill / TTFT. `exposed_removed`: the share of naive's prefill exposed communication",
-        "the strategy took away. Prefill runs sequence-parallel (all_gather_matmul and",
-        "matmul_reduce_scatter, what overlap chunks); decode runs all_reduce_add_rmsnorm.",
+        "Medians over every interleaved round of every job (`jobs`: one per seed), [interval].",
+        "`ttft_vs_naive` and `itl_vs_naive`: naive's time / the strategy's (above 1: faster),",
+        "interval from both intervals' extremes. `prefill_exposed`: time blocked in the",
+        "communicator during prefill / TTFT. `exposed_removed`: the share of naive's prefill",
+        "exposed communication the strategy took away. Prefill runs sequence-parallel",
+        "(all_gather_matmul and matmul_reduce_scatter, what overlap chunks); decode runs",
+        "all_reduce_add_rmsnorm.",
         "",
         markdown(out_rows, COLS),
         "",

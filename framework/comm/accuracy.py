@@ -18,6 +18,8 @@ with commlab.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 from pathlib import Path
@@ -42,6 +44,16 @@ def load_accuracy(name: str) -> dict[str, Any]:
             f"accuracy table {name!r} not found at {path}; the quantized-communication study "
             f"writes one (docs/studies.md)"
         )
+    st = path.stat()
+    return copy.deepcopy(_read_once(str(path), st.st_ino, st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _read_once(name: str, inode: int, mtime_ns: int, size: int) -> dict[str, Any]:
+    """A table read and checked once per version of the file: ``auto`` checks its options
+    (reading the table) and then builds (reading it again) on every rank. A rewrite renames
+    a new file over the old one, so it changes the inode whatever the clock's resolution."""
+    path = Path(name)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:

@@ -111,3 +111,20 @@ def test_auto_refuses_budgets_it_cannot_read(tmp_path: Path) -> None:
         error_budget={"ppl_change": 0.01},
         accuracy=_table(tmp_path),
     )
+
+
+def test_the_accuracy_table_is_read_once_per_version(tmp_path: Path) -> None:
+    """auto checks its options (reading the table), then builds (reading it again): one
+    parse per version of the file; a table written over it is read afresh."""
+    from framework.comm import accuracy
+
+    name = _table(tmp_path)
+    accuracy._read_once.cache_clear()
+    first = load_accuracy(name)
+    first["rows"].clear()  # a caller's copy: the cache is not touched
+    assert len(load_accuracy(name)["rows"]) == 2
+    assert accuracy._read_once.cache_info().misses == 1
+    data = json.loads(Path(name).read_text())
+    write_accuracy(name, data["rows"][:1], {})  # atomically renamed over it
+    assert len(load_accuracy(name)["rows"]) == 1
+    assert accuracy._read_once.cache_info().misses == 2

@@ -90,3 +90,40 @@ def test_error_bars_only_from_several_runs(tmp_path: Path, monkeypatch) -> None:
     assert bars == []
     _plot_infer([row("naive", [10.0, 9.0, 11.0]), row("shm", [20.0])], tmp_path)
     assert bars == [1]  # naive's interval, nothing for shm's single run
+
+
+def _compared(strategy: str, ttfts: list[float], waits: list[float], seed_model: str) -> dict:
+    """One strategy's result in a fusion_overlap job: three rounds of TTFT and prefill wait."""
+    spread = {
+        "ttft_s": {"runs": ttfts},
+        "prefill_exposed_comm_s": {"runs": waits},
+        "itl_p50_s": {"runs": [0.1, 0.1, 0.1]},
+        "exposed_comm_share": {"runs": [0.5, 0.5, 0.5]},
+    }
+    return {
+        "status": "ok",
+        "strategy": strategy,
+        "world_size": 2,
+        "model": seed_model,
+        "prompt_len": 1024,
+        "same_tokens_as_exact": True,
+        "spread": spread,
+    }
+
+
+def test_fusion_overlap_view_pools_jobs_and_names_only_clear_wins(tmp_path: Path) -> None:
+    """Two jobs (seeds) per point pool their rounds; a strategy is named in the verdict only
+    where its TTFT ratio interval lies above 1, and the removed share is of naive's wait."""
+    rows = []
+    for job in ("0", "1"):
+        rows += [
+            infer_row(_compared("naive", [2.0, 2.1, 1.9], [0.6, 0.6, 0.6], "small"), job),
+            infer_row(_compared("shm", [1.0, 1.1, 0.9], [0.15, 0.15, 0.15], "small"), job),
+            infer_row(_compared("overlap", [1.5, 2.5, 2.0], [0.3, 0.3, 0.3], "small"), job),
+        ]
+    get_view("fusion_overlap")(rows, tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    shm = next(line for line in text.splitlines() if "| shm |" in line)
+    assert "| 2.00 [" in shm and "+75%" in shm and "| 2 | True |" in shm
+    assert "**shm** prefills 2.00x faster" in text and "**overlap**" not in text
+    assert (tmp_path / "fusion_overlap.png").stat().st_size > 0
