@@ -16,12 +16,13 @@ transfer (all-gather) or the last (reduce-scatter) is exposed, plus a start-up p
   is the order of multiplication, not of arrival.
 
 Below ``min_tokens`` rows in all (default 1,024) chunking cannot pay its start-up and the op is
-the plain composition: on this host chunks lost 0.46-0.81x of TTFT at 128 tokens and broke even
-at 1,024 (results/fusion_overlap), and the cost model puts the GPU crossover at 512
-(Llama-3-70B) to 2,048 tokens (8B) at TP 8 (results/simulate/overlap.md). The all-reduce and
-the fused all-reduce + add + norm are launched whole, as ``async_overlap`` does. Summation
-order is the inner algorithm's; the chunked matmuls may round differently from one whole matmul
-(the kit holds them to a stated tolerance).
+the plain composition: on this host chunks cost 0.51-0.71x of TTFT at 128 tokens and came out
+within noise at 1,024-2,048 (0.95-1.04 at TP 2, results/fusion_overlap), and the cost model
+puts the GPU crossover at 512 (Llama-3-70B) to 2,048 tokens (8B) at TP 8
+(results/simulate/overlap.md). The all-reduce and the fused all-reduce + add + norm are
+launched whole, as ``async_overlap`` does. Summation order is the inner algorithm's; the
+chunked matmuls may round differently from one whole matmul (the kit holds them to a stated
+tolerance).
 
 Devices: those of ``inner``.
 """

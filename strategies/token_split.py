@@ -5,11 +5,11 @@ asks the communicator: :meth:`token_splits`) and interleaves them as it interlea
 batches: run 1's attention reduction is in flight while run 2's attention computes, and so on.
 Reductions are launched asynchronously through ``inner``, as ``async_overlap`` does. Below
 ``min_tokens`` tokens per micro-batch (default 1,024, where TokenWeave reports its gains start)
-nothing is cut: on this host halves of 128 tokens cost 0.71-0.83x of TTFT in per-op overhead,
-and 1,024 tokens came out at 0.86-1.08x (results/fusion_overlap). A later run's attention reads
-the earlier run's keys and values from the cache, so the result is the same attention; the
-matmuls run on fewer rows and may round differently (tokens are checked against the exact run,
-like every strategy's).
+nothing is cut: on this host halves of 128 tokens cost 0.66-0.78x of TTFT in per-op overhead,
+and 1,024-2,048 tokens came out within noise (0.92-1.10 at TP 2, results/fusion_overlap). A
+later run's attention reads the earlier run's keys and values from the cache, so the result is
+the same attention; the matmuls run on fewer rows and may round differently (tokens are checked
+against the exact run, like every strategy's).
 
 Devices: those of ``inner``.
 """

@@ -143,6 +143,7 @@ def plot(out_rows: list[dict[str, Any]], path: Path) -> Path:
             ax.errorbar(xs, mid, yerr=err, marker="o", capsize=3, label=name)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)  # a speed-up and a slow-down of the same factor look alike
         ax.set_title(f"{model}, TP {tp}")
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("TTFT speed-up vs naive")
