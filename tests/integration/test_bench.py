@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, as_torchrun_rank, compose_config
+from conftest import ROOT, as_torchrun_rank, compose_config, first_only
 from hydra.errors import MissingConfigException
 
 from framework.run.spec import ConfigError
@@ -227,7 +227,7 @@ def test_reduce_scatter_and_all_gather(pools, op: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "op", ["all_reduce_add_rmsnorm", "all_gather_matmul", "matmul_reduce_scatter"]
+    "op", first_only(["all_reduce_add_rmsnorm", "all_gather_matmul", "matmul_reduce_scatter"])
 )
 def test_fused_ops_against_their_composition(pools, op: str) -> None:
     """bench.op=<fused op>: every size timed four ways (fused, composed, the collective, the
