@@ -129,11 +129,11 @@ def test_infer_runs_and_strategies_agree(pools, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.ci
 def test_multirun_with_a_failing_job_reports_and_tracks(tmp_path: Path) -> None:
-    """2 strategies x (a good and a bad micro-batch count): every job runs, failures marked."""
+    """A good and a bad micro-batch count: both jobs run, the failure is marked."""
     sweep = tmp_path / "sweep"
     r = infer(
         "-m",
-        "strategy=naive,async_overlap",
+        "strategy=async_overlap",
         "workload.micro_batches=2,9",
         "workload.new_tokens=3",
         "logger=wandb",
@@ -143,7 +143,7 @@ def test_multirun_with_a_failing_job_reports_and_tracks(tmp_path: Path) -> None:
     )
     assert r.returncode != 0  # a job failed, so the sweep exits non-zero...
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert len(jobs) == 4  # ...but every job ran
+    assert len(jobs) == 2  # ...but every job ran
     statuses = {}
     for job in jobs:
         res = json.loads((job / "results.json").read_text())
@@ -153,9 +153,9 @@ def test_multirun_with_a_failing_job_reports_and_tracks(tmp_path: Path) -> None:
         log = next(job.glob("wandb/offline-run-*/logs/debug.log")).read_text()
         want = 1 if res["status"] == "failed" else 0
         assert f"got exitcode: {want}" in log, f"W&B run of {job} not finished with {want}"
-    assert sorted(statuses.values()) == ["failed", "failed", "ok", "ok"]
+    assert sorted(statuses.values()) == ["failed", "ok"]
     report = (sweep / "report.md").read_text()
-    assert report.count("| ok |") == 2 and report.count("| failed |") == 2
+    assert report.count("| ok |") == 1 and report.count("| failed |") == 1
     assert (sweep / "report.csv").exists()
     assert (sweep / "infer_decode_tokens_per_s.png").stat().st_size > 1000
 
