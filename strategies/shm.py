@@ -22,11 +22,11 @@ natively in the segment (the two halves of the two-shot all-reduce).
 
 Fused ops: ``all_gather_matmul`` multiplies each rank's rows as soon as they land in the
 segment, in ring order from this rank's own (which needs no wait), so the matmuls overlap the
-slower peers' copies. With ``fuse_epilogue=true``, ``all_reduce_add_rmsnorm`` folds the residual
-add into the two-shot reduction (each rank adds its slice of the replicated residual and copies
-the result straight out): one pass less over memory, but two more torch calls, and on this VM a
-torch call costs about as much as a 16-256 KiB pass, so it measured 0.64-0.91x of the plain
-all-reduce followed by the add and norm (results/fusion_overlap); hence off by default.
+slower peers' copies. With ``fuse_epilogue=true``, ``all_reduce_add_rmsnorm`` runs the epilogue
+inside the two-shot reduction: each rank reduces its rows, adds its rows of the replicated
+residual and norms them while they are in its cache, and every rank copies out both results
+(TensorRT-LLM's reduce-scatter, add-norm, all-gather); each rank adds and norms 1/p of the
+rows. Off by default: see results/fusion_overlap for what it measured here.
 
 Devices: CPU tensors on gloo only (the segment is host memory); a CUDA tensor or an NCCL group
 is refused with a ``CommError``.
@@ -135,12 +135,18 @@ class Shm(Algorithm):
         seg = self.segment
         if seg is None or not self.fuse_epilogue or self.oneshot(partial.nbytes):
             return super()._all_reduce_add_rmsnorm(partial, residual, weight, eps)
+        new_residual, normed = torch.empty_like(residual), torch.empty_like(residual)
         self._start(partial)
-        new_residual = torch.empty_like(residual)
-        if not seg.all_reduce_add_(partial, residual, new_residual, self.deadline):
-            seg.all_reduce_(partial, self.deadline)  # larger than a slot: in chunks, then add
+
+        def norm(rows: Tensor) -> Tensor:
+            return self.compute(rms_norm, rows, weight, eps)
+
+        if not seg.all_reduce_add_norm_(
+            partial, residual, norm, new_residual, normed, self.deadline
+        ):  # too small to split by rows, or too large for one slot: the composition
+            seg.all_reduce_(partial, self.deadline)
             torch.add(residual, partial, out=new_residual)
-        normed = self.compute(rms_norm, new_residual, weight, eps)
+            normed = norm(new_residual)
         return Handle(self, None, (normed, new_residual))
 
     def _all_gather_matmul(self, shard: Tensor, weights: list[Tensor]) -> Handle:

@@ -449,36 +449,50 @@ class ShmSegment:
             blocks[:, lo : lo + c].copy_(slots[:p, :c])
             self._arrive(_REDUCED, g)
 
-    def all_reduce_add_(
-        self, x: Tensor, residual: Tensor, out: Tensor, deadline: float | None = None
+    def all_reduce_add_norm_(
+        self,
+        x: Tensor,
+        residual: Tensor,
+        norm: Callable[[Tensor], Tensor],
+        out: Tensor,
+        normed: Tensor,
+        deadline: float | None = None,
     ) -> bool:
-        """``out = residual + sum of x`` over the group, with the add folded into the
-        reduction: the residual stream is the same on every rank, so each rank adds its
-        slice of it to its slice of the sum and copies the result straight into ``out``
-        (one add of 1/p of the elements per rank, instead of a copy back into ``x`` and a
-        whole add). The same bits as ``residual + sum`` (an add commutes exactly). One chunk
-        only: returns False, doing nothing, when ``x`` does not fit one slot."""
+        """The end of a TP layer in one two-shot round: ``out = residual + sum of x`` over the
+        group and ``normed = norm(out)`` row by row (rows: the last dim), the epilogue inside
+        the reduction. Rank r reduces its rows, adds its rows of the residual (the same on
+        every rank), norms them while they are in its cache and publishes both results; every
+        rank copies both out. Each rank adds and norms 1/p of the rows, and nobody makes a
+        separate pass over the whole sum. The same bits as the composition: the add commutes
+        exactly and a row's norm does not depend on the others. One chunk of at least p rows
+        whose sum and norm fit one slot: returns False, doing nothing, otherwise."""
         self._check()
-        if self.world_size == 1:
+        p, r = self.world_size, self.rank
+        d = x.shape[-1]
+        m, rows = x.numel(), x.numel() // d
+        if p == 1:
             torch.add(residual, x, out=out)
+            normed.copy_(norm(out))
             return True
-        if x.numel() * x.element_size() > self.capacity:
+        if rows < p or 2 * m * x.element_size() > self.capacity:
             return False
         self._begin(deadline)
         self._settle()
         fp = _fingerprint(_OP_ALL_REDUCE, x)
-        mine, parts, reduced, result = self._plan(x)
+        slots = self._data.view(x.dtype).view(p + 1, self.capacity // x.element_size())
         g = self._round = self._round + 1
-        mine.copy_(x)
+        slots[r, :m].copy_(x.view(-1))
         self._arrive(_ARRIVED, g, fp=fp)
-        if parts:
-            m, p, r = x.numel(), self.world_size, self.rank
-            torch.add(parts[0], parts[1], out=reduced)
-            for part in parts[2:]:
-                reduced.add_(part)
-            reduced.add_(residual.view(-1)[m * r // p : m * (r + 1) // p])
+        a, b = rows * r // p * d, rows * (r + 1) // p * d
+        mine = slots[p, a:b]  # my rows of the new residual, in the result area
+        torch.add(slots[0, a:b], slots[1, a:b], out=mine)
+        for j in range(2, p):
+            mine.add_(slots[j, a:b])
+        mine.add_(residual.view(-1)[a:b])
+        slots[p, m + a : m + b].copy_(norm(mine.view(-1, d)).view(-1))
         self._arrive(_REDUCED, g)
-        out.copy_(result)
+        out.view(-1).copy_(slots[p, :m])
+        normed.view(-1).copy_(slots[p, m : 2 * m])
         return True
 
     def all_gather_each_(

@@ -207,3 +207,10 @@ def test_kit_catches_a_wrong_fused_op(pools, fault: str) -> None:
 def test_overlap_chunks_conform(pools) -> None:
     """overlap with its gate open: every fused op chunked, three chunks at world size 3."""
     pools(3).run(run_checks, "overlap", {"min_tokens": 0, "chunks": 3}, ["fused_ops"])
+
+
+@pytest.mark.parametrize("world_size", first_only([2, 3, 4]))
+def test_shm_fused_epilogue_conforms(pools, world_size: int) -> None:
+    """shm with the add and norm inside its reduction (rows split between ranks, results
+    copied out): the composed op's bits, every rank alike."""
+    pools(world_size).run(run_checks, "shm", {"fuse_epilogue": True}, ["fused_ops"])

@@ -162,6 +162,7 @@ FUSED_SCHEDULES = [
     ("token_split", {"min_tokens": 0}, False),
     ("token_split", {"min_tokens": 0, "inner": "shm"}, True),
     ("shm", {}, True),
+    ("shm", {"fuse_epilogue": True}, False),
 ]
 
 
