@@ -70,6 +70,7 @@ from framework.comm.registry import (
     exact_algorithms,
     get_strategy,
     strategy_label,
+    strategy_options,
 )
 from framework.comm.tuning import bucket_of, merge_rows
 from framework.run.fused_timing import fused_sweep
@@ -249,8 +250,8 @@ def _build(name: str, opts: dict[str, Any], parallel: ParallelSpec) -> Any:
 
 def _label(name: str, opts: dict[str, Any]) -> str:
     """``name:key=value`` with the options that differ from the strategy's defaults."""
-    declared = get_strategy(name).declared_options()
-    changed = {k: v for k, v in opts.items() if k in declared and v != declared[k].default}
+    defaults = strategy_options(name)
+    changed = {k: v for k, v in opts.items() if k in defaults and v != defaults[k]}
     changed.pop("timeout_s", None)
     return strategy_label(name, changed)
 

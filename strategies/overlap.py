@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from framework import Handle, Schedule, register_strategy
+from framework import Handle, register_strategy
 from framework.comm.library import ag_output
+from strategies.async_overlap import AsyncOverlap
 
 
 def _ranges(n: int, k: int) -> list[tuple[int, int]]:
@@ -44,7 +45,7 @@ def _ranges(n: int, k: int) -> list[tuple[int, int]]:
 
 
 @register_strategy("overlap")
-class Overlap(Schedule):
+class Overlap(AsyncOverlap):  # all-reduces launched whole, as async_overlap's
     chunked_ops = frozenset({"all_gather_matmul", "matmul_reduce_scatter"})
 
     @classmethod
@@ -59,10 +60,6 @@ class Overlap(Schedule):
         self.chunks = chunks or self.world_size
         self.min_tokens = min_tokens
         self.stats.extra["overlap_chunked"] = 0.0  # fused calls that were chunked
-
-    def _all_reduce(self, x: Tensor) -> Handle:
-        fut = self.inner.launch(x)
-        return Handle(self, fut.result)
 
     def _pieces(self, rows: int, total: int) -> list[tuple[int, int]] | None:
         """The chunks of ``rows`` rows per rank, or None to compose plainly."""

@@ -128,29 +128,31 @@ class Shm(Algorithm):
         else:
             self.segment.all_gather_(x, out, deadline=self.deadline)
 
-    # -- fused ops: the add folded into the reduction; each peer's rows multiplied on arrival
+    # -- fused ops: the epilogue inside the reduction; each peer's rows multiplied on arrival.
+    # Where the segment cannot (no segment, one-shot, too few rows, too large for one slot):
+    # the base class's composition of the plain ops.
     def _all_reduce_add_rmsnorm(
         self, partial: Tensor, residual: Tensor, weight: Tensor, eps: float
     ) -> Handle:
         seg = self.segment
-        if seg is None or not self.fuse_epilogue or self.oneshot(partial.nbytes):
+        if (
+            seg is None
+            or not self.fuse_epilogue
+            or self.oneshot(partial.nbytes)
+            or not seg.add_norm_fits(partial)
+        ):
             return super()._all_reduce_add_rmsnorm(partial, residual, weight, eps)
         new_residual, normed = torch.empty_like(residual), torch.empty_like(residual)
-        self._start(partial)
 
         def norm(rows: Tensor) -> Tensor:
             return self.compute(rms_norm, rows, weight, eps)
 
-        if not seg.all_reduce_add_norm_(
-            partial, residual, norm, new_residual, normed, self.deadline
-        ):  # too small to split by rows, or too large for one slot: the composition
-            seg.all_reduce_(partial, self.deadline)
-            torch.add(residual, partial, out=new_residual)
-            normed = norm(new_residual)
+        self._start(partial)
+        seg.all_reduce_add_norm_(partial, residual, norm, new_residual, normed, self.deadline)
         return Handle(self, None, (normed, new_residual))
 
     def _all_gather_matmul(self, shard: Tensor, weights: list[Tensor]) -> Handle:
-        if self.segment is None:
+        if self.segment is None or not self.segment.fits_one_slot(shard):
             return super()._all_gather_matmul(shard, weights)
         p, q = self.world_size, shard.shape[0]
         gathered = ag_output(shard, p)
@@ -162,12 +164,9 @@ class Shm(Algorithm):
                 torch.matmul(rows, w, out=o[j * q : (j + 1) * q])
 
         self._start(shard, "all_gather")
-        if not self.segment.all_gather_each_(
+        self.segment.all_gather_each_(
             shard, gathered, lambda j: self.compute(multiply, j), self.deadline
-        ):
-            self.segment.all_gather_(shard, gathered, deadline=self.deadline)
-            for j in range(p):
-                self.compute(multiply, j)
+        )
         return Handle(self, None, (gathered, outs))
 
     def _release(self) -> None:

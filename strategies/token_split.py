@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
-
-from framework import Handle, Schedule, register_strategy
+from framework import register_strategy
+from strategies.async_overlap import AsyncOverlap
 
 
 @register_strategy("token_split")
-class TokenSplit(Schedule):
+class TokenSplit(AsyncOverlap):  # reductions launched as async_overlap's
     @classmethod
     def option_rules(cls, options: dict[str, Any]) -> None:
         cls.require_at_least(2, splits=options["splits"])
@@ -36,7 +35,3 @@ class TokenSplit(Schedule):
 
     def token_splits(self, tokens: int) -> int:
         return self.splits if tokens >= self.min_tokens else 1
-
-    def _all_reduce(self, x: Tensor) -> Handle:
-        fut = self.inner.launch(x)
-        return Handle(self, fut.result)

@@ -224,7 +224,7 @@ class Communicator(ABC):
         finally:
             self._depth -= 1
             if outer:
-                dt = max(0.0, time.perf_counter() - t0 - (self.stats.compute_s - c0))
+                dt = self._exposed_since(t0, c0)
                 self.stats.wait_s += dt
                 self.stats.by_op[op]["wait_s"] += dt
 
@@ -490,9 +490,12 @@ class Communicator(ABC):
         finally:
             self._depth -= 1
             if self._depth == 0:
-                self.stats.wait_s += max(
-                    0.0, time.perf_counter() - t0 - (self.stats.compute_s - c0)
-                )
+                self.stats.wait_s += self._exposed_since(t0, c0)
+
+    def _exposed_since(self, t0: float, c0: float) -> float:
+        """Seconds blocked since ``t0`` (``time.perf_counter()``), less the fused ops' own
+        compute since then (``stats.compute_s`` was ``c0``): the exposed communication."""
+        return max(0.0, time.perf_counter() - t0 - (self.stats.compute_s - c0))
 
     def _check_open(self) -> None:
         if self._closed:

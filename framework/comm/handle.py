@@ -52,16 +52,15 @@ class Handle:
                 "wait() after close(): the communicator's groups and "
                 "buffers are released; wait before closing"
             )
-        stats = self._comm.stats
-        outer = self._comm._depth == 0
-        t0, c0 = time.perf_counter(), stats.compute_s
+        comm = self._comm
+        outer = comm._depth == 0
+        t0, c0 = time.perf_counter(), comm.stats.compute_s
         try:
-            with self._comm._blocked():
+            with comm._blocked():
                 self._complete()
         finally:  # the caller blocked on this op (a nested wait is its caller's time)
             if outer:
-                dt = time.perf_counter() - t0 - (stats.compute_s - c0)
-                stats.by_op[self._op]["wait_s"] += max(0.0, dt)
+                comm.stats.by_op[self._op]["wait_s"] += comm._exposed_since(t0, c0)
         return self._result
 
     def _complete(self) -> None:

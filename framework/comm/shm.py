@@ -449,6 +449,16 @@ class ShmSegment:
             blocks[:, lo : lo + c].copy_(slots[:p, :c])
             self._arrive(_REDUCED, g)
 
+    def add_norm_fits(self, x: Tensor) -> bool:
+        """Whether :meth:`all_reduce_add_norm_` takes ``x``: at least p rows (the last dim),
+        its sum and norm in one slot."""
+        p = self.world_size
+        return p == 1 or (x.numel() // x.shape[-1] >= p and 2 * x.nbytes <= self.capacity)
+
+    def fits_one_slot(self, x: Tensor) -> bool:
+        """Whether ``x`` goes in one round (:meth:`all_gather_each_`)."""
+        return self.world_size == 1 or x.nbytes <= self.capacity
+
     def all_reduce_add_norm_(
         self,
         x: Tensor,
@@ -457,15 +467,15 @@ class ShmSegment:
         out: Tensor,
         normed: Tensor,
         deadline: float | None = None,
-    ) -> bool:
+    ) -> None:
         """The end of a TP layer in one two-shot round: ``out = residual + sum of x`` over the
         group and ``normed = norm(out)`` row by row (rows: the last dim), the epilogue inside
         the reduction. Rank r reduces its rows, adds its rows of the residual (the same on
         every rank), norms them while they are in its cache and publishes both results; every
         rank copies both out. Each rank adds and norms 1/p of the rows, and nobody makes a
         separate pass over the whole sum. The same bits as the composition: the add commutes
-        exactly and a row's norm does not depend on the others. One chunk of at least p rows
-        whose sum and norm fit one slot: returns False, doing nothing, otherwise."""
+        exactly and a row's norm does not depend on the others. Only for ``x`` that
+        :meth:`add_norm_fits`."""
         self._check()
         p, r = self.world_size, self.rank
         d = x.shape[-1]
@@ -473,9 +483,7 @@ class ShmSegment:
         if p == 1:
             torch.add(residual, x, out=out)
             normed.copy_(norm(out))
-            return True
-        if rows < p or 2 * m * x.element_size() > self.capacity:
-            return False
+            return
         self._begin(deadline)
         self._settle()
         fp = _fingerprint(_OP_ALL_REDUCE, x)
@@ -493,27 +501,23 @@ class ShmSegment:
         self._arrive(_REDUCED, g)
         out.view(-1).copy_(slots[p, :m])
         normed.view(-1).copy_(slots[p, m : 2 * m])
-        return True
 
     def all_gather_each_(
         self, x: Tensor, out: Tensor, arrived: Callable[[int], None], deadline: float | None = None
-    ) -> bool:
+    ) -> None:
         """:meth:`all_gather_` that calls ``arrived(j)`` as soon as rank j's block of ``out``
         is filled, in ring order from this rank's own (which needs no wait): the caller works
         on each block while later ones are still being written (``shm``'s
-        ``all_gather_matmul``). One chunk only: returns False, doing nothing, when ``x`` does
-        not fit one slot."""
+        ``all_gather_matmul``). Only for ``x`` that :meth:`fits_one_slot`."""
         self._check()
         p, r = self.world_size, self.rank
         flat = x.view(-1)
         n = flat.numel()
         blocks = out.view(p, n)
-        if p > 1 and n * x.element_size() > self.capacity:
-            return False
         blocks[r].copy_(flat)
         if p == 1:
             arrived(r)
-            return True
+            return
         self._begin(deadline)
         self._settle()
         slots = self._data.view(x.dtype).view(p + 1, self.capacity // x.element_size())
@@ -536,7 +540,6 @@ class ShmSegment:
             blocks[j].copy_(slots[j, :n])
             arrived(j)
         self._arrive(_REDUCED, g)
-        return True
 
     def _round1(
         self, x: Tensor, mine: Tensor, parts: list[Tensor], out: Tensor, result: Tensor, fp: int

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from framework.comm.fused import FUSED_OPS
+
 # The ops of the interface, in the order the counters list them: the three collectives, then
 # the fused ops (a collective with its compute, framework.comm.fused).
-OPS = (
-    "all_reduce",
-    "reduce_scatter",
-    "all_gather",
-    "all_reduce_add_rmsnorm",
-    "all_gather_matmul",
-    "matmul_reduce_scatter",
-)
+OPS = ("all_reduce", "reduce_scatter", "all_gather", *FUSED_OPS)
 OP_COUNTERS = ("calls", "collectives", "bytes", "wire_bytes", "wait_s")
 
 
