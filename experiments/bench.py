@@ -98,6 +98,7 @@ CSV_COLUMNS = [
     "type",
     "redop",
     "time_us",
+    "p90_us",
     "algbw_gbps",
     "busbw_gbps",
     "wrong",
@@ -111,6 +112,9 @@ CSV_COLUMNS = [
     "speedup",
     "memcpy_gbps",
     "busbw_of_memcpy",
+    "round_trip_us",
+    "limit_us",
+    "of_limit",
 ]
 
 
@@ -235,6 +239,7 @@ def sweep_spec(bench: BenchSpec) -> SweepSpec:
         many_small=bench.many_small,
         rounds=bench.rounds,
         memcpy=bench.memcpy,
+        limits=bench.limits,
         op=bench.op,
     )
 
@@ -334,6 +339,9 @@ _EXTRA_COLUMNS = [
     ("speedup", "speedup", "(x)"),
     ("memcpy_gbps", "memcpy", "(GB/s)"),
     ("busbw_of_memcpy", "bus/memcpy", ""),
+    ("round_trip_us", "rt", "(us)"),
+    ("limit_us", "rt+copy", "(us)"),
+    ("of_limit", "x limit", "(x)"),
 ]
 
 

@@ -26,6 +26,9 @@ class BenchSpec:
     baseline: str | None = None  # a strategy name, or "raw": timed in the same run, interleaved
     rounds: int = 1  # alternate strategy and baseline this many times per size
     memcpy: bool = False  # also time a single-core copy of each size (the memory limit)
+    # CPU: also the cache-line round trip between two ranks and each size's copy time, and
+    # every time as a multiple of their sum (the limit)
+    limits: bool = True
     background_load: int = 0  # busy processes running on the host during the measurement
     # all_reduce | reduce_scatter | all_gather (nccl-tests' sizes), or a fused op timed
     # against its composition: all_reduce_add_rmsnorm | all_gather_matmul | matmul_reduce_scatter

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -255,6 +256,196 @@ def infer_targets(repeats: int, work: Path) -> list[dict[str, Any]]:
     return out
 
 
+# -- issue 25: shm in native code, against the host's own limits ------------------------------
+NATIVE_BENCH = [
+    "strategy=shm",
+    "strategy.impl=native",
+    "bench.baseline=naive",
+    'bench.compare=["shm:impl=python"]',
+    "parallel.world_size=2",
+    "logger=none",
+    "bench.rounds=5",
+    "bench.iters=40",
+    "bench.warmup=10",
+]
+
+
+def _decode_rates(
+    fabric: Any, preset: str, batch: int, new_tokens: int, rounds: int
+) -> dict[str, list[float]]:
+    """Decode tokens/s of the same TP model over each communicator, interleaved per round; the
+    slowest rank's time. ``none`` communicates nothing (the compute alone)."""
+    import torch.distributed as dist
+
+    from framework import build_communicator
+    from framework.model import TPLlama, get_config
+    from framework.model.generate import generate
+    from framework.run.measure import NoComm
+
+    torch.set_num_threads(1)
+    cfg = get_config(preset)
+    prompts = [[(7 * i + j) % cfg.vocab_size for j in range(8)] for i in range(batch)]
+    comms: dict[str, Any] = {
+        "none": NoComm(),
+        "shm": build_communicator("shm", impl="native"),
+        "shm:impl=python": build_communicator("shm", impl="python"),
+        "naive": build_communicator("naive"),
+    }
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        models = {n: TPLlama(cfg, c, rank, world).init_random(seed=0) for n, c in comms.items()}
+        rates: dict[str, list[float]] = {n: [] for n in comms}
+        for _ in range(rounds):
+            for name, model in models.items():
+                generate(model, prompts, 2)  # warm-up
+                dist.barrier()
+                t0 = time.perf_counter()
+                generate(model, prompts, new_tokens)
+                took = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
+                dist.all_reduce(took, op=dist.ReduceOp.MAX)
+                rates[name].append(batch * new_tokens / took.item())
+        return rates
+    finally:
+        for c in comms.values():
+            c.close()
+
+
+def _decode(preset: str, cpu_bind: str, load: int, rounds: int = 5) -> dict[str, float]:
+    from framework.run.launch import launch_ranks
+    from framework.run.measure import background_load
+    from framework.run.spec import ParallelSpec
+
+    parallel = ParallelSpec(world_size=2, backend="gloo", device="cpu", cpu_bind=cpu_bind)
+    with background_load(load):
+        rates = launch_ranks(_decode_rates, parallel, preset, 4, 32, rounds)
+    return {n: statistics.median(r) for n, r in rates.items()}
+
+
+def native_targets(repeats: int, work: Path, cpu_bind: str) -> list[dict[str, Any]]:
+    """Issue 25's targets for shm's native path, each a ratio inside one run."""
+    bind = [f"parallel.cpu_bind={cpu_bind}"]
+    out = []
+    small = [
+        *NATIVE_BENCH,
+        *bind,
+        "bench.min_bytes=1024",
+        "bench.max_bytes=262144",
+        "bench.factor=2",
+    ]
+    runs = [_run("experiments.bench", small, work) for _ in range(repeats)]
+    t, p90 = _median_rows(runs, "time_us"), _median_rows(runs, "p90_us")
+    rt, lim = _median_rows(runs, "round_trip_us"), _median_rows(runs, "limit_us")
+    sp = _median_rows(runs, "speedup")
+    py = {
+        s: statistics.median(r["size_results"][i]["times_us"]["shm:impl=python"] for r in runs)
+        for i, s in enumerate(t)
+    }
+    out.append(
+        _target(
+            "native shm, 4 KiB, world size 2: time per call (whole communicator path)",
+            "us",
+            t[4096],
+            3.0,
+            small,
+            lower_is_better=True,
+            detail=f"{t[4096] / rt[4096]:.1f}x the round trip ({rt[4096]:.2f} us), "
+            f"{t[4096] / lim[4096]:.1f}x round trip + copy ({lim[4096]:.2f} us); "
+            f"Python path {py[4096]:.2f} us",
+        )
+    )
+    out.append(
+        _target("native shm vs naive, 4 KiB, world size 2", "speedup (x)", sp[4096], 150.0, small)
+    )
+    sizes = sorted(t)
+    ratio = max(max(t[a], t[b]) / min(t[a], t[b]) for a, b in itertools.pairwise(sizes))
+    out.append(
+        _target(
+            "native shm 1-256 KiB: largest median ratio between neighbouring sizes",
+            "ratio",
+            ratio,
+            1.5,
+            small,
+            lower_is_better=True,
+            detail="medians (us): " + ", ".join(f"{s // 1024}K {t[s]:.1f}" for s in sizes),
+        )
+    )
+    worst = max(sizes, key=lambda s: p90[s] / t[s])
+    out.append(
+        _target(
+            "native shm 1-256 KiB: largest p90 / median",
+            "ratio",
+            p90[worst] / t[worst],
+            3.0,
+            small,
+            lower_is_better=True,
+            detail=f"at {worst // 1024} KiB",
+        )
+    )
+    big = [
+        *NATIVE_BENCH,
+        *bind,
+        "bench.min_bytes=16777216",
+        "bench.max_bytes=16777216",
+        "bench.iters=5",
+    ]
+    runs = [_run("experiments.bench", big, work) for _ in range(repeats)]
+    size = 16 << 20
+    out.append(
+        _target(
+            "native shm busbw / one core's copy bandwidth, 16 MiB, world size 2",
+            "fraction",
+            _median_rows(runs, "busbw_of_memcpy")[size],
+            0.5,
+            big,
+            detail=f"busbw {_median_rows(runs, 'busbw_gbps')[size]:.2f} GB/s, copy "
+            f"{_median_rows(runs, 'memcpy_gbps')[size]:.2f} GB/s",
+        )
+    )
+    quiet = _decode("tiny", cpu_bind, 0)
+    cmd = ["python -m experiments.targets --only native  # tiny preset, TP 2, 4 x 32 tokens"]
+    out.append(
+        _target(
+            "native shm vs no communication: decode tok/s, tiny, TP 2",
+            "fraction",
+            quiet["shm"] / quiet["none"],
+            0.95,
+            cmd,
+            detail=", ".join(f"{n} {v:.0f} tok/s" for n, v in quiet.items()),
+        )
+    )
+    loaded = [
+        *small[:-3],
+        "bench.min_bytes=4096",
+        "bench.max_bytes=4096",
+        "bench.background_load=1",
+    ]
+    run = _run("experiments.bench", loaded, work)["size_results"][0]
+    nat, pyt = run["times_us"]["shm"], run["times_us"]["shm:impl=python"]
+    out.append(
+        _target(
+            "one busy background process: native / Python shm time, 4 KiB",
+            "ratio",
+            nat / pyt,
+            1.0,
+            loaded,
+            lower_is_better=True,
+            detail=f"native {nat:.1f} us, Python {pyt:.1f} us",
+        )
+    )
+    busy = _decode("small", cpu_bind, 1, rounds=3)
+    out.append(
+        _target(
+            "one busy background process: native / Python shm decode tok/s, small, TP 2",
+            "ratio",
+            busy["shm"] / busy["shm:impl=python"],
+            1.0,
+            ["python -m experiments.targets --only native  # small preset, 1 busy process"],
+            detail=", ".join(f"{n} {v:.1f} tok/s" for n, v in busy.items()),
+        )
+    )
+    return out
+
+
 def _bound(runs: list[dict[str, Any]]) -> float:
     """Speedup over these naive runs if communication cost nothing: decode / (decode - comm)."""
     r = statistics.median(x["exposed_comm_share"] for x in runs)
@@ -331,21 +522,34 @@ def to_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SECTIONS = {"bench": bench_targets, "infer": infer_targets, "native": native_targets}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="results/cpu_targets")
-    ap.add_argument("--only", choices=["bench", "infer"], default=None)
+    ap.add_argument("--only", choices=list(SECTIONS), default=None)
+    ap.add_argument("--cpu-bind", default="none", help="parallel.cpu_bind of the native runs")
     a = ap.parse_args(argv)
+    out = Path(a.out)
+    old = (
+        json.loads(out.with_suffix(".json").read_text())
+        if out.with_suffix(".json").exists()
+        else {}
+    )
     with tempfile.TemporaryDirectory(prefix="commlab-targets-") as tmp:
         work = Path(tmp)
         targets = []
-        if a.only in (None, "bench"):
-            targets += bench_targets(a.repeats, work)
-        if a.only in (None, "infer"):
-            targets += infer_targets(a.repeats, work)
-    data = {"machine": machine(), "repeats": a.repeats, "targets": targets}
-    out = Path(a.out)
+        for section in SECTIONS if a.only is None else [a.only]:
+            if section == "native":
+                got = native_targets(a.repeats, work, a.cpu_bind)
+            else:
+                got = SECTIONS[section](a.repeats, work)
+            targets += [{**t, "section": section} for t in got]
+    ran = {t["section"] for t in targets}  # the other sections' figures are kept as they were
+    kept = [t for t in old.get("targets", []) if t.get("section", "issue 5") not in ran]
+    data = {**old, "machine": machine(), "repeats": a.repeats, "targets": kept + targets}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
     out.with_suffix(".md").write_text(to_markdown(data))

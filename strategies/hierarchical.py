@@ -35,7 +35,7 @@ from framework import HOST_OR_NCCL, Algorithm, CommError, register_strategy
 from framework.comm.env import ranks_per_node_from_env
 from framework.comm.groups import acquire_group, release_group
 from framework.comm.library import library_all_gather, library_reduce_scatter
-from framework.comm.shm import shm_segment_for
+from framework.comm.shm import shm_native, shm_segment_for
 
 INTRA = ("library", "shm")
 
@@ -92,8 +92,8 @@ class Hierarchical(Algorithm):
         self.rail_group = mine.get(tuple(my_rail))
         self.segment = None
         if intra == "shm" and self.node_group is not None:  # only a node's members set it up
-            self.segment = shm_segment_for(
-                self.node_group, self.backend, chunk_bytes, self.timeout_s
+            self.segment = shm_segment_for(  # the native path when it is built
+                self.node_group, self.backend, chunk_bytes, self.timeout_s, shm_native is not None
             )
         self.stats.extra["shm"] = float(self.segment is not None)
 

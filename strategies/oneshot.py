@@ -4,8 +4,9 @@ One latency step (the all-gather) instead of two-shot's two, at the price of eve
 receiving p - 1 whole inputs: the kind of all-reduce vLLM, SGLang and TensorRT-LLM take for
 small messages (their custom one-shot kernels, and vLLM's CPU shared-memory all-reduce). The
 gather is ``inner``'s (default ``naive``: the library's all-gather; ``inner=shm`` gathers
-through shared memory). Summation order is rank order per element (input 0 + input 1 + ...),
-so every rank computes the same bits without a broadcast.
+through shared memory). Summation order is rank order per element (input 0 + input 1 + ...;
+16-bit floats in float32, rounded once: :mod:`framework.comm.reduction`), so every rank
+computes the same bits without a broadcast.
 
 Devices: those of ``inner``.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from framework import Composed, register_strategy
+from framework.comm.reduction import sum_rank_order
 
 
 @register_strategy("oneshot")
@@ -31,7 +33,4 @@ class OneShot(Composed):
         flat = x.view(-1)
         gathered = flat.new_empty(p * flat.numel())
         self.inner_op("all_gather", flat, gathered)
-        rows = gathered.view(p, -1)
-        flat.copy_(rows[0])
-        for j in range(1, p):
-            flat.add_(rows[j])
+        sum_rank_order(list(gathered.view(p, -1)), flat)

@@ -63,6 +63,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import mmap
 import os
 import platform
@@ -78,6 +79,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 from framework.comm.communicator import CommError
+from framework.comm.reduction import sum_rank_order
+
+NATIVE_MISSING = (
+    "the native shm extension (framework/comm/_shm_native.c) is not built; reinstall commlab "
+    "on a host with a C compiler"
+)
+try:  # the hot path in C, built by pip when a compiler is there (setup.py; optional)
+    from framework.comm import _shm_native as shm_native
+except ImportError as e:  # pragma: no cover - depends on the install
+    shm_native = None
+    NATIVE_MISSING += f" ({e})"
+IMPLS = ("auto", "native", "python")
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "commlab-shm-"
@@ -149,8 +162,13 @@ _DTYPE_CODE = {dt: i + 1 for i, dt in enumerate(_DTYPES)}
 def _fingerprint(op: int, x: Tensor, root: int = 0) -> int:
     """(op, root, dtype, element count) in one int64, published with each round; the low 8
     bits are left for the round number (:meth:`ShmSegment._arrive` adds it)."""
-    code = _DTYPE_CODE.get(x.dtype, 0)
-    return (op << 60) | ((root & 0x3F) << 54) | (code << 48) | ((x.numel() & (2**40 - 1)) << 8)
+    return _fingerprint_of(op, x.dtype, x.numel(), root)
+
+
+@functools.lru_cache(maxsize=512)
+def _fingerprint_of(op: int, dtype: torch.dtype, numel: int, root: int) -> int:
+    code = _DTYPE_CODE.get(dtype, 0)
+    return (op << 60) | ((root & 0x3F) << 54) | (code << 48) | ((numel & (2**40 - 1)) << 8)
 
 
 def _describe(fp: int) -> str:
@@ -277,7 +295,9 @@ class ShmSegment:
     bytes per rank bound the segment at (p + 1) * capacity; larger messages go in chunks.
     """
 
-    def __init__(self, group: dist.ProcessGroup, capacity: int, timeout_s: float) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup, capacity: int, timeout_s: float, native: bool = False
+    ) -> None:
         why = shm_supported()
         if why is not None:
             raise ShmError(f"shared-memory transport unavailable: {why}")
@@ -319,6 +339,14 @@ class ShmSegment:
         self._data = torch.frombuffer(
             self._mm, dtype=torch.uint8, offset=head, count=(p + 1) * capacity
         )
+        self._native = None  # the C module's handle on this segment (same layout, same rounds)
+        if native:
+            if shm_native is None:
+                raise ShmError(NATIVE_MISSING)
+            base = self._data.data_ptr() - head
+            self._native = shm_native.open(
+                base + head, base, base + 8 * self._pids_at, p, self.rank, capacity
+            )
         dist.barrier(group=group)  # pids are written
 
     # -- collectives ------------------------------------------------------------------------
@@ -333,8 +361,11 @@ class ShmSegment:
         if self.world_size == 1:
             return
         self._begin(deadline)
-        self._settle()
         fp = _fingerprint(_OP_ALL_REDUCE, x)
+        if self._native is not None and self._native_takes(x):
+            self._run_native(_OP_ALL_REDUCE, x, x, fp)
+            return
+        self._settle()
         plan = self._plan(x)
         if plan is not None:  # fits in one chunk: the hot path of TP decode, views cached
             mine, parts, out, result = plan
@@ -361,6 +392,9 @@ class ShmSegment:
             return
         self._begin(deadline)
         fp = _fingerprint(_OP_ONESHOT, x)
+        if self._native is not None and self._native_takes(x):
+            self._run_native(_OP_ONESHOT, x, x, fp)
+            return
         half = self.capacity // 2 // x.element_size()
         flat = x.view(-1)
         for lo in range(0, flat.numel(), half):
@@ -370,9 +404,7 @@ class ShmSegment:
             seg = flat[lo : lo + c]
             mine.copy_(seg)
             self._arrive(_ARRIVED, g, fp=fp)
-            torch.add(slots[0], slots[1], out=seg)  # this rank's slot holds its own copy
-            for slot in slots[2:]:
-                seg.add_(slot)
+            sum_rank_order(slots, seg)  # this rank's slot holds its own copy
             self._unsettled = g
 
     def _oneshot_views(self, dtype: torch.dtype, m: int, parity: int) -> tuple:
@@ -407,8 +439,11 @@ class ShmSegment:
             out.copy_(x.view_as(out))
             return
         self._begin(deadline)
-        self._settle()
         fp = _fingerprint(_OP_REDUCE_SCATTER, x)
+        if self._native is not None and self._native_takes(x, out):
+            self._run_native(_OP_REDUCE_SCATTER, x, out, fp)
+            return
+        self._settle()
         q = x.numel() // p
         parts, mine = x.view(p, q), out.view(-1)
         cap = self.capacity // x.element_size()
@@ -419,10 +454,7 @@ class ShmSegment:
             g = self._round = self._round + 1
             slots[r, : p * c].view(p, c).copy_(parts[:, lo : lo + c])
             self._arrive(_ARRIVED, g, fp=fp)
-            seg = mine[lo : lo + c]
-            torch.add(slots[0, r * c : (r + 1) * c], slots[1, r * c : (r + 1) * c], out=seg)
-            for j in range(2, p):
-                seg.add_(slots[j, r * c : (r + 1) * c])
+            sum_rank_order([slots[j, r * c : (r + 1) * c] for j in range(p)], mine[lo : lo + c])
             self._arrive(_REDUCED, g)
 
     def all_gather_(self, x: Tensor, out: Tensor, deadline: float | None = None) -> None:
@@ -436,8 +468,11 @@ class ShmSegment:
             out.view(-1).copy_(flat)
             return
         self._begin(deadline)
-        self._settle()
         fp = _fingerprint(_OP_ALL_GATHER, x)
+        if self._native is not None and self._native_takes(x, out):
+            self._run_native(_OP_ALL_GATHER, x, out, fp)
+            return
+        self._settle()
         blocks = out.view(p, n)
         cap = self.capacity // x.element_size()
         slots = self._data.view(x.dtype).view(p + 1, cap)
@@ -493,9 +528,7 @@ class ShmSegment:
         self._arrive(_ARRIVED, g, fp=fp)
         a, b = rows * r // p * d, rows * (r + 1) // p * d
         mine = slots[p, a:b]  # my rows of the new residual, in the result area
-        torch.add(slots[0, a:b], slots[1, a:b], out=mine)
-        for j in range(2, p):
-            mine.add_(slots[j, a:b])
+        sum_rank_order([slots[j, a:b] for j in range(p)], mine)
         mine.add_(residual.view(-1)[a:b])
         slots[p, m + a : m + b].copy_(norm(mine.view(-1, d)).view(-1))
         self._arrive(_REDUCED, g)
@@ -548,9 +581,7 @@ class ShmSegment:
         mine.copy_(x)
         self._arrive(_ARRIVED, g, fp=fp)
         if parts:
-            torch.add(parts[0], parts[1], out=out)
-            for part in parts[2:]:
-                out.add_(part)
+            sum_rank_order(parts, out)
         self._arrive(_REDUCED, g)
         x.copy_(result)
 
@@ -572,10 +603,7 @@ class ShmSegment:
         self._arrive(_ARRIVED, g, fp=fp)
         own = x[a:b]
         if parts:
-            terms = [own if j == r else part for j, part in enumerate(parts)]
-            torch.add(terms[0], terms[1], out=out)
-            for term in terms[2:]:
-                out.add_(term)
+            sum_rank_order([own if j == r else part for j, part in enumerate(parts)], out)
             own.copy_(out)
         self._arrive(_REDUCED, g)
         x[:a].copy_(result[:a])
@@ -634,6 +662,7 @@ class ShmSegment:
         """Unmap. Safe to call twice; the segment disappears when the last rank unmaps it."""
         if self._mm is None:
             return
+        self._native = None  # points into the mapping: dropped before it goes
         self._plans.clear()
         self._close_stat_fds()
         self._data = None
@@ -643,6 +672,42 @@ class ShmSegment:
         self._mm = None
 
     # -- internals --------------------------------------------------------------------------
+    @staticmethod
+    def _native_takes(x: Tensor, out: Tensor | None = None) -> bool:
+        """Whether the C path runs this call: contiguous tensors of a dtype it sums."""
+        return x.dtype in _DTYPE_CODE and x.is_contiguous() and (out is None or out.is_contiguous())
+
+    def _run_native(self, op: int, x: Tensor, out: Tensor, fp: int) -> None:
+        """One collective in C, GIL released: the same rounds, counters and bits as the
+        Python path, so the two may alternate on one segment (the fused ops stay Python)."""
+        try:
+            self._round, unsettled = shm_native.run(
+                self._native,
+                op,
+                x.data_ptr(),
+                out.data_ptr(),
+                x.numel(),
+                _DTYPE_CODE[x.dtype],
+                fp,
+                self._round,
+                self._unsettled or 0,
+                self._deadline,
+            )
+        except shm_native.ShmNativeError as e:
+            self._native_failed(*e.args)
+        self._unsettled = unsettled or None
+
+    def _native_failed(self, kind: str, phase: int, g: int) -> None:
+        """Word the C path's failure as the Python path does, from the segment's state."""
+        if kind == "disagree":
+            seen = [self._flags[self._flag(phase, j) + 1] for j in range(self.world_size)]
+            desc = "; ".join(f"rank {j}: {_describe(f)}" for j, f in enumerate(seen))
+            self._broken = f"ranks disagree on the collective of round {g}: {desc}"
+        else:
+            self._check_peers(phase, g)  # raises, naming the dead or late ranks
+            self._broken = f"{kind} at round {g}"  # the late rank arrived since
+        raise ShmError(f"rank {self.rank}: {self._broken}")
+
     def _check(self) -> None:
         if self._broken is not None:
             raise ShmError(f"shared-memory segment unusable after an earlier error: {self._broken}")
@@ -761,7 +826,9 @@ class ShmSegment:
             raise ShmError(f"rank {self.rank}: {self._broken}")
 
 
-def shm_segment_for(group, backend: str, chunk_bytes: int, timeout_s: float) -> ShmSegment | None:
+def shm_segment_for(
+    group, backend: str, chunk_bytes: int, timeout_s: float, native: bool = False
+) -> ShmSegment | None:
     """A segment over ``group`` if all its ranks share this host's memory, else ``None``.
 
     Collective over ``group``. The decision is taken from every rank's answer, so all ranks
@@ -773,4 +840,26 @@ def shm_segment_for(group, backend: str, chunk_bytes: int, timeout_s: float) -> 
     dist.all_gather_object(everyone, mine, group=group)
     if not all(ok_j and h == everyone[0][0] for h, ok_j in everyone):
         return None
-    return ShmSegment(group, chunk_bytes, timeout_s)
+    return ShmSegment(group, chunk_bytes, timeout_s, native)
+
+
+def round_trip_s(group, repeats: int = 5, iters: int = 20000) -> float | None:
+    """Seconds per cache-line round trip between ranks 0 and 1 of ``group`` (the median of
+    ``repeats`` runs of ``iters``): the floor under any exchange through shared memory. Each
+    of the two bounces a counter through its own line of a fresh segment, in native code (in
+    Python, the interpreter would be what is measured). None with one rank, ranks on several
+    hosts, or no native extension. Collective over ``group``."""
+    ok = shm_native is not None and dist.get_world_size(group) > 1
+    seg = shm_segment_for(group, dist.get_backend(group), 4096, 30.0, native=True) if ok else None
+    if seg is None:
+        return None
+    try:
+        times = []
+        for _ in range(repeats):
+            dist.barrier(group=group)
+            times.append(shm_native.round_trip(seg._native, iters, time.monotonic() + 30.0))
+    finally:
+        seg.close()
+    mine = [sorted(times)[len(times) // 2]]  # rank 0's figure, on every rank
+    dist.broadcast_object_list(mine, src=dist.get_global_rank(group, 0), group=group)
+    return mine[0]

@@ -32,6 +32,7 @@ from torch.multiprocessing.spawn import ProcessException
 from framework.comm.env import is_rank_zero, launched_externally, ranks_per_node_from_env
 from framework.comm.groups import forget_groups
 from framework.run import lifeline
+from framework.run.binding import bind_rank
 from framework.run.faults import RankFailure
 from framework.run.spec import ConfigError, ParallelSpec, resolve_backend, resolve_device
 
@@ -128,6 +129,7 @@ def launch_ranks(
     if external:
         fabric = fabric_with(DDPStrategy(start_method="popen", **common))
         fabric.launch()
+        bind_rank(parallel.cpu_bind, fabric.global_rank)
         return fn(fabric, *args)
     # Inside a joblib (loky) worker the process-wide start method is "loky", which the
     # spawned ranks cannot resolve when they unpickle their preparation data.
@@ -143,7 +145,7 @@ def launch_ranks(
     os.environ[lifeline.ENV] = str(os.getpid())  # the ranks spawned now follow this process
     try:
         with _gloo_on_loopback():
-            return fabric.launch(_and_teardown, fn, *args)
+            return fabric.launch(_and_teardown, parallel.cpu_bind, fn, *args)
     except ProcessException as e:  # one rank died or raised; the others were terminated
         raise RankFailure(_failure_message(e)) from None
     finally:
@@ -201,8 +203,9 @@ def _failure_message(e: ProcessException) -> str:
     return f"rank {e.error_index} (pid {e.error_pid}) {how}\n{detail[-4000:]}"
 
 
-def _and_teardown(fabric: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn`` on a spawned rank, then tear the process groups down before it exits.
+def _and_teardown(fabric: Any, cpu_bind: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Pin the spawned rank (``parallel.cpu_bind``), run ``fn`` on it, then tear the process
+    groups down before it exits.
 
     A spawned rank that exits with live gloo groups sometimes dies in the interpreter's
     shutdown with "terminate called without an active exception" (SIGABRT) after its work
@@ -211,6 +214,7 @@ def _and_teardown(fabric: Any, fn: Callable[..., Any], *args: Any) -> Any:
     stopped by the launcher, a barrier could only wait for the timeout).
     """
     lifeline.follow_parent()  # torch armed SIGINT; make it SIGKILL, and check again
+    bind_rank(cpu_bind, fabric.global_rank)
     out = fn(fabric, *args)
     if dist.is_initialized():
         dist.barrier()

@@ -61,6 +61,9 @@ class SweepSpec:
     many_small: int = 0  # > 0: a burst of this many tensors per iteration, all issued first
     rounds: int = 1  # passes over the communicators, interleaved so drift hits each alike
     memcpy: bool = False  # also time one core copying each size (the memory limit)
+    # also measure the host's cache-line round trip between ranks 0 and 1 (shared memory,
+    # native code) and each size's copy time: the limit every time is reported against
+    limits: bool = False
     # all_reduce | reduce_scatter | all_gather; a size is the whole buffer, as in nccl-tests:
     # the reduce-scatter's input, the all-gather's output (each rank sends size / p)
     op: str = "all_reduce"
@@ -200,6 +203,16 @@ def memcpy_times(nbytes: int, iters: int, device: torch.device) -> list[float]:
     return times
 
 
+def round_trip_s(repeats: int = 5, iters: int = 20000) -> float | None:
+    """This host's cache-line round trip between ranks 0 and 1 of the default group: the
+    median of ``repeats`` ping-pongs of ``iters`` round trips each through a shared-memory
+    segment, in native code (:func:`framework.comm.shm.round_trip_s`). None where it cannot be
+    measured (one rank, no shared memory, the native extension not built). Collective."""
+    from framework.comm.shm import round_trip_s as measure
+
+    return measure(dist.group.WORLD, repeats, iters)
+
+
 def sweep(
     comms: list[Any],
     spec: SweepSpec,
@@ -225,6 +238,8 @@ def sweep(
     rows: list[dict[str, Any]] = []
     stats: list[dict[str, Any]] = []
     op = spec.op
+    round_trip = round_trip_s() if spec.limits and not cuda else None
+    memcpy = spec.memcpy or round_trip is not None
     for size in spec.sizes:
         count = size // elem
         if op != "all_reduce":  # the whole buffer splits into p equal parts
@@ -263,6 +278,7 @@ def sweep(
             "type": str(spec.dtype).removeprefix("torch."),
             "redop": "none" if op == "all_gather" else "sum",  # as nccl-tests prints
             "time_us": round(med * 1e6, 3),
+            "p90_us": round(sorted(slowest[0])[int(0.9 * (len(slowest[0]) - 1))] * 1e6, 3),
             "algbw_gbps": _sig(algbw),
             "busbw_gbps": _sig(busbw_gbps(world, nbytes * k, med, op)),
             "wrong": _count_wrong(comms, xs, saved, world, device, op),
@@ -281,10 +297,15 @@ def sweep(
             base = statistics.median(slowest[1])
             row["baseline_time_us"] = round(base * 1e6, 3)
             row["speedup"] = _sig(base / med) if med > 0 else float("nan")
-        if spec.memcpy:  # rank 0 alone, the others idle: one core's copy bandwidth
+        if memcpy:  # rank 0 alone, the others idle: one core's copy bandwidth
             mem = memcpy_times(nbytes * k, n_iter, device) if rank == 0 else [0.0] * n_iter
-            row["memcpy_gbps"] = _sig(nbytes * k / slowest_rank_median(mem, device) / 1e9)
+            copy_s = slowest_rank_median(mem, device)
+            row["memcpy_gbps"] = _sig(nbytes * k / copy_s / 1e9)
             row["busbw_of_memcpy"] = _sig(row["busbw_gbps"] / row["memcpy_gbps"])
+            if round_trip is not None:  # the limit: one round trip plus copying the bytes once
+                row["round_trip_us"] = round(round_trip * 1e6, 3)
+                row["limit_us"] = round((round_trip + copy_s) * 1e6, 3)
+                row["of_limit"] = _sig(med / (round_trip + copy_s))
         rows.append(row)
     return {"rows": rows, "comm_stats": stats}
 

@@ -16,6 +16,7 @@ import torch
 
 from framework.comm.registry import available_strategies, get_strategy, parse_strategy
 from framework.model import ModelConfig, get_config
+from framework.run.binding import cpu_bind_problem
 from framework.run.faults import KINDS, FaultSpec
 
 
@@ -75,6 +76,8 @@ class ParallelSpec:
     # all-reduce) in every forward of at least sp_min_tokens tokens (batch x new tokens)
     sequence_parallel: bool = False
     sp_min_tokens: int = 0
+    # pin each rank's threads to cores: none | spread | "0;1" (framework.run.binding)
+    cpu_bind: str = "none"
 
 
 @dataclass
@@ -247,6 +250,9 @@ def parallel_problems(p: ParallelSpec) -> list[str]:
         problems.append(f"parallel.threads_per_rank must be >= 1, got {p.threads_per_rank}")
     if p.sp_min_tokens < 0:
         problems.append(f"parallel.sp_min_tokens must be >= 0, got {p.sp_min_tokens}")
+    bind = cpu_bind_problem(p.cpu_bind, p.world_size)
+    if bind is not None:
+        problems.append(bind)
     backend = resolve_backend(p)
     if backend not in ("gloo", "nccl"):
         problems.append(f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")

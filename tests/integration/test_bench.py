@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, as_torchrun_rank, compose_config, first_only
 from hydra.errors import MissingConfigException
 
+from framework.comm.shm import shm_native
 from framework.run.spec import ConfigError
 
 COLUMNS = [
@@ -22,6 +23,7 @@ COLUMNS = [
     "type",
     "redop",
     "time_us",
+    "p90_us",
     "algbw_gbps",
     "busbw_gbps",
     "wrong",
@@ -35,6 +37,9 @@ COLUMNS = [
     "speedup",
     "memcpy_gbps",
     "busbw_of_memcpy",
+    "round_trip_us",
+    "limit_us",
+    "of_limit",
 ]
 SMALL = [
     "parallel.world_size=2",
@@ -80,7 +85,7 @@ def check_rows(rows: list[dict[str, str]], strategy: str, mode: str, tensors: in
         assert int(r["count"]) == size // 4
         assert (r["type"], r["redop"]) == ("float32", "sum")
         assert int(r["wrong"]) == 0
-        assert time_us > 0
+        assert 0 < time_us <= float(r["p90_us"])
         # algbw: bytes reduced per iteration (the whole burst) / time; GB/s = 1e3 B/us
         assert algbw == pytest.approx(max(tensors, 1) * size / time_us / 1e3, rel=1e-4)
         assert busbw == pytest.approx(algbw * 2 * (n - 1) / n, rel=1e-4)
@@ -168,6 +173,11 @@ def test_baseline_memcpy_and_profile(tmp_path: Path) -> None:
         assert float(r["busbw_of_memcpy"]) == pytest.approx(
             float(r["busbw_gbps"]) / float(r["memcpy_gbps"]), rel=1e-3
         )
+        if shm_native is not None:  # the limit: a measured round trip plus the copy time
+            assert 0 < float(r["round_trip_us"]) < float(r["limit_us"])
+            assert float(r["of_limit"]) == pytest.approx(
+                float(r["time_us"]) / float(r["limit_us"]), rel=2e-3
+            )
     for rank in (0, 1):  # Chrome traces with commlab's spans next to the aten ops
         trace = json.loads((tmp_path / f"trace-rank{rank}.json").read_text())
         names = {e.get("name") for e in trace["traceEvents"]}

@@ -66,8 +66,8 @@ def _built_with_failing(strategy: str, **options):
 
 
 # -- 1. desynchronised programs over shm -------------------------------------------------------
-def _shm_desync(via: str) -> str:
-    opts = {"intra": "shm", "ranks_per_node": 2} if via == "hierarchical" else {}
+def _shm_desync(via: str, impl: str) -> str:
+    opts = {"intra": "shm", "ranks_per_node": 2} if via == "hierarchical" else {"impl": impl}
     comm = build_communicator(via, timeout_s=5, **opts)
     n = 16 if dist.get_rank() == 0 else 32
     try:
@@ -79,9 +79,11 @@ def _shm_desync(via: str) -> str:
     return "no error"
 
 
-@pytest.mark.parametrize("via", first_only(["shm", "hierarchical"]))
-def test_shm_desync_is_an_error_on_every_rank(pools, via: str) -> None:
-    errors = pools(2).run(_shm_desync, via)
+@pytest.mark.parametrize(
+    "via, impl", first_only([("shm", "native"), ("shm", "python"), ("hierarchical", "auto")])
+)
+def test_shm_desync_is_an_error_on_every_rank(pools, via: str, impl: str) -> None:
+    errors = pools(2).run(_shm_desync, via, impl)
     for rank, err in enumerate(errors):
         assert "ranks disagree" in err, f"rank {rank}: {err}"
         assert "rank 0: all_reduce of 16 float32" in err and "rank 1: all_reduce of 32" in err
@@ -171,8 +173,9 @@ def test_overlapping_inputs_in_flight_are_refused(pools, name: str) -> None:
 
 
 # -- 6. one timeout, set once, for everything a communicator owns -----------------------------
-def _late_peer() -> dict:
-    comm = build_communicator("async_overlap", inner="shm", timeout_s=1.0)
+def _late_peer(impl: str) -> dict:
+    opts = {"inner_options": {"impl": impl}}
+    comm = build_communicator("async_overlap", inner="shm", timeout_s=1.0, **opts)
     seen = {"inner_timeout": comm.inner.timeout_s, "segment_timeout": comm.inner.segment.timeout_s}
     if dist.get_rank() == 1:
         time.sleep(2.0)  # two timeouts late
@@ -187,26 +190,28 @@ def _late_peer() -> dict:
     return seen
 
 
-def test_a_schedules_timeout_governs_its_shm_segment(pools) -> None:
-    r0, r1 = pools(2).run(_late_peer)
+@pytest.mark.parametrize("impl", first_only(["native", "python"]))
+def test_a_schedules_timeout_governs_its_shm_segment(pools, impl: str) -> None:
+    r0, r1 = pools(2).run(_late_peer, impl)
     assert r0["inner_timeout"] == r0["segment_timeout"] == 1.0
     assert "timed out" in r0["error"] and r0["elapsed"] < 1.8, r0  # 1 s + check interval
     assert r1["error"], "the late rank must fail too, not hang"
 
 
 # -- 12. the chunked path sums in rank order ---------------------------------------------------
-def _chunked_vs_whole() -> bool:
+def _chunked_vs_whole(impl: str) -> bool:
     x = torch.randn(3000, generator=torch.Generator().manual_seed(dist.get_rank()))
     out = []
     for chunk in (1 << 20, 1000):
-        comm = build_communicator("shm", chunk_bytes=chunk)
+        comm = build_communicator("shm", chunk_bytes=chunk, impl=impl)
         out.append(comm.all_reduce(x.clone()).wait())
         comm.close()
     return torch.equal(out[0], out[1])
 
 
-def test_shm_float_sums_do_not_depend_on_chunk_bytes(pools) -> None:
-    assert pools(3).run(_chunked_vs_whole) == [True] * 3
+@pytest.mark.parametrize("impl", first_only(["native", "python"]))
+def test_shm_float_sums_do_not_depend_on_chunk_bytes(pools, impl: str) -> None:
+    assert pools(3).run(_chunked_vs_whole, impl) == [True] * 3
 
 
 # -- 10. a /dev/shm too small for the segment -----------------------------------------------

@@ -121,11 +121,11 @@ def test_stale_segment_removed_and_live_segment_unnamed(pools) -> None:
     )
 
 
-def _peer_failure(kind: str) -> str:
+def _peer_failure(kind: str, native: bool) -> str:
     from framework.comm.shm import ShmError, ShmSegment
 
     group = dist.new_group([0, 1])
-    seg = ShmSegment(group, 4096, timeout_s=1.0)
+    seg = ShmSegment(group, 4096, timeout_s=1.0, native=native)
     try:
         if dist.get_rank() == 1:
             if kind == "dead":  # pretend rank 1 died: its pid in the segment is a dead one
@@ -143,14 +143,19 @@ def _peer_failure(kind: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("kind", "message"),
-    [
-        ("dead", "rank 0: rank(s) [1] (pid ["),
-        ("slow", "rank 0: timed out after"),
-    ],
+    ("kind", "message", "native"),
+    first_only(
+        [
+            ("dead", "rank 0: rank(s) [1] (pid [", True),
+            ("slow", "rank 0: timed out after", True),
+            ("dead", "rank 0: rank(s) [1] (pid [", False),
+            ("slow", "rank 0: timed out after", False),
+        ],
+        2,
+    ),
 )
-def test_missing_peer_is_an_error_naming_it(pools, kind: str, message: str) -> None:
-    err = pools(2).run(_peer_failure, kind)[0]
+def test_missing_peer_is_an_error_naming_it(pools, kind: str, message: str, native: bool) -> None:
+    err = pools(2).run(_peer_failure, kind, native)[0]
     assert message in err and "round 1" in err, err
 
 

@@ -10,8 +10,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import torch
 import torch.distributed as dist
+from conftest import first_only
 
 from framework import CommError, build_communicator, register_strategy
 from strategies.naive import Naive
@@ -77,10 +79,10 @@ def test_every_operation_gets_its_own_clock_in_quantized_over_shm(pools) -> None
         assert r["elapsed"] > 0.5, "the run must outlast one timeout for the test to mean much"
 
 
-def _check_peers_when_every_rank_arrived() -> str:
+def _check_peers_when_every_rank_arrived(native: bool) -> str:
     from framework.comm.shm import ShmSegment
 
-    seg = ShmSegment(dist.group.WORLD, 4096, timeout_s=0.1)
+    seg = ShmSegment(dist.group.WORLD, 4096, timeout_s=0.1, native=native)
     try:
         seg.all_reduce_(torch.ones(4))  # round 1: every counter reaches 1
         dist.barrier()
@@ -93,8 +95,9 @@ def _check_peers_when_every_rank_arrived() -> str:
         seg.close()
 
 
-def test_shm_never_times_out_with_no_rank_behind(pools) -> None:
-    assert pools(2).run(_check_peers_when_every_rank_arrived) == ["ok", "ok"]
+@pytest.mark.parametrize("native", first_only([True, False]))
+def test_shm_never_times_out_with_no_rank_behind(pools, native: bool) -> None:
+    assert pools(2).run(_check_peers_when_every_rank_arrived, native) == ["ok", "ok"]
 
 
 # -- fault 8: a composition over the library took up to twice timeout_s -------------------------
