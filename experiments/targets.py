@@ -310,14 +310,14 @@ def _decode_rates(
             c.close()
 
 
-def _decode(preset: str, cpu_bind: str, load: int, rounds: int = 5) -> dict[str, float]:
+def _decode(preset: str, cpu_bind: str, load: int, rounds: int = 10) -> dict[str, float]:
     from framework.run.launch import launch_ranks
     from framework.run.measure import background_load
     from framework.run.spec import ParallelSpec
 
     parallel = ParallelSpec(world_size=2, backend="gloo", device="cpu", cpu_bind=cpu_bind)
     with background_load(load):
-        rates = launch_ranks(_decode_rates, parallel, preset, 4, 32, rounds)
+        rates = launch_ranks(_decode_rates, parallel, preset, 4, 64, rounds)
     return {n: statistics.median(r) for n, r in rates.items()}
 
 
@@ -402,14 +402,15 @@ def native_targets(repeats: int, work: Path, cpu_bind: str) -> list[dict[str, An
         )
     )
     quiet = _decode("tiny", cpu_bind, 0)
-    cmd = ["python -m experiments.targets --only native  # tiny preset, TP 2, 4 x 32 tokens"]
+    cmd = "python -m experiments.targets --only native  # tiny, TP 2, 4 x 64 tokens, 10 rounds"
     out.append(
         _target(
             "native shm vs no communication: decode tok/s, tiny, TP 2",
             "fraction",
             quiet["shm"] / quiet["none"],
             0.95,
-            cmd,
+            [],
+            command=cmd,
             detail=", ".join(f"{n} {v:.0f} tok/s" for n, v in quiet.items()),
         )
     )
@@ -432,14 +433,15 @@ def native_targets(repeats: int, work: Path, cpu_bind: str) -> list[dict[str, An
             detail=f"native {nat:.1f} us, Python {pyt:.1f} us",
         )
     )
-    busy = _decode("small", cpu_bind, 1, rounds=3)
+    busy = _decode("small", cpu_bind, 1, rounds=4)
     out.append(
         _target(
             "one busy background process: native / Python shm decode tok/s, small, TP 2",
             "ratio",
             busy["shm"] / busy["shm:impl=python"],
             1.0,
-            ["python -m experiments.targets --only native  # small preset, 1 busy process"],
+            [],
+            command="python -m experiments.targets --only native  # small, 1 busy process",
             detail=", ".join(f"{n} {v:.1f} tok/s" for n, v in busy.items()),
         )
     )
@@ -461,9 +463,11 @@ def _target(
     *,
     lower_is_better: bool = False,
     detail: str = "",
+    command: str = "",
 ) -> dict[str, Any]:
     met = value <= need if lower_is_better else value >= need
     module = "infer" if any(a.startswith("model=") for a in args) else "bench"
+    command = command or f"python -m experiments.{module} {' '.join(args)}"
     return {
         "target": what,
         "unit": unit,
@@ -471,18 +475,19 @@ def _target(
         "required": f"{'<=' if lower_is_better else '>='} {need}",
         "met": met,
         "detail": detail,
-        "command": f"python -m experiments.{module} {' '.join(args)}",
+        "command": command,
     }
 
 
 def to_markdown(data: dict[str, Any]) -> str:
-    m = data["machine"]
-    lines = [
-        "# CPU-host performance targets (issue 5)",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; {m['os']}; Python "
-        f"{m['python']}, torch {m['torch']}; measured {m['date']}.",
-        "",
+    lines = ["# CPU-host performance targets (issues 5 and 25)", ""]
+    for section, m in data["machines"].items():
+        lines += [
+            f"Machine ({section} targets): {m['cpu']}, {m['cores']} cores, {m['memory']}; "
+            f"{m['os']}; Python {m['python']}, torch {m['torch']}; measured {m['date']}.",
+            "",
+        ]
+    lines += [
         f"Each value is the median of {data['repeats']} runs; each bench ratio is measured"
         " inside one run (strategy and baseline interleaved). Regenerate with "
         "`python -m experiments.targets`.",
@@ -549,7 +554,11 @@ def main(argv: list[str] | None = None) -> None:
             targets += [{**t, "section": section} for t in got]
     ran = {t["section"] for t in targets}  # the other sections' figures are kept as they were
     kept = [t for t in old.get("targets", []) if t.get("section", "issue 5") not in ran]
-    data = {**old, "machine": machine(), "repeats": a.repeats, "targets": kept + targets}
+    # the host each section was measured on (the sections not run keep theirs)
+    machines = old.get("machines") or ({"issue 5": old["machine"]} if "machine" in old else {})
+    machines.update({section: machine() for section in ran})
+    data = {**old, "machines": machines, "repeats": a.repeats, "targets": kept + targets}
+    data.pop("machine", None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
     out.with_suffix(".md").write_text(to_markdown(data))

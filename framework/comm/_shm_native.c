@@ -36,6 +36,7 @@
 #define CHECK_S 5e-3            /* how often to check the clock and the peers' pids */
 #define MAX_RANKS 64
 #define ACC_BLOCK 512 /* float32 accumulator block for 16-bit sums */
+#define SUM_BLOCK 16384 /* bytes summed, then copied out, at a time (a multiple of 8) */
 
 enum { OK = 0, ERR_DISAGREE = 1, ERR_DIED = 2, ERR_TIMEOUT = 3 };
 enum { F32 = 1, F64, F16, BF16, I8, U8, I16, I32, I64, BOOL };
@@ -91,8 +92,16 @@ static int alive(pid_t pid) {
     return state != 'Z' && state != 'X';
 }
 
-/* Whether rank j's collective thread is runnable and last ran on this thread's CPU. */
+/* Each rank publishes the CPU its collective thread runs on beside its counter, when it
+ * arrives and while it waits: a waiter learns where its peer is from one shared load instead of
+ * a /proc read (a system call of several microseconds, longer than a whole exchange). */
+static inline void publish_cpu(seg_t *s) { store(line(s, ARRIVED, s->r) + 3, sched_getcpu() + 1); }
+
+/* Whether rank j's collective thread last ran on this thread's CPU: then it waits for this very
+ * CPU (more ranks than free cores). Its /proc stat is read only when it published nothing. */
 static int queued_behind_me(seg_t *s, int j) {
+    int64_t cpu = load(line(s, ARRIVED, j) + 3); /* CPU + 1; 0: never published */
+    if (cpu > 0) return cpu - 1 == sched_getcpu();
     int64_t tid = line(s, ARRIVED, j)[2];
     if (s->stat_tid[j] != tid || s->stat_fd[j] < 0) {
         if (s->stat_fd[j] >= 0) close(s->stat_fd[j]);
@@ -140,12 +149,14 @@ static int wait_for(op_t *op, volatile int64_t *c, int j) {
         __builtin_ia32_pause();
     }
     double t0 = now_s(), last = t0, where = t0;
+    publish_cpu(op->s);
     int queued = queued_behind_me(op->s, j);
     struct timespec nap = {0, SLEEP_NS};
     while (load(c) < op->g) {
         double now = now_s();
         if (now - where >= WHERE_S) {
             where = now;
+            publish_cpu(op->s);
             queued = queued_behind_me(op->s, j);
         }
         if (queued)
@@ -174,6 +185,7 @@ static int arrive(op_t *op, int phase, int64_t g, int only, int64_t fp) {
         fp |= g & 0xFF;
         store(me + 1, fp); /* before the counter: a peer that sees g sees this too */
     }
+    if (phase == ARRIVED) publish_cpu(s);
     store(me, g);
     for (int j = only < 0 ? 0 : only; j < (only < 0 ? s->p : only + 1); j++) {
         int rc = wait_for(op, line(s, phase, j), j);
@@ -302,10 +314,13 @@ static int all_reduce(op_t *op, char *x, int64_t n, int dtype, int64_t fp, int64
         memcpy(mine + b, seg + b, end - b);
         int rc = arrive(op, ARRIVED, round, -1, fp);
         if (rc) return rc;
-        if (b > a) {
-            for (int j = 0; j < p; j++) terms[j] = j == r ? seg + a : slot(s, j) + a;
-            sum(result + a, terms, p, (b - a) / es);
-            memcpy(seg + a, result + a, b - a);
+        /* my slice, in blocks small enough that the copy into x reads what the sum just
+         * wrote from L1 rather than from memory */
+        for (int64_t lo2 = a; lo2 < b; lo2 += SUM_BLOCK) {
+            int64_t len = b - lo2 < SUM_BLOCK ? b - lo2 : SUM_BLOCK;
+            for (int j = 0; j < p; j++) terms[j] = j == r ? seg + lo2 : slot(s, j) + lo2;
+            sum(result + lo2, terms, p, len / es);
+            memcpy(seg + lo2, result + lo2, len);
         }
         rc = arrive(op, REDUCED, round, -1, 0);
         if (rc) return rc;
@@ -480,19 +495,22 @@ static PyObject *py_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(LL)", (long long)g, (long long)unsettled);
 }
 
-/* round_trip(handle, iterations, deadline) -> seconds per round trip between ranks 0 and 1:
- * each bounces a value through its own cache line in slot 0 / slot 1 (the caller makes sure no
- * collective is using the slots). Other ranks return 0 at once. */
+/* round_trip(handle, start, iterations, deadline) -> seconds per round trip between ranks 0
+ * and 1: each bounces a counter (start + 1, start + 2, ...) through its own cache line in slot
+ * 0 / slot 1. Counters only grow, so a repeat passes the last one's end as its start and no
+ * reset can race with a peer still reading. The caller makes sure no collective is using the
+ * slots. Other ranks return 0 at once. */
 static PyObject *py_round_trip(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "round_trip() takes 3 arguments");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "round_trip() takes 4 arguments");
         return NULL;
     }
     seg_t *s = (seg_t *)PyCapsule_GetPointer(args[0], "commlab.shm");
     if (!s) return NULL;
-    long long iters = PyLong_AsLongLong(args[1]);
-    double deadline = PyFloat_AsDouble(args[2]);
+    long long start = PyLong_AsLongLong(args[1]);
+    long long iters = PyLong_AsLongLong(args[2]);
+    double deadline = PyFloat_AsDouble(args[3]);
     if (PyErr_Occurred()) return NULL;
     if (s->p < 2 || s->r > 1) return PyFloat_FromDouble(0.0);
     volatile int64_t *ping = (volatile int64_t *)slot(s, 0), *pong = (volatile int64_t *)slot(s, 1);
@@ -500,9 +518,8 @@ static PyObject *py_round_trip(PyObject *self, PyObject *const *args, Py_ssize_t
     double t0 = 0, t1 = 0;
     int late = 0;
     Py_BEGIN_ALLOW_THREADS
-    store(mine, 0);
     t0 = now_s();
-    for (int64_t k = 1; k <= iters && !late; k++) {
+    for (int64_t k = start + 1; k <= start + iters && !late; k++) {
         if (s->r == 0) store(mine, k);
         for (int64_t spins = 0; load(theirs) < k; spins++) {
             __builtin_ia32_pause();

@@ -129,7 +129,7 @@ def launch_ranks(
     if external:
         fabric = fabric_with(DDPStrategy(start_method="popen", **common))
         fabric.launch()
-        bind_rank(parallel.cpu_bind, fabric.global_rank)
+        bind_rank(parallel.cpu_bind, fabric.local_rank, devices, parallel.threads_per_rank)
         return fn(fabric, *args)
     # Inside a joblib (loky) worker the process-wide start method is "loky", which the
     # spawned ranks cannot resolve when they unpickle their preparation data.
@@ -145,7 +145,7 @@ def launch_ranks(
     os.environ[lifeline.ENV] = str(os.getpid())  # the ranks spawned now follow this process
     try:
         with _gloo_on_loopback():
-            return fabric.launch(_and_teardown, parallel.cpu_bind, fn, *args)
+            return fabric.launch(_and_teardown, parallel, fn, *args)
     except ProcessException as e:  # one rank died or raised; the others were terminated
         raise RankFailure(_failure_message(e)) from None
     finally:
@@ -203,7 +203,7 @@ def _failure_message(e: ProcessException) -> str:
     return f"rank {e.error_index} (pid {e.error_pid}) {how}\n{detail[-4000:]}"
 
 
-def _and_teardown(fabric: Any, cpu_bind: str, fn: Callable[..., Any], *args: Any) -> Any:
+def _and_teardown(fabric: Any, parallel: ParallelSpec, fn: Callable[..., Any], *args: Any) -> Any:
     """Pin the spawned rank (``parallel.cpu_bind``), run ``fn`` on it, then tear the process
     groups down before it exits.
 
@@ -214,7 +214,7 @@ def _and_teardown(fabric: Any, cpu_bind: str, fn: Callable[..., Any], *args: Any
     stopped by the launcher, a barrier could only wait for the timeout).
     """
     lifeline.follow_parent()  # torch armed SIGINT; make it SIGKILL, and check again
-    bind_rank(cpu_bind, fabric.global_rank)
+    bind_rank(parallel.cpu_bind, fabric.local_rank, parallel.world_size, parallel.threads_per_rank)
     out = fn(fabric, *args)
     if dist.is_initialized():
         dist.barrier()

@@ -76,8 +76,8 @@ class ParallelSpec:
     # all-reduce) in every forward of at least sp_min_tokens tokens (batch x new tokens)
     sequence_parallel: bool = False
     sp_min_tokens: int = 0
-    # pin each rank's threads to cores: none | spread | "0;1" (framework.run.binding)
-    cpu_bind: str = "none"
+    # pin each rank's threads to cores: auto | none | spread | "0;1" (framework.run.binding)
+    cpu_bind: str = "auto"
 
 
 @dataclass

@@ -31,8 +31,16 @@ def test_problems_are_named() -> None:
 def test_spread_wraps_around_the_allowed_cores() -> None:
     allowed = {2, 5}
     assert [cores_for("spread", r, allowed) for r in range(3)] == [{2}, {5}, {2}]
+    assert cores_for("spread", 1, {0, 1, 2, 3}, threads=2) == {2, 3}
     assert cores_for("none", 0, allowed) is None
     assert cores_for("1;0", 1, allowed) == {0}
+
+
+def test_auto_pins_only_when_every_rank_gets_cores_of_its_own() -> None:
+    four = {0, 1, 2, 3}
+    assert cores_for("auto", 1, four, ranks=2, threads=2) == {2, 3}
+    assert cores_for("auto", 1, four, ranks=4, threads=2) is None
+    assert cores_for("auto", 3, four, ranks=4) == {3}
 
 
 def test_bind_rank_pins_threads_that_already_run_and_later_ones() -> None:
