@@ -35,6 +35,7 @@ __all__ = [
     "get_strategy",
     "register_strategy",
     "strategy_options",
+    "sum_rank_order",
 ]
 
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from framework import Composed, register_strategy
-from framework.comm.reduction import sum_rank_order
+from framework import Composed, register_strategy, sum_rank_order
 
 
 @register_strategy("oneshot")

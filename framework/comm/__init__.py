@@ -9,6 +9,7 @@ from framework.comm.algorithm import Algorithm, Composed, Schedule, check_algori
 from framework.comm.communicator import CommError, Communicator
 from framework.comm.handle import Handle
 from framework.comm.library import HOST_ONLY, HOST_OR_NCCL, LIBRARY_SUPPORT
+from framework.comm.reduction import sum_rank_order
 from framework.comm.registry import (
     available_strategies,
     build_communicator,
@@ -37,4 +38,5 @@ __all__ = [
     "get_strategy",
     "register_strategy",
     "strategy_options",
+    "sum_rank_order",
 ]
