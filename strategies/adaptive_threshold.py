@@ -90,7 +90,7 @@ class AdaptiveThreshold(Bucketed):
         idle = not self._order and self.in_flight == 0
         if self.refit_every and self._since_fit >= self.refit_every and idle:
             self._since_fit = 0
-            self._apply(fit_alpha_beta(list(self.inner.timings)), sync=True)
+            self._apply(fit_alpha_beta(list(self.timings)), sync=True)
 
     def _apply(self, fit: tuple[float, float] | None, sync: bool) -> None:
         vals = torch.tensor(fit if fit else (0.0, 0.0), dtype=torch.float64)

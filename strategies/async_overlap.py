@@ -19,5 +19,5 @@ from framework import Handle, Schedule, register_strategy
 @register_strategy("async_overlap")
 class AsyncOverlap(Schedule):
     def _all_reduce(self, x: Tensor) -> Handle:
-        fut = self.inner.launch(x)  # x is reduced in place; the caller gave it up until wait()
+        fut = self.launch(x)  # x is reduced in place; the caller gave it up until wait()
         return Handle(self, fut.result)

@@ -108,7 +108,7 @@ class Bucketed(Schedule):
         inner, p = self.inner, self.world_size
         if len(b.tensors) == 1:  # alone: no packing
             x = b.tensors[0]
-            b.future = inner.launch(x, b.op, inner.output(b.op, x))
+            b.future = self.launch(x, b.op, inner.output(b.op, x))
             return
         b.buf = self._pool.acquire(b.numel, b.dtype, b.key[2])
         flat = view_as(b.buf, b.numel, b.dtype)
@@ -116,7 +116,7 @@ class Bucketed(Schedule):
             torch.cat([t.view(p, -1) for t in b.tensors], dim=1, out=flat.view(p, -1))
         else:
             torch.cat([t.view(-1) for t in b.tensors], out=flat)
-        b.future = inner.launch(flat, b.op, inner.output(b.op, flat))
+        b.future = self.launch(flat, b.op, inner.output(b.op, flat))
 
     def _flush(self) -> None:
         for b in list(self._order):

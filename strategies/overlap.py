@@ -81,7 +81,7 @@ class Overlap(AsyncOverlap):  # all-reduces launched whole, as async_overlap's
         for lo, hi in pieces:
             part = self.compute(torch.matmul, blocks[:, lo:hi], weight)  # (p, hi - lo, out)
             part = part.view(p * (hi - lo), -1)  # every rank's rows of chunk c, rank order
-            futures.append(self.inner.launch(part, "reduce_scatter", out[lo:hi]))
+            futures.append(self.launch(part, "reduce_scatter", out[lo:hi]))
 
         def finish() -> Tensor:
             for fut in futures:
@@ -98,7 +98,7 @@ class Overlap(AsyncOverlap):  # all-reduces launched whole, as async_overlap's
         launched = []
         for lo, hi in pieces:
             src = shard[lo:hi]
-            launched.append((lo, hi, self.inner.launch(src, "all_gather", ag_output(src, p))))
+            launched.append((lo, hi, self.launch(src, "all_gather", ag_output(src, p))))
         gathered = ag_output(shard, p)
         outs = [shard.new_empty(p * q, w.shape[1]) for w in weights]
 

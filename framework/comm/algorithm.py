@@ -5,17 +5,18 @@ An :class:`Algorithm` (naive, tree, hierarchical) knows how to put ONE collectiv
 ``all_gather_`` (an algorithm overrides them where it has something better). Used on its own it
 is blocking. A :class:`Schedule` (bucketed, async_overlap, double_buffer,
 adaptive_threshold) decides *when* and *in what grouping* tensors are reduced and hands the
-actual reductions to an inner algorithm through ``launch()``, so any schedule can be crossed
-with any algorithm in a sweep (option ``inner``).
+actual reductions to an inner algorithm through its own ``launch()``, so any schedule can be
+crossed with any algorithm in a sweep (option ``inner``). The asynchrony belongs to the
+schedule: an algorithm only knows how to run one collective (``run_op``, blocking).
 
-``launch()`` on gloo runs the algorithm on one progress thread per communicator. One FIFO
+``Schedule.launch()`` on gloo runs the inner algorithm on one progress thread per schedule. One FIFO
 thread keeps the order of collectives identical on every rank (the contract of any collective),
 works for algorithms built from blocking point-to-point calls as well as for library
 collectives, and lets each collective be timed exactly where it runs, which the adaptive
 strategy needs for its latency/bandwidth fit. Blocking library calls release the GIL, so the
 caller's compute runs while the thread waits on the wire.
 
-On NCCL nothing blocks the host, so ``launch()`` enqueues the algorithm on a CUDA
+On NCCL nothing blocks the host, so ``launch()`` enqueues the inner algorithm on a CUDA
 communication stream from the caller's thread and hands back an event to wait on
 (:mod:`framework.comm.streams`): no thread, no host synchronisation in the hot path.
 """
@@ -54,12 +55,6 @@ class Algorithm(Communicator):
 
     def __init__(self, group=None, **common: Any) -> None:
         super().__init__(group, **common)
-        self._progress: ThreadPoolExecutor | None = None
-        self._streams: StreamLauncher | None = None
-        self._thread_streams: dict[torch.device, Any] = {}  # gloo + CUDA: the thread's streams
-        # (payload bytes, seconds) of recent collectives run through launch(): the adaptive
-        # strategy fits its latency/bandwidth model on these.
-        self.timings: deque[tuple[int, float]] = deque(maxlen=256)
         self._reduce_span = f"commlab.{self.name}.reduce"
         # when the operation in progress must be done (time.monotonic()): the per-call
         # context every step of a composition shares, set by run_op or step
@@ -130,40 +125,6 @@ class Algorithm(Communicator):
         else:
             self.all_gather_(x, out)
 
-    def launch(self, x: Tensor, op: str = "all_reduce", out: Tensor | None = None) -> Future:
-        """Run ``op`` on ``x`` asynchronously (into ``out``, from :meth:`output`, for the ops
-        that do not work in place); ``future.result()`` waits for it and returns the result
-        (on NCCL: makes the caller's stream wait, see :mod:`framework.comm.streams`)."""
-        out = x if out is None else out
-        if self.backend == "nccl":
-            if self._streams is None:
-                self._streams = StreamLauncher()
-            timings = self.timings if op == "all_reduce" else deque()  # the fit models all-reduce
-            return self._streams.launch(x, lambda: self.run_op(op, x, out), timings, out)  # type: ignore[return-value]
-        if self._progress is None:
-            self._progress = ThreadPoolExecutor(1, thread_name_prefix=f"commlab-{self.name}")
-        ready = None
-        if x.is_cuda:  # gloo with CUDA tensors: x is written on the caller's stream
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(x.device))
-        return self._progress.submit(self._timed, op, x, out, ready)
-
-    def _timed(self, op: str, x: Tensor, out: Tensor, ready: Any = None) -> Tensor:
-        t0 = time.perf_counter()
-        if ready is None:
-            self.run_op(op, x, out)
-        else:  # on a stream of this thread's own, after the caller's writes to x
-            stream = self._thread_streams.get(x.device)
-            if stream is None:
-                stream = self._thread_streams[x.device] = torch.cuda.Stream(x.device)
-            stream.wait_event(ready)
-            with torch.cuda.stream(stream):
-                self.run_op(op, x, out)
-            stream.synchronize()  # "done" on the host means done on the device
-        if op == "all_reduce":  # the adaptive fit models all-reduces
-            self.timings.append((x.numel() * x.element_size(), time.perf_counter() - t0))
-        return out
-
     def _all_reduce(self, x: Tensor) -> Handle:
         self._start(x)
         if _profiling():
@@ -223,11 +184,6 @@ class Algorithm(Communicator):
     def _count(self, x: Tensor, op: str = "all_reduce") -> None:
         """One collective on the wire; called by the base class before every one."""
         self.stats.count_collective(op, self.op_wire_bytes(op, x.nbytes))
-
-    def _release(self) -> None:
-        if self._progress is not None:
-            self._progress.shutdown(wait=True)
-            self._progress = None
 
     def global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank)
@@ -347,6 +303,52 @@ class Schedule(_WithInner):
 
     summation_order = INNER  # it only decides when and in what groups inner sums
 
+    def __init__(self, group=None, **options: Any) -> None:
+        super().__init__(group, **options)
+        # launch(): one FIFO progress thread on gloo (the order of collectives is the same on
+        # every rank), a CUDA stream on NCCL; the schedule's, not the algorithm's
+        self._progress: ThreadPoolExecutor | None = None
+        self._streams: StreamLauncher | None = None
+        self._thread_streams: dict[torch.device, Any] = {}  # gloo + CUDA: the thread's streams
+        # (payload bytes, seconds) of recent all-reduces run through launch(): the adaptive
+        # strategy fits its latency/bandwidth model on these.
+        self.timings: deque[tuple[int, float]] = deque(maxlen=256)
+
+    def launch(self, x: Tensor, op: str = "all_reduce", out: Tensor | None = None) -> Future:
+        """Run ``op`` of ``inner`` on ``x`` asynchronously (into ``out``, from ``inner``'s
+        :meth:`~Algorithm.output`, for the ops that do not work in place); ``future.result()``
+        waits for it and returns the result (on NCCL: makes the caller's stream wait, see
+        :mod:`framework.comm.streams`). Counted by ``inner`` as one collective."""
+        out = x if out is None else out
+        if self.backend == "nccl":
+            if self._streams is None:
+                self._streams = StreamLauncher()
+            timings = self.timings if op == "all_reduce" else deque()  # the fit models all-reduce
+            return self._streams.launch(x, lambda: self.inner.run_op(op, x, out), timings, out)  # type: ignore[return-value]
+        if self._progress is None:
+            self._progress = ThreadPoolExecutor(1, thread_name_prefix=f"commlab-{self.name}")
+        ready = None
+        if x.is_cuda:  # gloo with CUDA tensors: x is written on the caller's stream
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(x.device))
+        return self._progress.submit(self._timed, op, x, out, ready)
+
+    def _timed(self, op: str, x: Tensor, out: Tensor, ready: Any = None) -> Tensor:
+        t0 = time.perf_counter()
+        if ready is None:
+            self.inner.run_op(op, x, out)
+        else:  # on a stream of this thread's own, after the caller's writes to x
+            stream = self._thread_streams.get(x.device)
+            if stream is None:
+                stream = self._thread_streams[x.device] = torch.cuda.Stream(x.device)
+            stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                self.inner.run_op(op, x, out)
+            stream.synchronize()  # "done" on the host means done on the device
+        if op == "all_reduce":  # the adaptive fit models all-reduces
+            self.timings.append((x.numel() * x.element_size(), time.perf_counter() - t0))
+        return out
+
     def _reduce_scatter(self, x: Tensor) -> Handle:
         """Launch through ``inner`` asynchronously; ``wait()`` waits (schedules override)."""
         return self._launch_op("reduce_scatter", x)
@@ -355,8 +357,11 @@ class Schedule(_WithInner):
         return self._launch_op("all_gather", x)
 
     def _launch_op(self, op: str, x: Tensor) -> Handle:
-        fut = self.inner.launch(x, op, self.inner.output(op, x))
+        fut = self.launch(x, op, self.inner.output(op, x))
         return Handle(self, fut.result)
 
     def _release(self) -> None:
+        if self._progress is not None:
+            self._progress.shutdown(wait=True)
+            self._progress = None
         self.inner._release()

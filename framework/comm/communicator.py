@@ -229,8 +229,8 @@ class Communicator(ABC):
                 self.stats.by_op[op]["wait_s"] += dt
 
     def _issue(self, op: str, x: Tensor, args: tuple = ()) -> Handle:
-        lo = x.data_ptr()
-        hi = lo + x.nbytes
+        lo, nbytes = x.data_ptr(), x.nbytes
+        hi = lo + nbytes
         spans = self._spans
         # The caller gave a pending input up until its wait(): a new input sharing its bytes
         # would be summed (or overwritten) twice, differently per strategy. Pending spans are
@@ -244,7 +244,7 @@ class Communicator(ABC):
                 )
         if self._check_group is not None:
             self._fingerprint(_OP_CODES[op], x)
-        self.stats.count_call(op, x.nbytes)
+        self.stats.count_call(op, nbytes)
         if op == "all_reduce":
             h = self._all_reduce(x)
         elif op == "reduce_scatter":
@@ -514,7 +514,9 @@ class Communicator(ABC):
         if x.dtype not in self.supported_dtypes:
             ok = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.supported_dtypes))
             raise self._error(f"dtype {x.dtype} is not supported (supported: {ok})")
-        if x.device.type not in self.supports[self.backend]:
+        # x.device builds a torch.device (about half a microsecond): asked only off the CPU
+        kind = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+        if kind not in self.supports[self.backend]:
             raise self._error(
                 f"tensor is on {x.device}, which this strategy does not support on the "
                 f"{self.backend} backend; it supports {_describe_support(self.supports)}"
