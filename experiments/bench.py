@@ -163,7 +163,7 @@ def validate_bench(
     if b.background_load < 0:
         problems.append(f"bench.background_load must be >= 0, got {b.background_load}")
     if b.baseline is not None and b.baseline != "raw":
-        problems += strategy_problems(b.baseline, {})
+        problems += strategy_problems(*parse_strategy(b.baseline))
     for label in compared(b, resolve_backend(parallel)):
         problems += strategy_problems(*parse_strategy(label))
     if b.tune and any(":" in label for label in b.compare or ()):
@@ -275,7 +275,7 @@ def _rank_bench(
     labels = [name]
     try:
         if bench.baseline:
-            comms.append(_build(bench.baseline, {}, parallel))
+            comms.append(_build(*parse_strategy(bench.baseline), parallel))
             labels.append(bench.baseline)
         for label in compared(bench, resolve_backend(parallel)):
             comms.append(_build(*parse_strategy(label), parallel))

@@ -23,7 +23,8 @@ class BenchSpec:
     warmup: int = 5
     iters: int = 20
     many_small: int = 0
-    baseline: str | None = None  # a strategy name, or "raw": timed in the same run, interleaved
+    # a strategy ("name" or "name:key=value,..."), or "raw": timed in the same run, interleaved
+    baseline: str | None = None
     rounds: int = 1  # alternate strategy and baseline this many times per size
     memcpy: bool = False  # also time a single-core copy of each size (the memory limit)
     # CPU: also the cache-line round trip between two ranks and each size's copy time, and

@@ -468,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.view:
         from experiments.views import get_view
 
-        rows, _ = collect(Path(args.sweep_dir))
-        for p in get_view(args.view)(rows, Path(args.out or args.sweep_dir)):
+        infer, bench = collect(Path(args.sweep_dir))
+        for p in get_view(args.view)(infer + bench, Path(args.out or args.sweep_dir)):
             print(f"wrote {p}")
         return 0
     path = write_report(args.sweep_dir)

@@ -15,7 +15,7 @@ to the library all-reduce, and ``stats.extra["shm"]`` is 0; ``hierarchical`` wit
 out: two barriers); ``oneshot`` copies in and lets every rank sum every slot itself in rank
 order (one barrier, p times the reads: vLLM's CPU shared-memory all-reduce is one-shot);
 ``auto`` (the default) takes one-shot up to ``oneshot_max_bytes``, by default the crossover
-measured on this host per world size (``ONESHOT_MAX_BYTES``, from ``experiments.shm_modes``:
+measured on this host per world size (``ONESHOT_MAX_BYTES``, from ``experiment=shm_modes``:
 none on this 2-core VM, where two-shot is never slower, so auto runs two-shot here).
 Both sum in rank order: the modes give the same bits. Reduce-scatter and all-gather run
 natively in the segment (the two halves of the two-shot all-reduce).
@@ -58,11 +58,11 @@ log = logging.getLogger(__name__)
 
 MODES = ("oneshot", "twoshot", "auto")
 # auto: one-shot up to these bytes per world size, two-shot above; measured on this host by
-# `python -m experiments.shm_modes` (results/shm_modes.md). Here they never cross: two-shot is
-# as fast or faster from 256 B to 4 MiB at 2, 3 and 4 ranks (a flag barrier costs about a
-# microsecond when the ranks run in step, less than reading p whole inputs; with more ranks
-# than cores one-shot's longer summing stretches every round), so auto is two-shot here. A
-# host where a barrier is dearer (more cores, a slower interconnect) should be re-measured.
+# `python -m experiments.bench -m experiment=shm_modes` (results/shm_modes/), native path. Up
+# to 16 KiB the modes are equal within noise (0.74-1.24x either way, no size where one-shot
+# wins at every world size; the view's crossover, 256 B at p = 4, is that one point); from
+# 64 KiB two-shot is faster at 2, 3 and 4 ranks (one-shot reads p whole inputs per rank). So
+# auto is two-shot here. A host where a barrier is dearer should be re-measured.
 ONESHOT_MAX_BYTES = {2: 0, 3: 0, 4: 0}
 
 

@@ -1,7 +1,8 @@
 """Report views: a study's own reading of a sweep, registered by name.
 
 ``python -m experiments.report <sweep dir> --view NAME [--out DIR]`` collects the sweep's rows
-(the same rows as the standard report) and hands them to view ``NAME``, which writes its tables,
+(the same rows as the standard report: the inference jobs' runs, then the bench jobs' sizes) and
+hands them to view ``NAME``, which writes its tables,
 plots and data into ``DIR``. A view is one function; it shares the report's table and plot
 helpers (:mod:`experiments.report`) instead of keeping its own.
 """
@@ -18,6 +19,7 @@ VIEWS: dict[str, str] = {  # name -> the module that defines ``view``
     "fusion_overlap": "experiments.views.fusion_overlap",
     "quantized": "experiments.views.quantized",
     "selection": "experiments.views.selection",
+    "shm_modes": "experiments.views.shm_modes",
 }
 
 

@@ -3,6 +3,7 @@ table and the accuracy table auto reads back; the selection view names what auto
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,31 @@ def test_fusion_overlap_view_pools_jobs_and_names_only_clear_wins(tmp_path: Path
     assert "| 2.00 [" in shm and "+75%" in shm and "| 2 | True |" in shm
     assert "**shm** prefills 2.00x faster" in text and "**overlap**" not in text
     assert (tmp_path / "fusion_overlap.png").stat().st_size > 0
+
+
+def test_shm_modes_view_finds_the_crossover_per_world_size(tmp_path: Path) -> None:
+    def row(p: int, size: int, one: float, two: float) -> dict:
+        return {
+            "strategy": "shm",
+            "baseline": "shm:mode=twoshot",
+            "world_size": str(p),
+            "size": str(size),
+            "time_us": str(one),
+            "baseline_time_us": str(two),
+        }
+
+    rows = [
+        row(2, 256, 5.0, 6.0),
+        row(2, 1024, 6.0, 6.0),
+        row(2, 4096, 9.0, 7.0),
+        row(2, 16384, 8.0, 9.0),  # one-shot wins again later: not a crossover
+        row(4, 256, 9.0, 8.0),
+        row(4, 1024, 9.0, 10.0),
+        {"status": "ok", "strategy": "naive"},  # an inference row: not the view's
+    ]
+    paths = get_view("shm_modes")(rows, tmp_path)
+    assert json.loads((tmp_path / "crossover.json").read_text()) == {"2": 1024, "4": 0}
+    text = paths[0].read_text()
+    assert "| 2 | 4096 | 9 | 7 | 0.778 |" in text and "- world size 4: 0 B" in text
+    with pytest.raises(ValueError, match="experiment=shm_modes"):
+        get_view("shm_modes")([{"status": "ok"}], tmp_path)
