@@ -150,6 +150,9 @@ def infer_row(r: dict[str, Any], job: str) -> dict[str, Any]:
     row["continuations"] = r.get("continuations") or []
     row["continuation"] = " / ".join(row["continuations"])
     row["model"], row["prompt_len"] = r.get("model"), r.get("prompt_len")
+    row["sequence_parallel"] = r.get("sequence_parallel")
+    row["sp_padded_tokens"] = r.get("sp_padded_tokens")
+    row["per_op"] = r.get("per_op") or {}
     return row
 
 

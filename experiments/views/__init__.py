@@ -19,6 +19,7 @@ VIEWS: dict[str, str] = {  # name -> the module that defines ``view``
     "fusion_overlap": "experiments.views.fusion_overlap",
     "quantized": "experiments.views.quantized",
     "selection": "experiments.views.selection",
+    "sequence_parallel": "experiments.views.sequence_parallel",
     "shm_modes": "experiments.views.shm_modes",
 }
 

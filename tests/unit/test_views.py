@@ -156,3 +156,30 @@ def test_shm_modes_view_finds_the_crossover_per_world_size(tmp_path: Path) -> No
     assert "| 2 | 4096 | 9 | 7 | 0.778 |" in text and "- world size 4: 0 B" in text
     with pytest.raises(ValueError, match="experiment=shm_modes"):
         get_view("shm_modes")([{"status": "ok"}], tmp_path)
+
+
+def test_sequence_parallel_view_pairs_each_sp_run_with_its_all_reduce_run(tmp_path: Path) -> None:
+    def run(sp: bool, ttft: float, prompt: int = 64) -> dict:
+        ops = (
+            {"all_reduce": {"collectives": 24}}
+            if not sp
+            else {"reduce_scatter": {"collectives": 25}, "all_gather": {"collectives": 24}}
+        )
+        return {
+            "status": "ok",
+            "strategy": "shm",
+            "world_size": 2,
+            "prompt_len": prompt,
+            "sequence_parallel": sp,
+            "ttft_s": ttft,
+            "itl_p50_s": 0.1,
+            "per_op": {"prefill": ops},
+            "sp_padded_tokens": 3,
+        }
+
+    rows = [run(False, 0.2), run(True, 0.3), run(True, 0.5, prompt=128)]  # the last: no pair
+    get_view("sequence_parallel")(rows, tmp_path)
+    pairs = json.loads((tmp_path / "runs.json").read_text())
+    assert [(p["prompt_len"], p["ttft_sp_over_ar"]) for p in pairs] == [(64, 1.5)]
+    assert (pairs[0]["prefill_collectives_ar"], pairs[0]["prefill_collectives_sp"]) == (24, 49)
+    assert (tmp_path / "sp.png").stat().st_size > 0
