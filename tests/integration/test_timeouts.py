@@ -55,9 +55,10 @@ def _registered(name: str, cls: type) -> Iterator[str]:
 
 
 # -- fault 1: shm's clock ran on across operations ----------------------------------------------
-def _quantized_twoshot_over_slow_shm() -> dict:
+def _quantized_twoshot_over_slow_shm(impl: str) -> dict:
     with _registered("test_slow_gather_shm", SlowGatherShm) as inner:
-        comm = build_communicator("quantized", algo="twoshot", inner=inner, timeout_s=0.5)
+        opts = {"inner_options": {"impl": impl}}
+        comm = build_communicator("quantized", algo="twoshot", inner=inner, timeout_s=0.5, **opts)
     x = torch.ones(256)
     t0 = time.perf_counter()
     try:
@@ -72,8 +73,9 @@ def _quantized_twoshot_over_slow_shm() -> dict:
     return {"error": error, "elapsed": time.perf_counter() - t0, "right": right}
 
 
-def test_every_operation_gets_its_own_clock_in_quantized_over_shm(pools) -> None:
-    for rank, r in enumerate(pools(2).run(_quantized_twoshot_over_slow_shm)):
+@pytest.mark.parametrize("impl", first_only(["native", "python"]))
+def test_every_operation_gets_its_own_clock_in_quantized_over_shm(pools, impl: str) -> None:
+    for rank, r in enumerate(pools(2).run(_quantized_twoshot_over_slow_shm, impl)):
         assert r["error"] == "", f"rank {rank}: a healthy run timed out: {r['error']}"
         assert r["right"], f"rank {rank}: wrong sum"
         assert r["elapsed"] > 0.5, "the run must outlast one timeout for the test to mean much"
