@@ -76,6 +76,11 @@ def _run(module: str, overrides: list[str], work: Path) -> dict[str, Any]:
     return json.loads((out / "results.json").read_text())
 
 
+def _bench_runs(args: list[str], repeats: int, work: Path) -> list[dict[str, Any]]:
+    """``repeats`` runs of ``experiments.bench`` with ``args``, one after another."""
+    return [_run("experiments.bench", args, work) for _ in range(repeats)]
+
+
 def _median_rows(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
     sizes = [r["size"] for r in runs[0]["size_results"]]
     return {
@@ -88,7 +93,7 @@ def bench_targets(repeats: int, work: Path) -> list[dict[str, Any]]:
     out = []
 
     def bench(args: list[str]) -> list[dict[str, Any]]:
-        return [_run("experiments.bench", [*args, *BENCH], work) for _ in range(repeats)]
+        return _bench_runs([*args, *BENCH], repeats, work)
 
     for ws, need in ((2, 20.0), (4, 5.0)):
         args = [
@@ -332,7 +337,7 @@ def native_targets(repeats: int, work: Path, cpu_bind: str) -> list[dict[str, An
         "bench.max_bytes=262144",
         "bench.factor=2",
     ]
-    runs = [_run("experiments.bench", small, work) for _ in range(repeats)]
+    runs = _bench_runs(small, repeats, work)
     t, p90 = _median_rows(runs, "time_us"), _median_rows(runs, "p90_us")
     rt, lim = _median_rows(runs, "round_trip_us"), _median_rows(runs, "limit_us")
     sp = _median_rows(runs, "speedup")
@@ -388,7 +393,7 @@ def native_targets(repeats: int, work: Path, cpu_bind: str) -> list[dict[str, An
         "bench.max_bytes=16777216",
         "bench.iters=5",
     ]
-    runs = [_run("experiments.bench", big, work) for _ in range(repeats)]
+    runs = _bench_runs(big, repeats, work)
     size = 16 << 20
     out.append(
         _target(

@@ -24,7 +24,6 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-#include <sys/syscall.h>
 
 #define LINE_WORDS 8 /* int64 words per counter line */
 #define ARRIVED 0
@@ -434,6 +433,17 @@ static PyObject *py_open(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return PyCapsule_New(s, "commlab.shm", seg_free);
 }
 
+/* The segment handle in args[0] of a call that takes exactly `want` arguments (NULL with a
+ * Python error set otherwise). */
+static seg_t *segment_arg(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
+                          const char *fn) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments", fn, want);
+        return NULL;
+    }
+    return (seg_t *)PyCapsule_GetPointer(args[0], "commlab.shm");
+}
+
 static PyObject *fail(int rc, op_t *op) {
     const char *kind = rc == ERR_DISAGREE ? "disagree" : rc == ERR_DIED ? "died" : "timeout";
     PyObject *err = Py_BuildValue("(siL)", kind, op->phase, (long long)op->g);
@@ -450,11 +460,7 @@ static PyObject *fail(int rc, op_t *op) {
  * codes). x and out are addresses (out: reduce-scatter and all-gather only). */
 static PyObject *py_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "run() takes 10 arguments");
-        return NULL;
-    }
-    seg_t *s = (seg_t *)PyCapsule_GetPointer(args[0], "commlab.shm");
+    seg_t *s = segment_arg(args, nargs, 10, "run");
     if (!s) return NULL;
     long long v[8];
     for (int i = 0; i < 8; i++) {
@@ -502,11 +508,7 @@ static PyObject *py_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * slots. Other ranks return 0 at once. */
 static PyObject *py_round_trip(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "round_trip() takes 4 arguments");
-        return NULL;
-    }
-    seg_t *s = (seg_t *)PyCapsule_GetPointer(args[0], "commlab.shm");
+    seg_t *s = segment_arg(args, nargs, 4, "round_trip");
     if (!s) return NULL;
     long long start = PyLong_AsLongLong(args[1]);
     long long iters = PyLong_AsLongLong(args[2]);

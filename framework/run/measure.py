@@ -32,6 +32,7 @@ from framework.comm.library import (
     library_reduce_scatter,
     rs_output,
 )
+from framework.comm.shm import round_trip_s
 from framework.comm.stats import CommStats
 from framework.costmodel import busbw_gbps
 from framework.run.inputs import expected_sum, rank_input
@@ -203,16 +204,6 @@ def memcpy_times(nbytes: int, iters: int, device: torch.device) -> list[float]:
     return times
 
 
-def round_trip_s(repeats: int = 5, iters: int = 20000) -> float | None:
-    """This host's cache-line round trip between ranks 0 and 1 of the default group: the
-    median of ``repeats`` ping-pongs of ``iters`` round trips each through a shared-memory
-    segment, in native code (:func:`framework.comm.shm.round_trip_s`). None where it cannot be
-    measured (one rank, no shared memory, the native extension not built). Collective."""
-    from framework.comm.shm import round_trip_s as measure
-
-    return measure(dist.group.WORLD, repeats, iters)
-
-
 def sweep(
     comms: list[Any],
     spec: SweepSpec,
@@ -238,7 +229,7 @@ def sweep(
     rows: list[dict[str, Any]] = []
     stats: list[dict[str, Any]] = []
     op = spec.op
-    round_trip = round_trip_s() if spec.limits and not cuda else None
+    round_trip = round_trip_s(dist.group.WORLD) if spec.limits and not cuda else None
     memcpy = spec.memcpy or round_trip is not None
     for size in spec.sizes:
         count = size // elem
