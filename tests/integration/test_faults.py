@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from framework.comm.registry import parse_strategy
+
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 10
 
@@ -61,10 +63,12 @@ def shm_files() -> set[str]:
 
 @pytest.mark.ci
 @pytest.mark.full
-@pytest.mark.parametrize("strategy", ["naive", "shm"])
+@pytest.mark.parametrize("strategy", ["naive", "shm", "shm:impl=python"])
 def test_killed_rank_fails_fast_and_is_named(tmp_path: Path, strategy: str) -> None:
     segments = shm_files()
-    r, res, elapsed = run_fault(tmp_path, f"strategy={strategy}", "fault.kind=kill", "fault.rank=1")
+    name, opts = parse_strategy(strategy)
+    chosen = [f"strategy={name}", *(f"strategy.{k}={v}" for k, v in opts.items())]
+    r, res, elapsed = run_fault(tmp_path, *chosen, "fault.kind=kill", "fault.rank=1")
     assert r.returncode != 0
     assert res["status"] == "failed" and "rank 1 (pid" in res["error"]
     assert "was killed by signal SIGKILL" in res["error"]  # our wording, from the signal
